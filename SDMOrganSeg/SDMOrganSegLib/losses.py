@@ -1,0 +1,94 @@
+"""Training losses of the paper and the four training modes of its ablation.
+
+All tensors are ``(batch, organs, z, y, x)``. ``pred`` is the network output (normalised SDM, negative
+inside; or a logit with the same sign for Dice-only models), ``target_sdm`` the ground-truth normalised
+SDM and ``target_mask`` the 0/1 organ masks.
+
+Modes (``--mode`` of the trainer):
+
+* ``dice``: Dice loss only (Eq. 1). The network has no tanh and its output is a logit ``z``; the organ
+  probability is ``sigmoid(-z)`` (organ where ``z < 0``, the same sign as an SDM). A steep Heaviside on an
+  unbounded logit would stop gradients, so this is the paper's "segmentation only" baseline.
+* ``sdm``: product loss (Eq. 4) + L1 on the tanh SDM output.
+* ``l1+dice``: Dice on ``sigmoid(-k * sdm)`` + lambda * L1.
+* ``sdm+dice``: Dice on ``sigmoid(-k * sdm)`` + lambda * (product + L1) (Eq. 5), lambda = 10, k = 1500.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .sdm import HEAVISIDE_K
+
+MODES = ("dice", "sdm", "l1+dice", "sdm+dice")
+
+_SPATIAL = (2, 3, 4)
+
+
+def soft_dice_loss(probability: torch.Tensor, target_mask: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
+    """Eq. 1 averaged over the batch: ``N - sum_t (2 sum y p + eps) / (sum y + sum p + eps)``.
+
+    Summing over organs (not averaging) follows the paper. An organ absent from both target and
+    prediction scores 1 (loss 0) thanks to ``epsilon``; gradients stay finite.
+    """
+    intersection = (probability * target_mask).sum(_SPATIAL)
+    total = probability.sum(_SPATIAL) + target_mask.sum(_SPATIAL)
+    dice = (2 * intersection + epsilon) / (total + epsilon)
+    return (probability.shape[1] - dice.sum(1)).mean()
+
+
+def product_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
+    """Eq. 4: ``-sum_t y p / (y p + p^2 + y^2)``, per voxel, averaged over voxels and batch, summed over organs.
+
+    Per voxel the term lies in [-1, 1/3]: it rewards a prediction with the target's sign and penalises
+    the wrong sign most near the boundary. ``y p + p^2 + y^2 >= 0`` with equality only at ``y = p = 0``,
+    which ``epsilon`` covers.
+    """
+    product = pred_sdm * target_sdm
+    ratio = product / (product + pred_sdm.square() + target_sdm.square() + epsilon)
+    return -ratio.mean(dim=(0,) + _SPATIAL).sum()
+
+
+def l1_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor) -> torch.Tensor:
+    """Mean absolute SDM error, averaged over voxels and batch, summed over organs like Eq. 4."""
+    return (pred_sdm - target_sdm).abs().mean(dim=(0,) + _SPATIAL).sum()
+
+
+def smooth_heaviside(sdm: torch.Tensor, k: float = HEAVISIDE_K) -> torch.Tensor:
+    """``sigmoid(-k * sdm)``: near 1 inside the organ (negative SDM), near 0 outside."""
+    return torch.sigmoid(-k * sdm)
+
+
+class SDMSegmentationLoss(nn.Module):
+    """The training objective for one of :data:`MODES`; returns the total and its named parts."""
+
+    def __init__(self, mode: str = "sdm+dice", sdm_weight: float = 10.0, k: float = HEAVISIDE_K) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.mode, self.sdm_weight, self.k = mode, sdm_weight, k
+
+    def forward(self, pred: torch.Tensor, target_sdm: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        pred = pred.float()  # losses in float32 under autocast
+        parts: dict[str, torch.Tensor] = {}
+        if self.mode == "dice":
+            parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask)
+            total = parts["dice"]
+        else:
+            parts["l1"] = l1_loss(pred, target_sdm)
+            sdm_term = parts["l1"]
+            if self.mode in ("sdm", "sdm+dice"):
+                parts["product"] = product_loss(pred, target_sdm)
+                sdm_term = sdm_term + parts["product"]
+            if self.mode == "sdm":
+                total = sdm_term
+            else:
+                parts["dice"] = soft_dice_loss(smooth_heaviside(pred, self.k), target_mask)
+                total = parts["dice"] + self.sdm_weight * sdm_term
+        return total, {name: float(value.detach()) for name, value in parts.items()}
+
+
+def output_activation_for(mode: str) -> str:
+    """The network's output activation for a training mode: logits for Dice-only, tanh SDM otherwise."""
+    return "none" if mode == "dice" else "tanh"

@@ -1,0 +1,148 @@
+"""The paper's deep 3D UNet backbone, with a configurable depth and width.
+
+Shapes: input ``(batch, in_channels, z, y, x)``, output ``(batch, out_channels, z, y, x)`` of the same
+spatial size. Each output channel is one organ's normalised SDM, in [-1, 1] through ``tanh`` and negative
+inside the organ; a Dice-only model (``output_activation="none"``) gives unbounded logits with the same
+sign convention.
+
+Paper preset: 6 downsamplings (7 resolution levels, 6 skip connections), 24 channels doubling up to 384,
+group normalisation, leaky ReLU, trilinear upsampling followed by a 3x3x3 convolution instead of a
+transposed convolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a :class:`UNet3D`; stored in each model card so the weights can be rebuilt."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    depth: int = 6  #: number of downsamplings (the paper uses 6)
+    base_channels: int = 24  #: channels at full resolution, doubled at each level
+    max_channels: int = 384  #: cap on the doubling
+    norm_groups: int = 8  #: group-norm groups (reduced where a layer has fewer channels)
+    negative_slope: float = 0.01  #: leaky ReLU slope
+    output_activation: str = "tanh"  #: "tanh" for SDM models, "none" for Dice-only logits
+
+    def channels(self, level: int) -> int:
+        return min(self.base_channels * 2**level, self.max_channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
+        return cls(**values)
+
+
+#: Named architectures: the paper's and one small enough to train on two CPU cores within an hour.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(depth=6, base_channels=24, max_channels=384),
+    "cpu": dict(depth=4, base_channels=8, max_channels=64),
+}
+
+
+def preset(name: str, in_channels: int = 1, out_channels: int = 1, **overrides: Any) -> UNetConfig:
+    """A :class:`UNetConfig` from :data:`PRESETS` with the given channel counts."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return UNetConfig(in_channels=in_channels, out_channels=out_channels, **{**PRESETS[name], **overrides})
+
+
+def _groups(channels: int, wanted: int) -> int:
+    groups = min(wanted, channels)
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+class ConvNormAct(nn.Sequential):
+    """3x3x3 convolution, group norm, leaky ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, slope: float) -> None:
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(_groups(out_channels, groups), out_channels),
+            nn.LeakyReLU(slope, inplace=True),
+        )
+
+
+class DoubleConv(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, slope: float) -> None:
+        super().__init__(
+            ConvNormAct(in_channels, out_channels, groups, slope),
+            ConvNormAct(out_channels, out_channels, groups, slope),
+        )
+
+
+class UpBlock(nn.Module):
+    """Trilinear x2 upsampling, a convolution, concatenation with the skip, then two convolutions."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, groups: int, slope: float) -> None:
+        super().__init__()
+        self.reduce = ConvNormAct(in_channels, out_channels, groups, slope)
+        self.merge = DoubleConv(out_channels + skip_channels, out_channels, groups, slope)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return self.merge(torch.cat([skip, self.reduce(x)], dim=1))
+
+
+class UNet3D(nn.Module):
+    """Deep 3D UNet predicting one SDM channel per organ.
+
+    Any input size is accepted: sizes that don't divide by ``2**depth`` are padded (edge-replicated)
+    before the encoder and cropped back after the decoder.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, g, s = config, config.norm_groups, config.negative_slope
+        self.encoders = nn.ModuleList(
+            [DoubleConv(c.in_channels if level == 0 else c.channels(level - 1), c.channels(level), g, s) for level in range(c.depth + 1)]
+        )
+        self.decoders = nn.ModuleList(
+            [UpBlock(c.channels(level + 1), c.channels(level), c.channels(level), g, s) for level in reversed(range(c.depth))]
+        )
+        self.head = nn.Conv3d(c.channels(0), c.out_channels, kernel_size=1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2**self.config.depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.shape[2:]
+        multiple = self.size_multiple
+        pad = [(-size) % multiple for size in spatial]
+        if any(pad):
+            # F.pad lists the last axis first, as (before, after) pairs.
+            x = F.pad(x, [p for size in reversed(pad) for p in (0, size)], mode="replicate")
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            if level:
+                x = F.max_pool3d(x, 2)
+            x = encoder(x)
+            skips.append(x)
+        x = skips.pop()
+        for decoder in self.decoders:
+            x = decoder(x, skips.pop())
+        x = self.head(x)
+        if self.config.output_activation == "tanh":
+            x = torch.tanh(x)
+        if any(pad):
+            x = x[(...,) + tuple(slice(0, size) for size in spatial)]
+        return x
