@@ -1,0 +1,277 @@
+"""Model folders: weights in safetensors plus a JSON model card, checked before anything is run.
+
+A model folder holds ``model.safetensors`` (tensors only: loading it cannot execute code, unlike a
+pickled ``.pt``) and ``model.json``, the card: architecture, organs (names, label values, colours),
+input spacing and intensity normalisation, training data, split, command and validation metrics, and the
+sha256 of the weights. :func:`load_model` refuses a folder whose checksum, card or weights disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import MODEL_CARD_FORMAT, __version__
+from .errors import SDMOrganSegError
+from .files import atomic_path, check_writable, sha256_of, write_text_atomic
+from .network import UNet3D, UNetConfig
+from .preprocessing import DEFAULT_INTENSITY
+from .sdm import HEAVISIDE_K
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
+
+#: Colours (RGB 0-1) given to organs that a card lists without one; Slicer's GenericAnatomyColors-like.
+DEFAULT_COLORS = [
+    (0.85, 0.40, 0.30), (0.35, 0.60, 0.85), (0.95, 0.80, 0.25), (0.45, 0.75, 0.35), (0.70, 0.45, 0.80),
+    (0.90, 0.55, 0.70), (0.40, 0.80, 0.80), (0.80, 0.60, 0.40), (0.60, 0.60, 0.60),
+]
+
+
+@dataclass(frozen=True)
+class Organ:
+    """One output channel: display name, value in label maps, colour (RGB in [0, 1])."""
+
+    name: str
+    label: int
+    color: tuple[float, float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "color": list(self.color)}
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use a model's weights, and the record of how they were made."""
+
+    name: str
+    architecture: UNetConfig
+    organs: list[Organ]
+    spacing: tuple[float, float, float] | None = None  #: (x, y, z) mm the model expects; None: as given
+    intensity: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_INTENSITY))
+    window: tuple[int, int, int] | None = None  #: sliding-window size (x, y, z) voxels; None: whole volume
+    description: str = ""
+    heaviside_k: float = HEAVISIDE_K
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+    software_version: str = __version__
+    format: int = MODEL_CARD_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "name": self.name,
+            "description": self.description,
+            "software_version": self.software_version,
+            "architecture": self.architecture.to_dict(),
+            "organs": [organ.to_dict() for organ in self.organs],
+            "spacing": list(self.spacing) if self.spacing else None,
+            "intensity": self.intensity,
+            "window": list(self.window) if self.window else None,
+            "heaviside_k": self.heaviside_k,
+            "training": self.training,
+            "metrics": self.metrics,
+            "weights_sha256": self.weights_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "model card") -> "ModelCard":
+        try:
+            card_format = int(values.get("format", 0))
+            if card_format > MODEL_CARD_FORMAT:
+                raise SDMOrganSegError(
+                    f"{source} has format {card_format}, newer than this SDMOrganSeg ({__version__}) reads "
+                    f"(format {MODEL_CARD_FORMAT}); update SDMOrganSeg"
+                )
+            organs = [
+                Organ(str(o["name"]), int(o["label"]), tuple(float(c) for c in o.get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
+                for i, o in enumerate(values["organs"])
+            ]
+            card = cls(
+                name=str(values["name"]),
+                architecture=UNetConfig.from_dict(values["architecture"]),
+                organs=organs,
+                spacing=tuple(float(s) for s in values["spacing"]) if values.get("spacing") else None,
+                intensity=dict(values.get("intensity") or DEFAULT_INTENSITY),
+                window=tuple(int(s) for s in values["window"]) if values.get("window") else None,
+                description=str(values.get("description", "")),
+                heaviside_k=float(values.get("heaviside_k", HEAVISIDE_K)),
+                training=dict(values.get("training") or {}),
+                metrics=dict(values.get("metrics") or {}),
+                weights_sha256=str(values.get("weights_sha256", "")),
+                software_version=str(values.get("software_version", "")),
+                format=card_format,
+            )
+        except SDMOrganSegError:
+            raise
+        except (KeyError, TypeError, ValueError) as error:
+            raise SDMOrganSegError(f"{source} is incomplete or malformed ({type(error).__name__}: {error}); re-export the model") from None
+        card.validate(source)
+        return card
+
+    def validate(self, source: str = "model card") -> None:
+        if len(self.organs) != self.architecture.out_channels:
+            raise SDMOrganSegError(
+                f"{source} lists {len(self.organs)} organs but its architecture has {self.architecture.out_channels} output channels; the card does not match the weights"
+            )
+        labels = [organ.label for organ in self.organs]
+        if len(set(labels)) != len(labels) or min(labels, default=1) < 1:
+            raise SDMOrganSegError(f"{source} has organ label values {labels}; they must be distinct positive integers")
+        if len({organ.name for organ in self.organs}) != len(self.organs):
+            raise SDMOrganSegError(f"{source} has duplicate organ names; each organ needs its own name")
+
+    @property
+    def label_values(self) -> list[int]:
+        return [organ.label for organ in self.organs]
+
+    @property
+    def organ_names(self) -> list[str]:
+        return [organ.name for organ in self.organs]
+
+
+@dataclass
+class LoadedModel:
+    """A checked model: its card, its network (CPU, eval mode) and the folder it came from."""
+
+    card: ModelCard
+    network: UNet3D
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+
+def read_card(directory: Path) -> ModelCard:
+    card_path = Path(directory) / CARD_FILE
+    if not card_path.is_file():
+        raise SDMOrganSegError(f"model folder {directory} has no {CARD_FILE} (the model card); it is not an SDMOrganSeg model")
+    try:
+        values = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SDMOrganSegError(f"model card {card_path} is not valid JSON ({error}); re-export the model") from None
+    if not isinstance(values, dict):
+        raise SDMOrganSegError(f"model card {card_path} must be a JSON object; re-export the model")
+    return ModelCard.from_dict(values, str(card_path))
+
+
+def load_model(directory: str | Path) -> LoadedModel:
+    """Load and check a model folder; any problem is an :class:`SDMOrganSegError` naming it and the fix.
+
+    Checks, before the weights are used: the card parses and is not newer than this code; the weights
+    are safetensors (pickles are refused unread); their sha256 equals the card's; every tensor matches
+    the architecture the card describes.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SDMOrganSegError(f"model folder {directory} does not exist; pass a folder holding {WEIGHTS_FILE} and {CARD_FILE}")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickles:
+            raise SDMOrganSegError(
+                f"model folder {directory} has pickled weights ({', '.join(pickles)}), which can run code when loaded and are refused; "
+                f"convert them to {WEIGHTS_FILE} in a trusted environment"
+            )
+        raise SDMOrganSegError(f"model folder {directory} has no {WEIGHTS_FILE}; the weights are missing")
+    card = read_card(directory)
+    if not card.weights_sha256:
+        raise SDMOrganSegError(f"model card in {directory} has no weights_sha256; the weights cannot be verified")
+    digest = sha256_of(weights)
+    if digest != card.weights_sha256:
+        raise SDMOrganSegError(
+            f"checksum mismatch for {weights}: the card says {card.weights_sha256[:12]}..., the file is {digest[:12]}...; "
+            "the weights are corrupt or were replaced: download or copy the model again"
+        )
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise SDMOrganSegError(f"{weights} is not a readable safetensors file ({error}); copy the model again") from None
+    network = UNet3D(card.architecture)
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        detail = "; ".join(
+            f"{what}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+            if keys
+        )
+        raise SDMOrganSegError(f"the weights in {directory} do not fit the architecture in its card ({detail}); the card and weights are from different models")
+    network.load_state_dict(state)
+    network.eval()
+    return LoadedModel(card=card, network=network, directory=directory)
+
+
+def save_model(network: torch.nn.Module, card: ModelCard, directory: str | Path, overwrite: bool = False) -> ModelCard:
+    """Write ``model.safetensors`` and ``model.json`` (with the weights' sha256) atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    for name in (WEIGHTS_FILE, CARD_FILE):
+        check_writable(directory / name, overwrite)
+    card.validate()
+    state = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
+    with atomic_path(directory / WEIGHTS_FILE, overwrite) as temporary:
+        save_file(state, str(temporary))
+        card.weights_sha256 = sha256_of(temporary)
+        write_text_atomic(directory / CARD_FILE, json.dumps(card.to_dict(), indent=2) + "\n", overwrite)
+    return card
+
+
+def organs_from_labels(names: dict[int, str], colors: Sequence[Sequence[float]] | None = None) -> list[Organ]:
+    """Organs from a ``{label value: name}`` mapping, in label order, with default colours."""
+    colors = list(colors) if colors else DEFAULT_COLORS
+    return [Organ(name, int(label), tuple(colors[i % len(colors)])) for i, (label, name) in enumerate(sorted(names.items()))]
+
+
+def models_root() -> Path:
+    """Folder of the models shipped with SDMOrganSeg (``Resources/Models``).
+
+    ``SDMORGANSEG_MODELS`` overrides it. In the source tree the folder is two levels above this package;
+    in an installed Slicer extension, one level.
+    """
+    override = os.environ.get("SDMORGANSEG_MODELS")
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent.parent / "Resources" / "Models", here.parent / "Resources" / "Models"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent.parent / "Resources" / "Models"
+
+
+def shipped_models() -> dict[str, Path]:
+    """Name -> folder of every shipped model that has a card."""
+    root = models_root()
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / CARD_FILE).is_file()}
+
+
+DEFAULT_MODEL = "hippocampus"
+
+
+def resolve_model(name_or_path: str | Path | None) -> Path:
+    """A model folder from a shipped model's name, a path, or None for the default shipped model."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
+    shipped = shipped_models()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    known = ", ".join(shipped) or "none installed"
+    raise SDMOrganSegError(f"model {name_or_path!s} is neither a folder nor a shipped model (shipped: {known})")
