@@ -1,0 +1,232 @@
+"""The ``sdmorganseg`` command: ``train``, ``segment``, ``evaluate``, ``sdm``.
+
+User errors (bad files, bad arguments) print one line, ``sdmorganseg: error: ...``, and exit with 2;
+a cancelled run (Ctrl-C) exits with 130 and leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import SDMOrganSegError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _levels(text: str) -> tuple[float, ...]:
+    from .contours import parse_levels
+
+    try:
+        return parse_levels(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _triple(kind: type):
+    def parse(text: str):
+        parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+        try:
+            values = tuple(kind(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected three numbers like 1,1,1, got {text!r}") from None
+        if len(values) != 3 or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected three positive numbers like 1,1,1, got {text!r}")
+        return values
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdmorganseg",
+        description="Organ segmentation by predicting signed distance maps (Xue et al., AAAI 2020).",
+    )
+    parser.add_argument("--version", action="version", version=f"SDMOrganSeg {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    segment = commands.add_parser("segment", help="segment a volume with a model", description="Segment IMAGE and write the label map, per-organ SDMs, SDM iso-contours and a summary to OUT.")
+    segment.add_argument("image", help="NIfTI/NRRD/MetaImage file or a folder holding one DICOM series")
+    segment.add_argument("--model", default=None, help="model folder or shipped model name (default: the shipped hippocampus model)")
+    segment.add_argument("--out", required=True, help="output folder (created if needed)")
+    segment.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default: auto = CUDA if present)")
+    segment.add_argument("--format", default="nifti", choices=["nifti", "nrrd"], help="image output format (default nifti: .nii.gz)")
+    segment.add_argument("--levels", type=_levels, default=(0.0, 0.1, 0.2, 0.3), help="SDM iso-contour levels (default 0,0.1,0.2,0.3)")
+    segment.add_argument("--window", type=_triple(int), default=None, help="sliding-window size x,y,z in voxels at the model spacing (default: the model card's)")
+    segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction in [0, 0.9] (default 0.25)")
+    segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    segment.add_argument("--quiet", action="store_true", help="no progress output")
+
+    evaluate = commands.add_parser("evaluate", help="Dice, HD, HD95, ASD of a label map against a reference", description="Compare label map PRED with REF per organ: Dice, Hausdorff, HD95 and average symmetric surface distance in mm.")
+    evaluate.add_argument("pred", help="predicted label map")
+    evaluate.add_argument("ref", help="reference label map (same grid)")
+    evaluate.add_argument("--labels", help="labels.json naming the label values (default: values as names; or the names in a model's card with --model)")
+    evaluate.add_argument("--model", help="take organ names from this model's card")
+    evaluate.add_argument("--csv", help="also write the table as CSV")
+    evaluate.add_argument("--json", help="also write JSON: organ -> {dice, hd, hd95, asd}")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace existing CSV/JSON files")
+
+    sdm = commands.add_parser("sdm", help="normalised signed distance map of a label map", description="Write the normalised SDM ([-1, 1], negative inside, mm-based) of one organ of a label map.")
+    sdm.add_argument("labels", help="label map")
+    sdm.add_argument("out", help="output image (.nii.gz, .nrrd)")
+    sdm.add_argument("--label", type=int, default=None, help="label value of the organ (default: all nonzero voxels)")
+    sdm.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    train = commands.add_parser("train", help="train a model on a folder of images and label maps", description="Train the SDM UNet (paper schedule by default) on DATA (imagesTr/ + labelsTr/ + labels.json). Rerunning with the same OUT resumes.")
+    train.add_argument("data", help="data folder: imagesTr/ and labelsTr/ (same file names) and labels.json")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, curves.png, best/ model")
+    train.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="architecture (default cpu; paper = 6 downsamplings, 24-384 channels)")
+    train.add_argument("--mode", default="sdm+dice", choices=["dice", "sdm", "l1+dice", "sdm+dice"], help="training loss (default sdm+dice, Eq. 5)")
+    train.add_argument("--epochs", type=int, default=200)
+    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--patch", type=_triple(int), default=(32, 48, 32), help="training patch x,y,z voxels (default 32,48,32)")
+    train.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4)")
+    train.add_argument("--lr-decay", type=float, default=0.8, help="learning-rate factor (default 0.8)...")
+    train.add_argument("--lr-step", type=int, default=25, help="...applied every this many epochs (default 25)")
+    train.add_argument("--sdm-weight", type=float, default=10.0, help="lambda of Eq. 5 (default 10)")
+    train.add_argument("--validate-every", type=int, default=5)
+    train.add_argument("--split", help="split JSON with 'train' and 'validation' case names (default: seeded 80/20 split written to OUT/split.json)")
+    train.add_argument("--spacing", type=_triple(float), default=None, help="resample to x,y,z mm (default: keep the data's spacing)")
+    train.add_argument("--no-flip", action="store_true", help="no random left-right flips")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    train.add_argument("--max-cases", type=int, default=None, help="use only the first N training and validation cases")
+    train.add_argument("--name", default=None, help="model name in the card (default: the data folder's name)")
+    train.add_argument("--finalize", action="store_true", help="after training, evaluate best/ on the validation split with all metrics and store them in its card")
+    return parser
+
+
+def _print_progress(fraction: float, message: str) -> None:
+    print(f"\r[{int(fraction * 100):3d}%] {message:60s}", end="", file=sys.stderr, flush=True)
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from .imageio import read_image
+    from .inference import segment_image
+    from .modelfiles import load_model, resolve_model
+    from .outputs import output_names, write_result
+    from .files import check_writable, inside
+
+    if not 0 <= args.overlap <= 0.9:
+        raise SDMOrganSegError("--overlap must lie in [0, 0.9]")
+    model = load_model(resolve_model(args.model))
+    out = Path(args.out)
+    # Refuse before any work rather than after minutes of inference.
+    for name in output_names(model.card.organ_names, args.levels, args.format):
+        check_writable(inside(out, name), args.overwrite)
+    image = read_image(args.image)
+    started = time.perf_counter()
+    result = segment_image(image, model, args.device, window=args.window, overlap=args.overlap, progress=None if args.quiet else _print_progress)
+    if not args.quiet:
+        print(file=sys.stderr)
+    files = write_result(result, out, args.format, args.levels, args.overwrite, extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)})
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    volumes = ", ".join(f"{name} {volume:.2f} ml" for name, volume in result.organ_volumes_ml().items())
+    print(f"segmented {args.image} on {result.device} in {result.timings['total_s']:.2f} s: {volumes}")
+    print(f"wrote {len(files)} files to {out}")
+    return 0
+
+
+def _organ_names(args: argparse.Namespace) -> dict[int, str] | None:
+    if args.model:
+        from .modelfiles import read_card, resolve_model
+
+        card = read_card(resolve_model(args.model))
+        return {o.label: o.name for o in card.organs}
+    if args.labels:
+        from .dataset import read_label_names
+
+        path = Path(args.labels)
+        names = read_label_names(path.parent) if path.name == "labels.json" else None
+        if names is None:
+            raise SDMOrganSegError(f"--labels {path} must be a labels.json file")
+        return names
+    return None
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .imageio import read_image
+    from .metrics import evaluate_images, format_metrics_table, write_metrics_csv, write_metrics_json
+
+    organs = _organ_names(args)
+    results = evaluate_images(read_image(args.pred, "prediction"), read_image(args.ref, "reference"), organs)
+    print(format_metrics_table(results))
+    if args.csv:
+        write_metrics_csv(results, args.csv, overwrite=args.overwrite)
+    if args.json:
+        write_metrics_json(results, args.json, overwrite=args.overwrite)
+    return 0
+
+
+def run_sdm(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
+    from .files import atomic_path
+    from .imageio import image_from_array, label_array, read_image
+    from .sdm import normalized_sdm
+
+    image = read_image(args.labels, "label map")
+    labels = label_array(image, args.labels)
+    mask = labels > 0 if args.label is None else labels == args.label
+    if args.label is not None and not mask.any():
+        present = sorted(set(labels.reshape(-1).tolist()) - {0})
+        print(f"note: label {args.label} is absent (present: {present}); the SDM is +1 everywhere", file=sys.stderr)
+    sdm = image_from_array(normalized_sdm(mask, image.GetSpacing()), image)
+    with atomic_path(Path(args.out), args.overwrite) as temporary:
+        sitk.WriteImage(sdm, str(temporary), useCompression=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .training import Trainer, TrainingConfig, finalize_best_model
+
+    config = TrainingConfig(
+        data_dir=args.data, out_dir=args.out, preset=args.preset, mode=args.mode, epochs=args.epochs,
+        batch_size=args.batch_size, patch_size=args.patch, learning_rate=args.lr, lr_decay=args.lr_decay,
+        lr_step=args.lr_step, sdm_weight=args.sdm_weight, validate_every=args.validate_every, seed=args.seed,
+        split_file=args.split, spacing=args.spacing, flip=not args.no_flip, device=args.device,
+        max_cases=args.max_cases, model_name=args.name or Path(args.data).resolve().name, threads=args.threads,
+        command="sdmorganseg " + shlex.join(argv),
+    )
+    best = Trainer(config).run()
+    if args.finalize:
+        summary = finalize_best_model(args.out, args.data, args.device)
+        print(json.dumps(summary, indent=1))
+    print(f"best model: {best}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "segment":
+            return run_segment(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
+        if args.command == "sdm":
+            return run_sdm(args)
+        return run_train(args, argv)
+    except SDMOrganSegError as error:
+        print(f"\nsdmorganseg: error: {error}" if getattr(args, "quiet", True) is False else f"sdmorganseg: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\nsdmorganseg: interrupted; no partial output was left", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("sdmorganseg: error: out of memory; use a smaller --window or a machine with more memory", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

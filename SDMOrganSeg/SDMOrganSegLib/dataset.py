@@ -1,0 +1,179 @@
+"""Training data: pairing images with label maps, checking them, and caching the preprocessed cases.
+
+A data folder holds images and label maps with the same file names, in ``imagesTr/`` + ``labelsTr/``
+(Medical Segmentation Decathlon layout) or ``images/`` + ``labels/``, as NIfTI or NRRD. An optional
+``labels.json`` (``{"labels": {"1": "name", ...}}``) names the organs.
+
+Each case is read once: checked (same geometry, whole-number labels, known label values), resampled to
+the target spacing when one is asked for, intensity-normalised, and its ground-truth SDMs computed. The
+result is kept in a ``.npz`` cache keyed by the source files and the settings, so later runs and resumed
+runs skip the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import SDMOrganSegError
+from .files import atomic_path, safe_name
+from .imageio import case_name, check_volume, geometry_mismatch, is_image_file, label_array, read_image
+from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing
+from .sdm import label_map_to_sdms
+
+_LAYOUTS = (("imagesTr", "labelsTr"), ("images", "labels"))
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CasePaths:
+    name: str
+    image: Path
+    label: Path
+
+
+@dataclass
+class PreparedCase:
+    """A case ready for training: arrays ``(z, y, x)`` at the training spacing."""
+
+    name: str
+    image: np.ndarray  #: float32, normalised intensities
+    labels: np.ndarray  #: uint8/uint16 label map
+    sdms: np.ndarray  #: float32 ``(organs, z, y, x)`` normalised SDMs
+    spacing: tuple[float, float, float]  #: (x, y, z) mm
+
+
+def find_cases(data_dir: str | Path) -> list[CasePaths]:
+    """Image/label pairs of a data folder, sorted by name; errors name what is missing."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise SDMOrganSegError(f"training data folder {data_dir} does not exist")
+    for images_name, labels_name in _LAYOUTS:
+        images, labels = data_dir / images_name, data_dir / labels_name
+        if images.is_dir() and labels.is_dir():
+            break
+    else:
+        raise SDMOrganSegError(
+            f"{data_dir} must hold images and label maps in imagesTr/ + labelsTr/ (or images/ + labels/), with the same file names"
+        )
+    cases = []
+    for image in sorted(p for p in images.iterdir() if is_image_file(p) and not p.name.startswith(".")):
+        label = labels / image.name
+        if not label.is_file():
+            raise SDMOrganSegError(f"image {image.name} has no label map {label}; add it or remove the image")
+        cases.append(CasePaths(case_name(image), image, label))
+    if not cases:
+        raise SDMOrganSegError(f"no NIfTI/NRRD images found in {images}")
+    return cases
+
+
+def read_label_names(data_dir: str | Path) -> dict[int, str] | None:
+    """``{label value: name}`` from ``labels.json`` in the data folder, if present."""
+    path = Path(data_dir) / "labels.json"
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        mapping = values.get("labels", values)
+        names = {int(k): str(v) for k, v in mapping.items() if int(k) != 0}
+    except (ValueError, AttributeError, json.JSONDecodeError) as error:
+        raise SDMOrganSegError(f"{path} is not a labels file ({error}); expected {{\"labels\": {{\"1\": \"organ\", ...}}}}") from None
+    return names
+
+
+def _cache_key(case: CasePaths, settings: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for path in (case.image, case.label):
+        stat = path.stat()
+        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(json.dumps({**settings, "version": CACHE_VERSION}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_case(
+    case: CasePaths,
+    label_values: Sequence[int],
+    intensity: Mapping[str, Any],
+    spacing: Sequence[float] | None = None,
+) -> PreparedCase:
+    """Read, check, resample, normalise a case and compute its ground-truth SDMs."""
+    image = read_image(case.image, "training image")
+    check_volume(image, "training image", case.image)
+    label_image = read_image(case.label, "label map")
+    mismatch = geometry_mismatch(image, label_image)
+    if mismatch:
+        raise SDMOrganSegError(f"case {case.name}: image and label map differ in {mismatch}; they must share one voxel grid")
+    labels = label_array(label_image, case.label)
+    unknown = sorted(set(np.unique(labels).tolist()) - {0} - set(label_values))
+    if unknown:
+        raise SDMOrganSegError(
+            f"case {case.name}: label values {unknown} are not among the organs {list(label_values)}; fix the label map or list them in labels.json"
+        )
+    if needs_resampling(image, spacing):
+        image = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), spacing)
+        label_image = sitk.GetImageFromArray(labels.astype(np.uint16))
+        label_image.CopyInformation(read_image(case.label, "label map"))
+        labels = sitk.GetArrayFromImage(resample_like(label_image, image, sitk.sitkNearestNeighbor))
+    dtype = np.uint8 if max(label_values, default=0) < 256 else np.uint16
+    labels = labels.astype(dtype)
+    actual_spacing = tuple(float(s) for s in image.GetSpacing())
+    normalised = normalize_intensity(sitk.GetArrayViewFromImage(image), intensity)
+    sdms = label_map_to_sdms(labels, label_values, actual_spacing)
+    return PreparedCase(case.name, normalised, labels, sdms, actual_spacing)
+
+
+def load_cases(
+    cases: Sequence[CasePaths],
+    label_values: Sequence[int],
+    intensity: Mapping[str, Any],
+    spacing: Sequence[float] | None,
+    cache_dir: Path | None,
+) -> list[PreparedCase]:
+    """:func:`prepare_case` for each case, through the on-disk cache when ``cache_dir`` is given."""
+    settings = {"labels": list(label_values), "intensity": dict(intensity), "spacing": list(spacing) if spacing else None}
+    prepared = []
+    for case in cases:
+        cached = cache_dir / f"{safe_name(case.name)}-{_cache_key(case, settings)}.npz" if cache_dir else None
+        if cached and cached.is_file():
+            with np.load(cached) as data:
+                item = PreparedCase(case.name, data["image"], data["labels"], data["sdms"], tuple(data["spacing"].tolist()))
+        else:
+            item = prepare_case(case, label_values, intensity, spacing)
+            if cached:
+                with atomic_path(cached) as temporary:
+                    with open(temporary, "wb") as handle:
+                        np.savez(handle, image=item.image, labels=item.labels, sdms=item.sdms, spacing=np.asarray(item.spacing))
+        prepared.append(item)
+    return prepared
+
+
+def make_split(names: Sequence[str], validation_fraction: float, seed: int) -> dict[str, list[str]]:
+    """A seeded random split of case names (sorted first, so it doesn't depend on listing order)."""
+    import random
+
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    count = max(1, int(round(len(order) * validation_fraction))) if len(order) > 1 else 0
+    return {"train": sorted(order[count:]), "validation": sorted(order[:count])}
+
+
+def read_split(path: str | Path, names: Sequence[str]) -> dict[str, list[str]]:
+    """A split file (``{"train": [...], "validation": [...]}``), checked against the available cases."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))
+        train, validation = list(split["train"]), list(split["validation"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise SDMOrganSegError(f"split file {path} must be JSON with 'train' and 'validation' lists ({error})") from None
+    missing = sorted(set(train + validation) - set(names))
+    if missing:
+        raise SDMOrganSegError(f"split file {path} names cases not in the data folder: {', '.join(missing[:5])}")
+    if set(train) & set(validation):
+        raise SDMOrganSegError(f"split file {path} puts some cases in both train and validation")
+    return {"train": train, "validation": validation}

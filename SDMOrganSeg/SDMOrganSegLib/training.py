@@ -1,0 +1,383 @@
+"""Headless trainer: the paper's schedule on a folder of images and label maps.
+
+One epoch is one pass over the training cases in random order, in batches of random patches. All
+randomness of epoch ``e`` comes from generators seeded with ``(seed, e)``, and a checkpoint (weights,
+optimiser, scheduler, log) is written atomically after every epoch, so a run that is killed and resumed
+reproduces the uninterrupted run exactly (same thread count, same device).
+
+Outputs in the run folder: ``split.json``, ``log.csv``, ``curves.png``, ``checkpoint.pt`` (resume state,
+tensors only, loaded with ``weights_only=True``), ``cache/`` (preprocessed cases and ground-truth SDMs),
+``best/`` (model folder of the best validation epoch: safetensors + card) and ``last/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .dataset import PreparedCase, find_cases, load_cases, make_split, read_label_names, read_split
+from .errors import SDMOrganSegError
+from .files import atomic_path, write_text_atomic
+from .inference import predict_array, resolve_device
+from .losses import MODES, SDMSegmentationLoss, output_activation_for
+from .modelfiles import ModelCard, Organ, organs_from_labels, save_model
+from .network import UNet3D, preset
+from .preprocessing import DEFAULT_INTENSITY
+from .sdm import HEAVISIDE_K, sdms_to_label_map
+
+
+@dataclass
+class TrainingConfig:
+    """Settings of one training run (all stored in the model card)."""
+
+    data_dir: str
+    out_dir: str
+    preset: str = "cpu"
+    mode: str = "sdm+dice"
+    epochs: int = 200
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] = (32, 48, 32)  #: (x, y, z) voxels
+    learning_rate: float = 5e-4
+    lr_decay: float = 0.8  #: multiplied into the learning rate every ``lr_step`` epochs
+    lr_step: int = 25
+    sdm_weight: float = 10.0  #: lambda of Eq. 5
+    heaviside_k: float = HEAVISIDE_K
+    validate_every: int = 5
+    seed: int = 0
+    split_file: str | None = None
+    validation_fraction: float = 0.2
+    spacing: tuple[float, float, float] | None = None  #: resample to this (x, y, z) mm; None keeps the data's
+    intensity: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_INTENSITY))
+    flip: bool = True  #: random left-right flips
+    device: str = "auto"
+    max_cases: int | None = None  #: use only the first N training cases (tests, quick looks)
+    model_name: str = "model"
+    threads: int | None = None
+    command: str = ""
+
+
+def _crop_or_pad(arrays: Sequence[np.ndarray], patch_zyx: Sequence[int], rng: np.random.Generator, pad_values: Sequence[float]) -> list[np.ndarray]:
+    """The same random patch of several arrays ``(..., z, y, x)``; edges padded where the case is smaller."""
+    shape = arrays[0].shape[-3:]
+    starts = [int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape, patch_zyx)]
+    out = []
+    for array, pad_value in zip(arrays, pad_values):
+        region = array[(..., *(slice(b, b + p) for b, p in zip(starts, patch_zyx)))]
+        missing = [p - r for p, r in zip(patch_zyx, region.shape[-3:])]
+        if any(missing):
+            widths = [(0, 0)] * (region.ndim - 3) + [(m // 2, m - m // 2) for m in missing]
+            region = np.pad(region, widths, constant_values=pad_value)
+        out.append(region)
+    return out
+
+
+class PatchSampler:
+    """Batches of random patches with labels and SDMs cropped and flipped together, so they stay consistent."""
+
+    def __init__(self, cases: Sequence[PreparedCase], label_values: Sequence[int], patch_xyz: Sequence[int], flip: bool) -> None:
+        self.cases = list(cases)
+        self.label_values = np.asarray(label_values)[:, None, None, None]
+        self.patch_zyx = tuple(int(p) for p in reversed(tuple(patch_xyz)))
+        self.flip = flip
+
+    def batches(self, batch_size: int, rng: np.random.Generator):
+        order = rng.permutation(len(self.cases))
+        for start in range(0, len(order), batch_size):
+            images, sdms, masks = [], [], []
+            for index in order[start : start + batch_size]:
+                case = self.cases[index]
+                # Padding: image with its minimum (background), SDMs with +1 (outside every organ).
+                image, labels, sdm = _crop_or_pad(
+                    [case.image, case.labels, case.sdms], self.patch_zyx, rng, [float(case.image.min()), 0, 1.0]
+                )
+                if self.flip and rng.random() < 0.5:
+                    image, labels, sdm = image[..., ::-1], labels[..., ::-1], sdm[..., ::-1]
+                scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)
+                images.append(image * scale + shift)
+                sdms.append(sdm)
+                masks.append(labels[None] == self.label_values)
+            yield (
+                torch.from_numpy(np.ascontiguousarray(np.stack(images)[:, None], dtype=np.float32)),
+                torch.from_numpy(np.ascontiguousarray(np.stack(sdms), dtype=np.float32)),
+                torch.from_numpy(np.ascontiguousarray(np.stack(masks), dtype=np.float32)),
+            )
+
+
+def evaluate_cases(
+    network: torch.nn.Module, cases: Sequence[PreparedCase], organs: Sequence[Organ], device: torch.device, surface: bool = True
+) -> dict[str, dict[str, list[float]]]:
+    """Per organ, lists over cases of Dice (and HD, HD95, ASD with ``surface``) on whole volumes."""
+    network.eval()
+    label_values = [organ.label for organ in organs]
+    results: dict[str, dict[str, list[float]]] = {o.name: {"dice": [], "hd": [], "hd95": [], "asd": []} for o in organs}
+    for case in cases:
+        prediction = sdms_to_label_map(predict_array(network, case.image, device), label_values)
+        for organ in organs:
+            pred, ref = prediction == organ.label, case.labels == organ.label
+            if surface:
+                from .metrics import organ_metrics
+
+                values = organ_metrics(pred, ref, case.spacing).to_dict()
+            else:
+                total = pred.sum() + ref.sum()
+                values = {"dice": float(2 * (pred & ref).sum() / total) if total else 1.0}
+            for metric, value in values.items():
+                results[organ.name][metric].append(float(value))
+    network.to("cpu")
+    return results
+
+
+def summarize(results: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and standard deviation of each metric per organ (infinite values counted separately)."""
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for organ, metrics in results.items():
+        summary[organ] = {}
+        for metric, values in metrics.items():
+            if not values:
+                continue
+            array = np.asarray(values, dtype=float)
+            finite = array[np.isfinite(array)]
+            summary[organ][metric] = {
+                "mean": round(float(finite.mean()), 4) if finite.size else math.inf,
+                "std": round(float(finite.std()), 4) if finite.size else 0.0,
+                "n": int(array.size),
+                "n_infinite": int(array.size - finite.size),
+            }
+    return summary
+
+
+def _mean_dice(results: dict[str, dict[str, list[float]]]) -> float:
+    return float(np.mean([np.mean(m["dice"]) for m in results.values()]))
+
+
+def _plot_curves(log_rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in log_rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in sorted({k for row in log_rows for k in row if k.startswith("loss")}):
+        left.plot(epochs, [row.get(key, np.nan) for row in log_rows], label=key)
+    left.set_xlabel("epoch"), left.set_ylabel("training loss"), left.legend(fontsize=8)
+    validated = [row for row in log_rows if row.get("val_mean_dice") not in (None, "")]
+    for key in sorted({k for row in validated for k in row if k.startswith("val_dice_")}):
+        right.plot([r["epoch"] for r in validated], [r[key] for r in validated], marker="o", label=key.removeprefix("val_"))
+    right.set_xlabel("epoch"), right.set_ylabel("validation Dice"), right.set_ylim(0, 1), right.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(buffer.getvalue())
+
+
+def _write_log(log_rows: list[dict[str, Any]], path: Path) -> None:
+    keys: list[str] = []
+    for row in log_rows:
+        keys += [k for k in row if k not in keys]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(log_rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+class Trainer:
+    """Runs :class:`TrainingConfig`; :meth:`run` trains (or resumes) and returns the best model folder."""
+
+    def __init__(self, config: TrainingConfig, progress: Callable[[str], None] | None = None) -> None:
+        if config.mode not in MODES:
+            raise SDMOrganSegError(f"unknown training mode {config.mode!r}; choose one of {', '.join(MODES)}")
+        if config.epochs < 1 or config.batch_size < 1 or config.lr_step < 1:
+            raise SDMOrganSegError("epochs, batch size and lr step must be positive integers")
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.say = progress or (lambda text: print(text, file=sys.stderr))
+
+    def _prepare(self) -> None:
+        config = self.config
+        cases = find_cases(config.data_dir)
+        names = read_label_names(config.data_dir)
+        if names is None:
+            raise SDMOrganSegError(f"{config.data_dir} has no labels.json naming the organs; add {{\"labels\": {{\"1\": \"organ\"}}}}")
+        self.organs = organs_from_labels(names)
+        label_values = [o.label for o in self.organs]
+        by_name = {c.name: c for c in cases}
+        split_path = self.out_dir / "split.json"
+        if config.split_file:
+            split = read_split(config.split_file, list(by_name))
+        elif split_path.is_file():
+            split = read_split(split_path, list(by_name))
+        else:
+            split = make_split(list(by_name), config.validation_fraction, config.seed)
+        if not split_path.is_file():
+            write_text_atomic(split_path, json.dumps({**split, "seed": config.seed, "source": config.split_file or "make_split"}, indent=1) + "\n")
+        self.split = split
+        train_names = split["train"][: config.max_cases] if config.max_cases else split["train"]
+        validation_names = split["validation"][: config.max_cases] if config.max_cases else split["validation"]
+        cache = self.out_dir / "cache"
+        tick = time.perf_counter()
+        self.train_cases = load_cases([by_name[n] for n in train_names], label_values, config.intensity, config.spacing, cache)
+        self.validation_cases = load_cases([by_name[n] for n in validation_names], label_values, config.intensity, config.spacing, cache)
+        self.say(f"{len(self.train_cases)} training and {len(self.validation_cases)} validation cases ready in {time.perf_counter() - tick:.1f} s")
+        self.model_spacing = config.spacing or self.train_cases[0].spacing
+
+    def _card(self, metrics: dict[str, Any], epoch: int) -> ModelCard:
+        config = self.config
+        training = {
+            "data": str(config.data_dir),
+            "split": self.split,
+            "command": config.command,
+            "epochs_trained": epoch,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k not in ("command",)},
+            "torch": torch.__version__,
+        }
+        return ModelCard(
+            name=config.model_name,
+            description=f"UNet3D ({config.preset} preset) trained with {config.mode} by SDMOrganSeg {__version__}",
+            architecture=self.network.config,
+            organs=self.organs,
+            spacing=tuple(float(s) for s in self.model_spacing),
+            intensity=dict(config.intensity),
+            heaviside_k=config.heaviside_k,
+            training=training,
+            metrics=metrics,
+        )
+
+    def _save_checkpoint(self, epoch: int, best: float, log_rows: list[dict[str, Any]]) -> None:
+        state = {
+            "epoch": epoch,
+            "best_dice": best,
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "log": json.dumps(log_rows),
+        }
+        with atomic_path(self.out_dir / "checkpoint.pt") as temporary:
+            torch.save(state, temporary)
+
+    def run(self) -> Path:
+        config = self.config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare()
+        device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        self.network = UNet3D(
+            preset(config.preset, 1, len(self.organs), output_activation=output_activation_for(config.mode))
+        ).to(device)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_decay)
+        loss_function = SDMSegmentationLoss(config.mode, config.sdm_weight, config.heaviside_k)
+        use_amp = device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+        start_epoch, best, log_rows = 0, -1.0, []
+        checkpoint_path = self.out_dir / "checkpoint.pt"
+        if checkpoint_path.is_file():
+            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+            self.network.load_state_dict(state["network"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            start_epoch, best, log_rows = int(state["epoch"]), float(state["best_dice"]), json.loads(state["log"])
+            self.say(f"resuming after epoch {start_epoch} (best validation Dice so far {best:.4f})")
+        if start_epoch >= config.epochs:
+            self.say(f"already trained for {start_epoch} epochs")
+            return self.out_dir / "best"
+
+        sampler = PatchSampler(self.train_cases, [o.label for o in self.organs], config.patch_size, config.flip)
+        steps_per_epoch = math.ceil(len(self.train_cases) / config.batch_size)
+        from tqdm import tqdm
+
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            self.network.train()
+            rng = np.random.default_rng([config.seed, epoch])
+            sums: dict[str, float] = {}
+            tick = time.perf_counter()
+            data_time = 0.0
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
+            batches = sampler.batches(config.batch_size, rng)
+            for step in range(steps_per_epoch):
+                data_tick = time.perf_counter()
+                images, target_sdm, target_mask = next(batches)
+                images, target_sdm, target_mask = (t.to(device, non_blocking=True) for t in (images, target_sdm, target_mask))
+                data_time += time.perf_counter() - data_tick
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    prediction = self.network(images)
+                loss, parts = loss_function(prediction, target_sdm, target_mask)
+                self.optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(self.optimizer)
+                scaler.update()
+                for name, value in {"loss": float(loss.detach()), **{f"loss_{k}": v for k, v in parts.items()}}.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}")
+                bar.update()
+            bar.close()
+            self.scheduler.step()
+            elapsed = time.perf_counter() - tick
+            row: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            row.update({name: round(value / steps_per_epoch, 6) for name, value in sums.items()})
+            row.update({"epoch_s": round(elapsed, 3), "steps_per_s": round(steps_per_epoch / elapsed, 3), "data_share": round(data_time / elapsed, 4)})
+            message = f"epoch {epoch}: loss {row['loss']:.4f}, {row['steps_per_s']:.2f} steps/s"
+            if epoch % config.validate_every == 0 or epoch == config.epochs:
+                results = evaluate_cases(self.network, self.validation_cases, self.organs, device, surface=False)
+                self.network.to(device)
+                mean_dice = _mean_dice(results)
+                row["val_mean_dice"] = round(mean_dice, 5)
+                for organ, metrics in results.items():
+                    row[f"val_dice_{organ}"] = round(float(np.mean(metrics["dice"])), 5)
+                message += f", validation Dice {mean_dice:.4f}"
+                if mean_dice > best:
+                    best = mean_dice
+                    save_model(self.network, self._card({"validation_mean_dice": round(mean_dice, 5), "epoch": epoch}, epoch), self.out_dir / "best", overwrite=True)
+                    message += " (best)"
+            log_rows.append(row)
+            _write_log(log_rows, self.out_dir / "log.csv")
+            self._save_checkpoint(epoch, best, log_rows)
+            if "val_mean_dice" in row:
+                _plot_curves(log_rows, self.out_dir / "curves.png")
+            self.say(message)
+        save_model(self.network, self._card({}, config.epochs), self.out_dir / "last", overwrite=True)
+        return self.out_dir / "best"
+
+
+def finalize_best_model(run_dir: str | Path, data_dir: str | Path, device: str = "auto") -> dict[str, Any]:
+    """Evaluate ``run_dir/best`` on its validation split (Dice, HD, HD95, ASD) and store the summary in its card."""
+    from .modelfiles import load_model
+
+    run_dir = Path(run_dir)
+    model = load_model(run_dir / "best")
+    card = model.card
+    cases = {c.name: c for c in find_cases(data_dir)}
+    split = card.training["split"]
+    prepared = load_cases([cases[n] for n in split["validation"]], card.label_values, card.intensity, card.spacing, run_dir / "cache")
+    results = evaluate_cases(model.network, prepared, card.organs, resolve_device(device))
+    summary = summarize(results)
+    card.metrics = {
+        "split": "validation",
+        "cases": len(prepared),
+        "per_organ": summary,
+        "per_case": {organ: {m: [round(v, 5) for v in values] for m, values in metrics.items()} for organ, metrics in results.items()},
+        "case_names": [c.name for c in prepared],
+        "epoch": card.metrics.get("epoch"),
+        "note": "metrics at the model spacing on whole validation volumes; HD/HD95/ASD in mm",
+    }
+    save_model(model.network, card, run_dir / "best", overwrite=True)
+    return summary

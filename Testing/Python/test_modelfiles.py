@@ -1,0 +1,62 @@
+"""Model folders: round trip, checksum and card checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from SDMOrganSegLib.errors import SDMOrganSegError
+from SDMOrganSegLib.modelfiles import CARD_FILE, WEIGHTS_FILE, load_model, read_card, resolve_model
+
+
+def test_round_trip_gives_identical_weights(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    assert model.card.organ_names == ["anterior", "posterior"]
+    assert model.card.label_values == [1, 2]
+    assert len(model.card.weights_sha256) == 64
+    again = load_model(tiny_model_dir)
+    for (name, a), (_, b) in zip(model.network.state_dict().items(), again.network.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_corrupted_weights_are_refused(tiny_model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    data = bytearray((copy / WEIGHTS_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(SDMOrganSegError, match="checksum mismatch"):
+        load_model(copy)
+
+
+def test_card_that_disagrees_with_weights_is_refused(tiny_model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    card = json.loads((copy / CARD_FILE).read_text())
+    card["architecture"]["base_channels"] = 16
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(SDMOrganSegError, match="do not fit the architecture"):
+        load_model(copy)
+    card["architecture"]["base_channels"] = 8
+    card["organs"].append({"name": "third", "label": 3})
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(SDMOrganSegError, match="2 output channels"):
+        read_card(copy)
+
+
+def test_newer_card_format_is_refused(tiny_model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    card = json.loads((copy / CARD_FILE).read_text())
+    card["format"] = 99
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(SDMOrganSegError, match="update SDMOrganSeg"):
+        load_model(copy)
+
+
+def test_unknown_model_name_lists_shipped_models():
+    with pytest.raises(SDMOrganSegError, match="neither a folder nor a shipped model"):
+        resolve_model("no-such-model")

@@ -1,0 +1,93 @@
+"""The UNet presets and the paper's losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from SDMOrganSegLib.losses import MODES, SDMSegmentationLoss, l1_loss, product_loss, smooth_heaviside, soft_dice_loss
+from SDMOrganSegLib.network import UNet3D, UNetConfig, preset
+
+
+def test_paper_preset_is_the_papers_architecture():
+    network = UNet3D(preset("paper", 1, 3))
+    config = network.config
+    assert (config.depth, config.base_channels, config.max_channels) == (6, 24, 384)
+    assert [config.channels(level) for level in range(7)] == [24, 48, 96, 192, 384, 384, 384]
+    assert len(network.encoders) == 7 and len(network.decoders) == 6  # 6 downsamplings, 6 skips
+    modules = list(network.modules())
+    assert not any(isinstance(m, (nn.BatchNorm3d, nn.ConvTranspose3d, nn.ReLU)) for m in modules)
+    assert sum(isinstance(m, nn.GroupNorm) for m in modules) > 0
+    assert sum(isinstance(m, nn.LeakyReLU) for m in modules) > 0
+    assert network.head.out_channels == 3
+
+
+def test_paper_preset_runs_on_odd_sizes_and_outputs_tanh():
+    torch.manual_seed(0)
+    network = UNet3D(preset("paper", 1, 2)).eval()
+    with torch.no_grad():
+        out = network(torch.randn(1, 1, 9, 13, 11))  # padded to 64^3 inside, cropped back
+    assert out.shape == (1, 2, 9, 13, 11)
+    assert out.abs().max() <= 1
+
+
+def test_cpu_preset_sizes_and_logit_head():
+    network = UNet3D(preset("cpu", 1, 2, output_activation="none"))
+    assert sum(p.numel() for p in network.parameters()) < 1_500_000
+    out = network(torch.randn(2, 1, 35, 51, 35))
+    assert out.shape == (2, 2, 35, 51, 35)
+
+
+def test_config_round_trip_and_unknown_fields():
+    config = preset("cpu", 1, 4)
+    assert UNetConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError):
+        UNetConfig.from_dict({**config.to_dict(), "dropout": 0.5})
+    with pytest.raises(ValueError):
+        preset("huge")
+
+
+def test_dice_loss_values():
+    target = torch.zeros(1, 2, 4, 4, 4)
+    target[:, 0, :2] = 1
+    assert soft_dice_loss(target, target).item() == pytest.approx(0.0, abs=1e-6)  # organ 1 absent in both: Dice 1
+    assert soft_dice_loss(1 - target, target).item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_product_loss_rewards_the_right_sign():
+    target = torch.linspace(-1, 1, 64).reshape(1, 1, 4, 4, 4)
+    target = torch.where(target == 0, torch.full_like(target, 0.1), target)
+    right, wrong = product_loss(target, target), product_loss(-target, target)
+    assert right.item() == pytest.approx(-1 / 3, abs=1e-4)  # y p / (y p + p^2 + y^2) = 1/3 when p = y
+    assert wrong.item() == pytest.approx(1.0, abs=1e-3)  # = -1 per voxel when p = -y (epsilon shifts tiny |y|)
+    assert l1_loss(target, target).item() == 0
+
+
+def test_smooth_heaviside_sign_convention():
+    values = smooth_heaviside(torch.tensor([-0.01, 0.01]))
+    assert values[0] > 0.99 and values[1] < 0.01
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_finite_on_empty_organs(mode):
+    torch.manual_seed(1)
+    network = UNet3D(preset("cpu", 1, 2, output_activation="none" if mode == "dice" else "tanh"))
+    image = torch.randn(1, 1, 16, 16, 16)
+    target_sdm = torch.ones(1, 2, 16, 16, 16)  # both organs absent
+    target_mask = torch.zeros(1, 2, 16, 16, 16)
+    loss, parts = SDMSegmentationLoss(mode)(network(image), target_sdm, target_mask)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in network.parameters() if p.grad is not None)
+    expected = {"dice": {"dice"}, "sdm": {"l1", "product"}, "l1+dice": {"l1", "dice"}, "sdm+dice": {"l1", "product", "dice"}}[mode]
+    assert set(parts) == expected
+
+
+def test_combined_loss_is_dice_plus_lambda_sdm():
+    torch.manual_seed(2)
+    pred = torch.tanh(torch.randn(1, 1, 8, 8, 8))
+    target = torch.tanh(torch.randn(1, 1, 8, 8, 8))
+    mask = (target < 0).float()
+    total, parts = SDMSegmentationLoss("sdm+dice", sdm_weight=10)(pred, target, mask)
+    assert total.item() == pytest.approx(parts["dice"] + 10 * (parts["product"] + parts["l1"]), rel=1e-5)

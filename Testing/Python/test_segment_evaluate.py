@@ -1,0 +1,120 @@
+"""End to end on real cases: `sdmorganseg segment` then `sdmorganseg evaluate`, and the `sdm` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import CT, HIPPOCAMPUS, REPO
+from vtk.util import numpy_support
+
+from SDMOrganSegLib.contours import iso_surface
+from SDMOrganSegLib.inference import segment_image
+from SDMOrganSegLib.modelfiles import load_model, shipped_models
+from SDMOrganSegLib.sdm import normalized_sdm
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "SDMOrganSegLib.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO / "SDMOrganSeg"), "PATH": "/usr/bin:/bin"})
+
+
+SHIPPED = shipped_models().get("hippocampus")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    """The shipped model when present (real segmentation), else the random-weight one (plumbing only)."""
+    return SHIPPED or tiny_model_dir
+
+
+def test_segment_then_evaluate_real_case(model_dir, tmp_path):
+    case = "hippocampus_003"
+    image_path = HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz"
+    out = tmp_path / "out"
+    result = run_cli("segment", str(image_path), "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--quiet")
+    assert result.returncode == 0, result.stderr
+    card = load_model(model_dir).card
+    names = {"labels.nii.gz", "summary.json"} | {f"sdm_{o}.nii.gz" for o in card.organ_names}
+    assert names <= {p.name for p in out.iterdir()}
+    assert len(list((out / "contours").glob("*.vtp"))) == 4 * len(card.organs)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    source = sitk.ReadImage(str(image_path))
+    labels = sitk.ReadImage(str(out / "labels.nii.gz"))
+    for getter in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(labels, getter)(), getattr(source, getter)(), atol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["coordinate_system"] == "LPS" and summary["device"].startswith("cpu")
+    voxels = np.bincount(sitk.GetArrayFromImage(labels).ravel(), minlength=3)
+    assert summary["organs"][card.organ_names[0]]["volume_ml"] == pytest.approx(voxels[1] * np.prod(source.GetSpacing()) / 1000, abs=1e-3)
+
+    reference = HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz"
+    evaluation = run_cli("evaluate", str(out / "labels.nii.gz"), str(reference), "--model", str(model_dir), "--json", str(tmp_path / "m.json"), "--csv", str(tmp_path / "m.csv"))
+    assert evaluation.returncode == 0, evaluation.stderr
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == set(card.organ_names)
+    for values in metrics.values():
+        assert set(values) == {"dice", "hd", "hd95", "asd"}
+    if SHIPPED:
+        # hippocampus_003 is a validation case: the shipped model must really segment it.
+        assert min(v["dice"] for v in metrics.values()) > 0.75
+
+
+@pytest.mark.parametrize("spacing", [None, (0.8, 1.0, 1.7)])
+def test_level_zero_contour_lies_where_sdm_changes_sign(spacing):
+    labels = sitk.ReadImage(str(HIPPOCAMPUS / "labelsTr" / "hippocampus_004.nii.gz"))
+    if spacing:
+        labels.SetSpacing(spacing)
+        labels.SetDirection((0.0, -1.0, 0.0, 0.6, 0.0, -0.8, 0.8, 0.0, 0.6))  # oblique
+    sdm = sitk.GetImageFromArray(normalized_sdm(sitk.GetArrayFromImage(labels) == 1, labels.GetSpacing()))
+    sdm.CopyInformation(labels)
+    surface = iso_surface(sdm, 0.0)
+    points = numpy_support.vtk_to_numpy(surface.GetPoints().GetData())
+    assert len(points) > 100
+    array = sitk.GetArrayFromImage(sdm)
+    for point in points[:: max(1, len(points) // 300)]:
+        index = np.asarray(sdm.TransformPhysicalPointToContinuousIndex([float(c) for c in point]))  # (x, y, z)
+        low = np.floor(index).astype(int)
+        corners = array[low[2] : low[2] + 2, low[1] : low[1] + 2, low[0] : low[0] + 2]
+        # The point lies in a voxel cell whose corners have both signs, and the trilinear value there is ~0.
+        assert corners.min() < 0 < corners.max(), (point, index)
+        frac = index - low
+        weights = np.einsum("i,j,k->ijk", [1 - frac[2], frac[2]], [1 - frac[1], frac[1]], [1 - frac[0], frac[0]])
+        assert abs(float((weights * corners).sum())) < 1e-3 * float(np.abs(corners).max())
+
+
+def test_sdm_command_matches_library(tmp_path):
+    label_path = HIPPOCAMPUS / "labelsTr" / "hippocampus_001.nii.gz"
+    out = tmp_path / "sdm.nrrd"
+    result = run_cli("sdm", str(label_path), str(out), "--label", "2")
+    assert result.returncode == 0, result.stderr
+    labels = sitk.ReadImage(str(label_path))
+    expected = normalized_sdm(sitk.GetArrayFromImage(labels) == 2, labels.GetSpacing())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), expected)
+    again = run_cli("sdm", str(label_path), str(out), "--label", "2")
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_ct_volume_through_sliding_window_keeps_geometry(tiny_model_dir):
+    image = sitk.ReadImage(str(CT / "example_ct_sm.nii.gz"))
+    model = load_model(tiny_model_dir)
+    model.card.spacing = None  # run at the CT's own 3 mm grid: plumbing, not accuracy
+    fractions, messages = [], []
+    result = segment_image(image, model, "cpu", window=(64, 64, 16), progress=lambda f, m: (fractions.append(f), messages.append(m)))
+    assert result.labels.GetSize() == image.GetSize()
+    assert result.labels.GetSpacing() == image.GetSpacing()
+    assert all(s.GetSize() == image.GetSize() for s in result.sdms.values())
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    # 25 % overlap: x starts 0, 48, 58; y 0, 37; z 0, 12, 14 -> 3 * 2 * 3 tiles
+    assert sum("tile" in m for m in messages) == 18
+
+
+def test_help_for_every_command():
+    for command in ("segment", "evaluate", "sdm", "train"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: sdmorganseg" in result.stdout
