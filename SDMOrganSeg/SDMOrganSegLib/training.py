@@ -290,15 +290,32 @@ class Trainer:
 
         start_epoch, best, log_rows = 0, -1.0, []
         checkpoint_path = self.out_dir / "checkpoint.pt"
+        # Temporary files of a run that was killed while writing: never complete, never needed.
+        for stale in self.out_dir.glob(".checkpoint.pt.*.part*"):
+            stale.unlink(missing_ok=True)
         if checkpoint_path.is_file():
-            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-            self.network.load_state_dict(state["network"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            start_epoch, best, log_rows = int(state["epoch"]), float(state["best_dice"]), json.loads(state["log"])
+            try:
+                # weights_only: the unpickler builds tensors and plain containers only, never runs code.
+                state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+                self.network.load_state_dict(state["network"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                start_epoch, best, log_rows = int(state["epoch"]), float(state["best_dice"]), json.loads(state["log"])
+            except Exception as error:  # any unreadable or foreign checkpoint: the cause is in the message
+                raise SDMOrganSegError(
+                    f"cannot resume from {checkpoint_path}: it is not a checkpoint of this run ({type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else 'unreadable'}); delete it to start over, or use another --out"
+                ) from None
             self.say(f"resuming after epoch {start_epoch} (best validation Dice so far {best:.4f})")
         if start_epoch >= config.epochs:
             self.say(f"already trained for {start_epoch} epochs")
+            from .modelfiles import load_model
+
+            try:
+                load_model(self.out_dir / "last")
+            except SDMOrganSegError:
+                # Killed after the last checkpoint but before last/ was complete: write it from the checkpoint.
+                save_model(self.network, self._card({}, start_epoch), self.out_dir / "last", overwrite=True)
             return self.out_dir / "best"
 
         sampler = PatchSampler(self.train_cases, [o.label for o in self.organs], config.patch_size, config.flip)
@@ -307,6 +324,7 @@ class Trainer:
 
         for epoch in range(start_epoch + 1, config.epochs + 1):
             self.network.train()
+            learning_rate = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
             rng = np.random.default_rng([config.seed, epoch])
             sums: dict[str, float] = {}
             tick = time.perf_counter()
@@ -332,7 +350,7 @@ class Trainer:
             bar.close()
             self.scheduler.step()
             elapsed = time.perf_counter() - tick
-            row: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            row: dict[str, Any] = {"epoch": epoch, "lr": learning_rate}
             row.update({name: round(value / steps_per_epoch, 6) for name, value in sums.items()})
             row.update({"epoch_s": round(elapsed, 3), "steps_per_s": round(steps_per_epoch / elapsed, 3), "data_share": round(data_time / elapsed, 4)})
             message = f"epoch {epoch}: loss {row['loss']:.4f}, {row['steps_per_s']:.2f} steps/s"
