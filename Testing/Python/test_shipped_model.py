@@ -1,0 +1,56 @@
+"""The shipped hippocampus model: it loads, its checksum holds, and it reproduces its card's validation Dice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import HIPPOCAMPUS, REPO
+
+from SDMOrganSegLib.errors import SDMOrganSegError
+from SDMOrganSegLib.inference import segment_image
+from SDMOrganSegLib.metrics import organ_metrics
+from SDMOrganSegLib.modelfiles import WEIGHTS_FILE, load_model, resolve_model, sha256_of
+
+MODEL = REPO / "Resources" / "Models" / "hippocampus"
+VALIDATION_CASES = ["hippocampus_003", "hippocampus_004", "hippocampus_011"]
+
+pytestmark = pytest.mark.skipif(not (MODEL / "model.json").is_file(), reason="no shipped model in Resources/Models/hippocampus")
+
+
+def test_is_the_default_and_checksum_matches():
+    assert resolve_model(None) == MODEL
+    model = load_model(MODEL)
+    assert sha256_of(MODEL / WEIGHTS_FILE) == model.card.weights_sha256
+    assert model.card.organ_names == ["anterior hippocampus", "posterior hippocampus"]
+    assert (MODEL / WEIGHTS_FILE).stat().st_size < 8 * 2**20
+    split = json.loads((REPO / "Resources" / "Splits" / "hippocampus.json").read_text())
+    assert model.card.training["split"]["validation"] == split["validation"]
+    assert set(VALIDATION_CASES) <= set(split["validation"])
+
+
+@pytest.mark.parametrize("case", VALIDATION_CASES)
+def test_reaches_the_dice_its_card_claims(case):
+    model = load_model(MODEL)
+    metrics = model.card.metrics
+    index = metrics["case_names"].index(case)
+    image = sitk.ReadImage(str(HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz"))
+    reference = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz")))).astype(int)
+    prediction = sitk.GetArrayFromImage(segment_image(image, model, "cpu").labels)
+    for organ in model.card.organs:
+        dice = organ_metrics(prediction == organ.label, reference == organ.label, image.GetSpacing()).dice
+        assert dice == pytest.approx(metrics["per_case"][organ.name]["dice"][index], abs=0.01)
+        assert dice > 0.75
+
+
+def test_corrupted_copy_is_refused(tmp_path):
+    copy = tmp_path / "hippocampus"
+    shutil.copytree(MODEL, copy)
+    with open(copy / WEIGHTS_FILE, "r+b") as handle:
+        handle.seek(-100, 2)
+        handle.write(b"\0" * 8)
+    with pytest.raises(SDMOrganSegError, match="checksum mismatch"):
+        load_model(copy)
