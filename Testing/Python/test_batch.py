@@ -1,0 +1,217 @@
+"""Scripts/batch.py end to end on plain Python (slicer-core), on three real hippocampus cases and a bad one.
+
+Outputs are read back with slicerio (segment names and colours, as Slicer writes them) and SimpleITK.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' module found is not slicer-core (no vtkMRMLScene)", allow_module_level=True)
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+slicerio = pytest.importorskip("slicerio", reason="slicerio is not installed")
+
+import SimpleITK as sitk  # noqa: E402
+import vtk  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "SDMOrganSeg"))
+
+from SDMOrganSegLib import modelfiles, network  # noqa: E402
+from SDMOrganSegLib.files import safe_name  # noqa: E402
+from SDMOrganSegLib.inference import segment_image  # noqa: E402
+from SDMOrganSegLib.modelfiles import ModelCard, Organ  # noqa: E402
+
+BATCH = REPO / "SDMOrganSeg" / "Scripts" / "batch.py"
+HIPPOCAMPUS = REPO / "Testing" / "Data" / "hippocampus"
+#: Input file name -> test data case; the third name needs sanitising to become a folder name.
+INPUTS = {
+    "hippocampus_001.nii.gz": "hippocampus_001",
+    "hippocampus_003.nii.gz": "hippocampus_003",
+    "../evil name (copy).nii.gz": "hippocampus_004",
+}
+BAD = "broken_case.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A random-weight model whose organs each cover a few per cent of a hippocampus crop."""
+    folder = tmp_path_factory.mktemp("batch_model")
+    torch.manual_seed(0)
+    net = network.UNet3D(network.preset("cpu", 1, 2))
+    organs = [Organ("anterior hippocampus", 1, (0.9, 0.3, 0.2)), Organ("posterior hippocampus", 2, (0.2, 0.5, 0.9))]
+    card = ModelCard(name="test-hippocampus", architecture=net.config, organs=organs)
+    loaded = modelfiles.LoadedModel(card=card, network=net.eval(), directory=folder)
+    result = segment_image(sitk.ReadImage(str(HIPPOCAMPUS / "imagesTr" / "hippocampus_001.nii.gz")), loaded, "cpu")
+    with torch.no_grad():
+        for channel, (organ, fraction) in enumerate(zip(organs, (0.05, 0.03))):
+            value = float(np.quantile(sitk.GetArrayViewFromImage(result.sdms[organ.name]), fraction))
+            net.head.bias[channel] -= math.atanh(min(max(value, -0.999), 0.999))
+    modelfiles.save_model(net, card, folder, overwrite=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """An input folder (three real cases, one bad file) and a reference folder with the same names."""
+    root = tmp_path_factory.mktemp("batch_data")
+    images, references = root / "images", root / "references"
+    images.mkdir()
+    references.mkdir()
+    for name, case in INPUTS.items():
+        flat = Path(name).name  # the "../" only shows that names are sanitised; the file sits in the folder
+        shutil.copy(HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz", images / flat)
+        shutil.copy(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz", references / flat)
+    (images / BAD).write_bytes(b"this is not a NIfTI file" * 40)
+    (references / BAD).write_bytes(b"")
+    return images, references
+
+
+def run_batch(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BATCH), *map(str, args)], capture_output=True, text=True, timeout=600, cwd=str(REPO)
+    )
+
+
+def _load_batch_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sdmorganseg_batch", BATCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, data, model):
+    images, references = data
+    output = tmp_path_factory.mktemp("batch_out") / "out"
+    process = run_batch("--input", images, "--output", output, "--model", model, "--reference", references, "--device", "cpu", "--pictures")
+    return output, process
+
+
+def _summary(output: Path) -> dict[str, dict[str, str]]:
+    with open(output / "summary.csv", newline="", encoding="utf-8") as handle:
+        return {row["case"]: row for row in csv.DictReader(handle)}
+
+
+def _ok_cases() -> list[str]:
+    return ["evil_name_copy", "hippocampus_001", "hippocampus_003"]
+
+
+def test_bad_case_is_skipped_and_reported(first_run):
+    output, process = first_run
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert "Traceback" not in process.stdout + process.stderr
+    summary = _summary(output)
+    assert sorted(summary) == sorted(_ok_cases() + ["broken_case"])
+    bad = summary["broken_case"]
+    assert bad["status"] == "failed"
+    assert "cannot read" in bad["reason"] and "\n" not in bad["reason"]
+    assert [line for line in process.stdout.splitlines() if "broken_case" in line and "FAILED" in line]
+    assert not (output / "broken_case").exists()
+    for case in _ok_cases():
+        assert summary[case]["status"] == "ok" and summary[case]["reason"] == ""
+        assert float(summary[case]["volume_ml_anterior_hippocampus"]) > 0
+        assert 0 <= float(summary[case]["dice_anterior_hippocampus"]) <= 1
+        assert float(summary[case]["hd95_mm_posterior_hippocampus"]) >= 0
+
+
+def test_names_are_sanitised_inside_the_output_folder(first_run):
+    output, _process = first_run
+    assert sorted(p.name for p in output.iterdir() if p.is_dir()) == _ok_cases()
+    assert not (output.parent / "evil name (copy)").exists()
+    assert not list(output.rglob(".staging-*")) and not list(output.rglob("*.part*")), "no temporary files may remain"
+
+
+@pytest.mark.parametrize("case", _ok_cases())
+def test_segmentation_reads_back_with_names_colours_and_geometry(first_run, model, case):
+    output, _process = first_run
+    card = modelfiles.read_card(model)
+    segmentation = slicerio.read_segmentation(str(output / case / f"{case}.seg.nrrd"))
+    segments = segmentation["segments"]
+    assert [s["name"] for s in segments] == [o.name for o in card.organs]
+    for segment, organ in zip(segments, card.organs):
+        np.testing.assert_allclose(segment["color"], organ.color, atol=1e-4)
+    case_id = "hippocampus_004" if case == "evil_name_copy" else case
+    image = sitk.ReadImage(str(HIPPOCAMPUS / "imagesTr" / f"{case_id}.nii.gz"))
+    ijk_to_lps = np.asarray(segmentation["ijkToLPS"])
+    expected = np.eye(4)
+    expected[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    expected[:3, 3] = image.GetOrigin()
+    offset = np.asarray(segmentation.get("referenceImageExtentOffset", [0, 0, 0]), dtype=float)
+    expected[:3, 3] += expected[:3, :3] @ offset
+    np.testing.assert_allclose(ijk_to_lps, expected, atol=1e-4)
+
+    for organ in card.organs:
+        sdm = sitk.ReadImage(str(output / case / f"sdm_{safe_name(organ.name)}.nrrd"))
+        assert sdm.GetSize() == image.GetSize()
+        np.testing.assert_allclose(sdm.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(sdm.GetDirection(), image.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(sdm.GetSpacing(), image.GetSpacing(), atol=1e-6)
+        values = sitk.GetArrayViewFromImage(sdm)
+        assert values.min() < 0 < values.max()
+        for level in ("0", "0.1", "0.2", "0.3"):
+            reader = vtk.vtkPolyDataReader()
+            reader.SetFileName(str(output / case / "contours" / f"{safe_name(organ.name)}_{level}.vtk"))
+            reader.Update()
+            assert reader.GetOutput().GetNumberOfPoints() > 0
+    picture = (output / case / f"{case}.png").read_bytes()
+    assert picture.startswith(b"\x89PNG")
+
+
+def test_metrics_csv_agrees_with_the_summary(first_run):
+    output, _process = first_run
+    summary = _summary(output)
+    for case in _ok_cases():
+        with open(output / case / "metrics.csv", newline="", encoding="utf-8") as handle:
+            rows = {row["organ"]: row for row in csv.DictReader(handle)}
+        assert sorted(rows) == ["anterior hippocampus", "posterior hippocampus"]
+        assert float(rows["anterior hippocampus"]["dice"]) == pytest.approx(float(summary[case]["dice_anterior_hippocampus"]))
+        assert float(rows["posterior hippocampus"]["asd_mm"]) == pytest.approx(float(summary[case]["asd_mm_posterior_hippocampus"]))
+
+
+def _fingerprints(folder: Path) -> dict[str, tuple[int, str]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_nothing_is_overwritten_without_overwrite(first_run, data, model, tmp_path):
+    output, _process = first_run
+    images, _references = data
+    before = _fingerprints(output)
+    again = run_batch("--input", images, "--output", output, "--model", model, "--device", "cpu")
+    assert again.returncode == 2
+    assert "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert _fingerprints(output) == before
+
+    # Without summary.csv, an existing case is refused on its own and left untouched; a new case is written.
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    (copy / "summary.csv").unlink()
+    kept = _fingerprints(copy)
+    new_case = tmp_path / "hippocampus_006.nii.gz"
+    shutil.copy(HIPPOCAMPUS / "imagesTr" / "hippocampus_006.nii.gz", new_case)
+    # In this process (the first run already covered the script as a program): saves the start-up time.
+    batch = _load_batch_module()
+    assert batch.main(["--input", str(images / "hippocampus_001.nii.gz"), str(new_case), "--output", str(copy), "--model", str(model), "--device", "cpu"]) == 1
+    summary = _summary(copy)
+    assert summary["hippocampus_001"]["status"] == "failed" and "already exists" in summary["hippocampus_001"]["reason"]
+    assert summary["hippocampus_006"]["status"] == "ok"
+    after = _fingerprints(copy)
+    assert {k: v for k, v in after.items() if k in kept} == kept
+    assert "hippocampus_006/hippocampus_006.seg.nrrd" in after
