@@ -1,0 +1,733 @@
+"""SDM Organ Segmentation: a 3D Slicer module that segments organs by predicting signed distance maps.
+
+The module is a thin shell: the panel (Widget) collects choices into a parameter node and shows
+progress; the Logic delegates to ``SDMOrganSegLib.mrmllogic`` (which the batch script and the tests use
+too) and to the Slicer-free core library. Heavy Python packages (PyTorch and friends) are checked only
+when a run or a metrics computation starts, and installed only after the user agrees.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# Only the dependency-free part of the library is imported here: Slicer imports every module at start-up.
+from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError
+
+#: Python packages the core library needs beyond what Slicer bundles: import name -> pip requirement.
+PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "edt": "edt>=3.0", "scipy": "scipy>=1.11"}
+TORCH_REQUIREMENT = ">=2.2"
+#: File names of a model folder (see SDMOrganSegLib.modelfiles); read here without importing PyTorch.
+MODEL_CARD_FILE = "model.json"
+DEFAULT_MODEL = "hippocampus"
+#: Marker item data of the "Load model folder..." entry of the model combo box.
+LOAD_MODEL_FOLDER = "<load-model-folder>"
+
+
+def _moduleDir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def moduleResourcePath(relative: str) -> str:
+    """Path of a file in the module's Resources folder.
+
+    Built or installed, Resources sits beside this script (qt-scripted-modules/Resources, where
+    ``resourcePath()`` looks); in the source tree it sits one level up, at the repository top.
+    """
+    for base in (_moduleDir() / "Resources", _moduleDir().parent / "Resources"):
+        candidate = base / relative
+        if candidate.exists():
+            return str(candidate)
+    return str(_moduleDir() / "Resources" / relative)
+
+
+def _lib():
+    """The MRML logic module, imported on first use (it pulls in SimpleITK and VTK helpers)."""
+    from SDMOrganSegLib import mrmllogic
+
+    return mrmllogic
+
+
+#
+# SDMOrganSeg
+#
+
+
+class SDMOrganSeg(ScriptedLoadableModule):
+    """Module description shown in Slicer's help panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SDM Organ Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SDMOrganSeg contributors"]
+        self.parent.helpText = _("""
+Segments organs in a 3D volume with a deep network that predicts each organ's signed distance map (SDM):
+negative inside the organ, zero on its surface, positive outside. The module adds, in one folder per run,
+a segmentation (one segment per organ, named and coloured as the model card says), one SDM volume per organ
+(blue inside, white at the surface, red outside) and the SDM iso-contours at the chosen levels as models:
+level 0 (red) is the organ surface, 0.1, 0.2 and 0.3 (orange, yellow, green) lie further out.
+Contours are drawn as lines in slice views and as surfaces in 3D views.
+The <b>Metrics</b> section compares a segmentation with a reference (Dice, Hausdorff distance, HD95 and
+average surface distance in mm) and saves the table as CSV.
+See the README of the SDMOrganSeg extension for details, including how the shipped model was trained.
+""")
+        self.parent.acknowledgementText = _("""
+Method: Y. Xue, H. Tang, Z. Qiao, G. Gong, Y. Yin, Z. Qian, C. Huang, W. Fan and X. Huang,
+"Shape-Aware Organ Segmentation by Predicting Signed Distance Maps",
+Proceedings of the AAAI Conference on Artificial Intelligence 34(07), 2020.
+Training data: the Medical Segmentation Decathlon. M. Antonelli et al., "The Medical Segmentation Decathlon",
+Nature Communications 13, 4128 (2022); A. L. Simpson et al., "A large annotated medical image dataset for the
+development and evaluation of segmentation algorithms", arXiv:1902.09063 (2019).
+""")
+        # Built or installed, Slicer finds Resources/Icons/SDMOrganSeg.png beside this file by itself;
+        # in the source tree the icon is at the repository top.
+        iconPath = moduleResourcePath("Icons/SDMOrganSeg.png")
+        if os.path.isfile(iconPath):
+            self.parent.icon = qt.QIcon(iconPath)
+
+
+#
+# Parameter node
+#
+
+
+class DeviceChoice(enum.Enum):
+    """Where the network runs."""
+
+    AUTO = "auto"
+    GPU = "cuda"
+    CPU = "cpu"
+
+    def label(self) -> str:
+        return {DeviceChoice.AUTO: _("Auto (GPU if available)"), DeviceChoice.GPU: _("GPU (CUDA)"), DeviceChoice.CPU: _("CPU")}[self]
+
+
+class SegmentMatching(enum.Enum):
+    """How segments are paired with reference segments for the metrics."""
+
+    BY_NAME = "name"
+    BY_ORDER = "order"
+
+    def label(self) -> str:
+        return {SegmentMatching.BY_NAME: _("By segment name"), SegmentMatching.BY_ORDER: _("By segment order")}[self]
+
+
+@parameterNodeWrapper
+class SDMOrganSegParameterNode:
+    """The module's state, saved with the scene.
+
+    inputVolume - volume to segment.
+    model - shipped model name or model folder path; empty: the default shipped model.
+    device - auto, GPU or CPU.
+    levels - SDM iso-contour levels, comma separated.
+    show2D, show3D - show the contours in slice views, the surfaces in 3D views.
+    evaluatedSegmentation, referenceSegmentation, segmentMatching - inputs of the metrics.
+    metricsTable - the last metrics table.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    model: str = ""
+    device: DeviceChoice = DeviceChoice.AUTO
+    levels: str = "0, 0.1, 0.2, 0.3"
+    show2D: bool = True
+    show3D: bool = True
+    evaluatedSegmentation: vtkMRMLSegmentationNode
+    referenceSegmentation: vtkMRMLSegmentationNode
+    segmentMatching: SegmentMatching = SegmentMatching.BY_NAME
+    metricsTable: vtkMRMLTableNode
+
+
+#
+# SDMOrganSegWidget
+#
+
+
+class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: thin; every computation is in :class:`SDMOrganSegLogic`."""
+
+    POLL_INTERVAL_MS = 200
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: Optional[SDMOrganSegLogic] = None
+        self._parameterNode: Optional[SDMOrganSegParameterNode] = None
+        self._parameterNodeGuiTag = None
+        self._run = None  # mrmllogic.BackgroundRun while a segmentation runs
+        self._runVolume = None
+        self._lastOutputs = None
+        self._loadedModelFolders: list[str] = []
+        self._updatingModelCombo = False
+        self._devicesProbe: Optional[subprocess.Popen] = None
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self._onPollRun)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(moduleResourcePath("UI/SDMOrganSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SDMOrganSegLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.show2DCheckBox.connect("toggled(bool)", self.onVisibilityChanged)
+        self.ui.show3DCheckBox.connect("toggled(bool)", self.onVisibilityChanged)
+        self.ui.computeMetricsButton.connect("clicked(bool)", self.onComputeMetrics)
+        self.ui.saveCsvButton.connect("clicked(bool)", self.onSaveCsv)
+
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.hide()
+        self.ui.statusLabel.text = ""
+        self.ui.outputSummaryLabel.text = _("No segmentation yet.")
+        self._populateModelComboBox()
+        self.initializeParameterNode()
+        # Ask PyTorch which GPU it sees, in a separate process so that opening the module stays instant.
+        qt.QTimer.singleShot(0, self._startDevicesProbe)
+
+    def cleanup(self) -> None:
+        self._pollTimer.stop()
+        if self._run is not None:
+            self._run.cleanup()
+            self._run = None
+        if self._devicesProbe is not None and self._devicesProbe.poll() is None:
+            self._devicesProbe.kill()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:
+            self._run.cancel()  # its input volume is about to disappear
+        self._lastOutputs = None
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # --- parameter node ---
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[SDMOrganSegParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a SlicerParameterName property in the .ui file are bound here, both ways.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._selectModelInComboBox(self._parameterNode.model if self._parameterNode else "")
+        self.ui.metricsTableView.setMRMLTableNode(self._parameterNode.metricsTable if self._parameterNode else None)
+        self._updateButtons()
+
+    # --- model selection ---
+
+    def _populateModelComboBox(self) -> None:
+        combo = self.ui.modelComboBox
+        self._updatingModelCombo = True
+        try:
+            combo.clear()
+            for name in self.logic.shippedModels():
+                combo.addItem(name, name)
+            for folder in self._loadedModelFolders:
+                combo.addItem(_("{name} (folder)").format(name=Path(folder).name), folder)
+            if combo.count == 0:
+                combo.addItem(_("(no model installed)"), "")
+            combo.insertSeparator(combo.count)
+            combo.addItem(_("Load model folder..."), LOAD_MODEL_FOLDER)
+        finally:
+            self._updatingModelCombo = False
+
+    def _selectModelInComboBox(self, model: str) -> None:
+        combo = self.ui.modelComboBox
+        wanted = model or (DEFAULT_MODEL if DEFAULT_MODEL in self.logic.shippedModels() else "")
+        if wanted and wanted not in self.logic.shippedModels() and wanted not in self._loadedModelFolders and Path(wanted).is_dir():
+            self._loadedModelFolders.append(wanted)  # a folder saved in the scene
+            self._populateModelComboBox()
+        index = combo.findData(wanted)
+        self._updatingModelCombo = True
+        try:
+            combo.currentIndex = index if index >= 0 else 0
+        finally:
+            self._updatingModelCombo = False
+        self._updateModelInfo()
+
+    def onModelChanged(self, index: int) -> None:
+        if self._updatingModelCombo or self._parameterNode is None:
+            return
+        data = self.ui.modelComboBox.itemData(index)
+        if data == LOAD_MODEL_FOLDER:
+            folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a model folder (holding model.json and model.safetensors)"))
+            if folder:
+                if not (Path(folder) / MODEL_CARD_FILE).is_file():
+                    self._showError(_("{folder} has no {card}; it is not an SDMOrganSeg model folder").format(folder=folder, card=MODEL_CARD_FILE))
+                elif folder not in self._loadedModelFolders:
+                    self._loadedModelFolders.append(folder)
+                    self._populateModelComboBox()
+                if (Path(folder) / MODEL_CARD_FILE).is_file():
+                    self._parameterNode.model = folder
+            self._selectModelInComboBox(self._parameterNode.model)  # back to a real entry
+            return
+        self._parameterNode.model = data or ""
+
+    def _updateModelInfo(self) -> None:
+        card = self.logic.readModelCard(self._currentModel())
+        if card is None:
+            self.ui.modelInfoLabel.text = _("No model: install one or load a model folder.")
+            return
+        organs = ", ".join(organ.get("name", "?") for organ in card.get("organs", []))
+        description = card.get("description") or card.get("name", "")
+        self.ui.modelInfoLabel.text = _("Organs: {organs}").format(organs=organs) + (f"\n{description}" if description else "")
+
+    def _currentModel(self) -> str:
+        data = self.ui.modelComboBox.currentData
+        return "" if data in (None, LOAD_MODEL_FOLDER) else str(data)
+
+    # --- devices ---
+
+    def _startDevicesProbe(self) -> None:
+        if importlib.util.find_spec("torch") is None:
+            self.ui.gpuLabel.text = _("PyTorch is not installed yet: it will be offered when you first click Apply.")
+            return
+        try:
+            command = _lib().probe_devices_command(_lib().python_executable())
+            self._devicesProbe = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+                env=slicer.util.startupEnvironment(), creationflags=subprocess.CREATE_NO_WINDOW if os.name == "nt" else 0,
+            )
+        except (OSError, SDMOrganSegError) as error:
+            self.ui.gpuLabel.text = _("Could not check for a GPU: {error}").format(error=error)
+            return
+        self.ui.gpuLabel.text = _("Checking for a GPU...")
+        qt.QTimer.singleShot(500, self._pollDevicesProbe)
+
+    def _pollDevicesProbe(self) -> None:
+        probe = self._devicesProbe
+        if probe is None:
+            return
+        if probe.poll() is None:
+            qt.QTimer.singleShot(500, self._pollDevicesProbe)
+            return
+        output = (probe.communicate()[0] or "").strip().splitlines()
+        self._devicesProbe = None
+        found = output[-1] if output else ""
+        if found.startswith("cuda: "):
+            self.ui.gpuLabel.text = _("GPU found: {name}").format(name=found[len("cuda: "):])
+        elif found == "cpu":
+            self.ui.gpuLabel.text = _("No CUDA GPU found: the network will run on the CPU.")
+        else:
+            self.ui.gpuLabel.text = _("Could not check for a GPU (PyTorch did not start).")
+
+    # --- segmentation ---
+
+    def _updateButtons(self) -> None:
+        if self._run is not None:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene")
+            self.ui.applyButton.enabled = not self._run.cancel_requested
+            return
+        self.ui.applyButton.text = _("Apply")
+        problems = []
+        pn = self._parameterNode
+        if pn is None or not pn.inputVolume:
+            problems.append(_("Select an input volume."))
+        if not self._currentModel():
+            problems.append(_("Select a model or load a model folder."))
+        if pn is not None:
+            try:
+                _lib().parse_levels(pn.levels)
+            except ValueError as error:
+                problems.append(str(error))
+        self.ui.applyButton.enabled = not problems
+        self.ui.applyButton.toolTip = "\n".join(problems) if problems else _("Segment the input volume with the selected model")
+        hasInputs = pn is not None and pn.evaluatedSegmentation and pn.referenceSegmentation
+        self.ui.computeMetricsButton.enabled = bool(hasInputs)
+        self.ui.saveCsvButton.enabled = bool(pn is not None and pn.metricsTable)
+
+    def onApplyButton(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+            self._updateButtons()
+            return
+        pn = self._parameterNode
+        try:
+            if not self.logic.ensureDependencies(askConfirmation=True):
+                self.ui.statusLabel.text = _("The required Python packages are not installed; nothing was done.")
+                return
+            self.ui.statusLabel.text = _("Starting...")
+            slicer.app.processEvents()
+            self._run = self.logic.startSegmentation(pn.inputVolume, self._currentModel(), pn.device.value, pn.levels)
+        except SDMOrganSegError as error:
+            self._showError(str(error))
+            return
+        except Exception as error:  # a bug: full details in the log, a plain sentence for the user
+            logging.exception("SDMOrganSeg could not start the segmentation")
+            self._showError(_("Unexpected error: {error} (details in the Python console)").format(error=error))
+            return
+        self._runVolume = pn.inputVolume
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self._updateButtons()
+        self._pollTimer.start()
+
+    def _onPollRun(self) -> None:
+        """Timer tick in the main thread: progress while running; nodes are created here when done."""
+        run = self._run
+        if run is None:
+            self._pollTimer.stop()
+            return
+        state = run.poll()
+        fraction, message = run.progress
+        self.ui.progressBar.value = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        if state == "running":
+            elapsed = time.monotonic() - run.started_at
+            self.ui.statusLabel.text = _("Cancelling...") if run.cancel_requested else f"{message} ({elapsed:.0f} s)"
+            return
+        self._pollTimer.stop()
+        self._run = None
+        pn = self._parameterNode
+        try:
+            if state == "done":
+                self.ui.statusLabel.text = _("Adding the results to the scene...")
+                slicer.app.processEvents()
+                outputs = self.logic.createOutputNodes(self._runVolume, run.result(), pn.show2D, pn.show3D)
+                self._showOutputs(outputs, time.monotonic() - run.started_at)
+            elif state == "cancelled":
+                self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+            else:
+                self._showError(run.message)
+        except CancelledError:
+            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+        except SDMOrganSegError as error:
+            self._showError(str(error))
+        except Exception as error:
+            logging.exception("SDMOrganSeg could not add the results")
+            self._showError(_("Unexpected error: {error} (details in the Python console)").format(error=error))
+        finally:
+            run.cleanup()
+            self._runVolume = None
+            self.ui.progressBar.hide()
+            self._updateButtons()
+
+    def _showOutputs(self, outputs, seconds: float) -> None:
+        self._lastOutputs = outputs
+        computed = outputs.computed
+        volumes = ", ".join(f"{name} {_lib().format_volume_ml(ml)}" for name, ml in outputs.organ_volumes_ml().items())
+        self.ui.outputSummaryLabel.text = _("{model} on {device}, {seconds:.1f} s. Volumes: {volumes}.").format(
+            model=computed.model_name, device=computed.device, seconds=seconds, volumes=volumes
+        ) + ("\n" + "\n".join(computed.notes) if computed.notes else "")
+        self.ui.statusLabel.text = _("Done: added folder '{folder}'.").format(
+            folder=slicer.mrmlScene.GetSubjectHierarchyNode().GetItemName(outputs.folder_item)
+        )
+        self._parameterNode.evaluatedSegmentation = outputs.segmentation
+        volume = self._parameterNode.inputVolume
+        if volume is not None:
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+
+    def onVisibilityChanged(self, _checked: bool = False) -> None:
+        if self._lastOutputs is None or self._parameterNode is None:
+            return
+        if not slicer.mrmlScene.IsNodePresent(self._lastOutputs.segmentation):
+            self._lastOutputs = None
+            return
+        self.logic.setVisibility(self._lastOutputs, self.ui.show2DCheckBox.checked, self.ui.show3DCheckBox.checked)
+
+    # --- metrics ---
+
+    def onComputeMetrics(self) -> None:
+        pn = self._parameterNode
+        try:
+            if not self.logic.ensureDependencies(askConfirmation=True, forMetricsOnly=True):
+                return
+            with slicer.util.WaitCursor():
+                table = self.logic.computeMetrics(pn.evaluatedSegmentation, pn.referenceSegmentation, pn.segmentMatching.value)
+        except SDMOrganSegError as error:
+            self._showError(str(error))
+            return
+        except Exception as error:
+            logging.exception("SDMOrganSeg could not compute the metrics")
+            self._showError(_("Unexpected error: {error} (details in the Python console)").format(error=error))
+            return
+        pn.metricsTable = table
+        self.ui.statusLabel.text = _("Metrics computed: table '{name}'.").format(name=table.GetName())
+
+    def onSaveCsv(self) -> None:
+        table = self._parameterNode.metricsTable if self._parameterNode else None
+        if table is None:
+            return
+        path = qt.QFileDialog.getSaveFileName(self.parent, _("Save metrics as CSV"), f"{table.GetName()}.csv", _("CSV files (*.csv)"))
+        if not path:
+            return
+        try:
+            self.logic.saveTableCsv(table, path)
+        except (SDMOrganSegError, OSError) as error:
+            self._showError(str(error))
+            return
+        self.ui.statusLabel.text = _("Saved {path}").format(path=path)
+
+    def _showError(self, message: str) -> None:
+        """A user-facing problem: one plain sentence in the status line and a message box, no traceback."""
+        self.ui.statusLabel.text = message
+        slicer.util.errorDisplay(message, windowTitle=_("SDM Organ Segmentation"))
+
+
+#
+# SDMOrganSegLogic
+#
+
+
+class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
+    """Usable without the panel; delegates to ``SDMOrganSegLib.mrmllogic`` (shared with the batch script)."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self) -> SDMOrganSegParameterNode:
+        return SDMOrganSegParameterNode(super().getParameterNode())
+
+    # --- models (read without PyTorch, so the panel opens before any installation) ---
+
+    @staticmethod
+    def modelsFolder() -> Path:
+        override = os.environ.get("SDMORGANSEG_MODELS")
+        return Path(override) if override else Path(moduleResourcePath("Models"))
+
+    def shippedModels(self) -> dict[str, Path]:
+        """Shipped model name -> folder (folders of Resources/Models holding a model card)."""
+        folder = self.modelsFolder()
+        if not folder.is_dir():
+            return {}
+        return {p.name: p for p in sorted(folder.iterdir()) if (p / MODEL_CARD_FILE).is_file()}
+
+    def resolveModel(self, model: str) -> Path:
+        """A model folder from a shipped model name or a folder path; empty: the default shipped model."""
+        shipped = self.shippedModels()
+        if not model:
+            if DEFAULT_MODEL in shipped:
+                return shipped[DEFAULT_MODEL]
+            raise SDMOrganSegError(_("no model is installed; load a model folder"))
+        if model in shipped:
+            return shipped[model]
+        path = Path(model)
+        if not (path / MODEL_CARD_FILE).is_file():
+            raise SDMOrganSegError(_("model folder {folder} has no {card}; choose an SDMOrganSeg model folder").format(folder=model, card=MODEL_CARD_FILE))
+        return path
+
+    def readModelCard(self, model: str) -> Optional[dict[str, Any]]:
+        """The model card as a dict, or None when the model cannot be found or read."""
+        try:
+            return json.loads((self.resolveModel(model) / MODEL_CARD_FILE).read_text(encoding="utf-8"))
+        except (SDMOrganSegError, OSError, ValueError):
+            return None
+
+    # --- dependencies ---
+
+    @staticmethod
+    def missingPackages(forMetricsOnly: bool = False) -> list[str]:
+        """pip requirements of the packages that cannot be imported (PyTorch not included)."""
+        wanted = {"scipy": PIP_REQUIREMENTS["scipy"]} if forMetricsOnly else PIP_REQUIREMENTS
+        return [requirement for module, requirement in wanted.items() if importlib.util.find_spec(module) is None]
+
+    def ensureDependencies(self, askConfirmation: bool = True, forMetricsOnly: bool = False) -> bool:
+        """Install what is missing, after the user agrees; False if the user declined.
+
+        PyTorch comes from the PyTorch extension's PyTorchUtils when it is installed (it picks the build
+        that matches the GPU driver), otherwise from pip, as do the other packages.
+        """
+        missing = self.missingPackages(forMetricsOnly)
+        if not forMetricsOnly and importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                missing.insert(0, f"torch{TORCH_REQUIREMENT}")
+            else:
+                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                if not torchLogic.torchInstalled():
+                    if torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+                        return False
+        if not missing:
+            return True
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("SDM Organ Segmentation needs these Python packages, which are not installed yet:\n\n{packages}\n\n"
+              "Install them now? This needs a network connection and can take several minutes.").format(packages="\n".join(missing)),
+            windowTitle=_("Install Python packages"),
+        ):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(missing)
+        importlib.invalidate_caches()
+        return True
+
+    # --- segmentation ---
+
+    def segment(self, volumeNode, model: str = "", device: str = "auto", levels: str = "0, 0.1, 0.2, 0.3",
+                show2D: bool = True, show3D: bool = True, progress=None, cancel=None):
+        """Segment in this process, blocking (scripts and tests); returns ``mrmllogic.OutputNodes``."""
+        modelDir = self.resolveModel(model) if not isinstance(model, Path) else model
+        return _lib().SDMSegmentationLogic(slicer.mrmlScene).segment_volume(
+            volumeNode, modelDir, device, levels, show2D, show3D, progress, cancel
+        )
+
+    def startSegmentation(self, volumeNode, model: str, device: str, levels: str):
+        """Start a segmentation in a background process; returns a ``mrmllogic.BackgroundRun`` to poll."""
+        lib = _lib()
+        modelDir = self.resolveModel(model)
+        image = lib.volume_node_to_sitk(volumeNode)
+        run = lib.BackgroundRun(
+            image, modelDir, device, levels, python=lib.python_executable(), env=slicer.util.startupEnvironment(),
+            workdir=slicer.app.temporaryPath,
+        )
+        run.start()
+        return run
+
+    def createOutputNodes(self, volumeNode, computed, show2D: bool = True, show3D: bool = True):
+        """Add the nodes of a finished background run (main thread only)."""
+        return _lib().SDMSegmentationLogic(slicer.mrmlScene).create_nodes(volumeNode, computed, show2D, show3D)
+
+    def setVisibility(self, outputs, show2D: bool, show3D: bool) -> None:
+        _lib().SDMSegmentationLogic(slicer.mrmlScene).set_visibility(outputs, show2D, show3D)
+
+    # --- metrics ---
+
+    def computeMetrics(self, segmentationNode, referenceSegmentationNode, matching: str = "name"):
+        """Metrics table node (Organ, Dice, HD, HD95, ASD) of a segmentation against a reference."""
+        return _lib().compute_metrics(segmentationNode, referenceSegmentationNode, matching=matching, scene=slicer.mrmlScene)
+
+    def saveTableCsv(self, tableNode, path: str) -> Path:
+        return _lib().save_table_csv(tableNode, path)
+
+
+#
+# SDMOrganSegTest
+#
+
+
+class SDMOrganSegTest(ScriptedLoadableModuleTest):
+    """Runs the Logic on a real volume node, as the panel does, and checks the nodes it adds."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentAndMeasure()
+        self.setUp()
+        self.test_BadLevelsLeaveSceneUnchanged()
+
+    def _testVolume(self):
+        """A hippocampus case of the repository's test data, else a synthetic ellipsoid phantom."""
+        data = Path(os.environ.get("SDMORGANSEG_TESTING_DATA", _moduleDir().parent / "Testing" / "Data"))
+        case = data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+        if case.is_file():
+            return slicer.util.loadVolume(str(case)), data / "hippocampus" / "labelsTr" / case.name
+        import numpy as np
+
+        z, y, x = np.mgrid[:32, :40, :36]
+        phantom = 100.0 * (((x - 18) / 10) ** 2 + ((y - 20) / 12) ** 2 + ((z - 16) / 8) ** 2 < 1) + np.random.default_rng(0).normal(0, 5, z.shape)
+        volume = slicer.util.addVolumeFromArray(phantom.astype(np.float32), name="phantom")
+        return volume, None
+
+    def _testModel(self) -> Path:
+        """The shipped default model, else a small random-weight model written to the temporary folder."""
+        logic = SDMOrganSegLogic()
+        if DEFAULT_MODEL in logic.shippedModels():
+            return logic.shippedModels()[DEFAULT_MODEL]
+        from SDMOrganSegLib import modelfiles, network
+
+        folder = Path(slicer.app.temporaryPath) / "SDMOrganSegTestModel"
+        if not (folder / MODEL_CARD_FILE).is_file():
+            net = network.UNet3D(network.preset("cpu", 1, 2))
+            organs = [modelfiles.Organ("anterior hippocampus", 1, (0.9, 0.3, 0.2)), modelfiles.Organ("posterior hippocampus", 2, (0.2, 0.5, 0.9))]
+            modelfiles.save_model(net, modelfiles.ModelCard(name="test-random", architecture=net.config, organs=organs), folder, overwrite=True)
+        return folder
+
+    def test_SegmentAndMeasure(self):
+        self.delayDisplay("Starting the test")
+        logic = SDMOrganSegLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        volume, labelsPath = self._testVolume()
+        modelDir = self._testModel()
+        card = json.loads((modelDir / MODEL_CARD_FILE).read_text(encoding="utf-8"))
+
+        outputs = logic.segment(volume, modelDir, device="cpu", levels="0, 0.1, 0.2, 0.3")
+
+        segmentation = outputs.segmentation.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), len(card["organs"]))
+        for index, organ in enumerate(card["organs"]):
+            segment = segmentation.GetNthSegment(index)
+            self.assertEqual(segment.GetName(), organ["name"])
+            for got, expected in zip(segment.GetColor(), organ["color"]):
+                self.assertAlmostEqual(got, expected, places=5)
+        self.assertEqual(outputs.segmentation.GetNodeReference("referenceImageGeometryRef"), volume)
+        for organ in card["organs"]:
+            sdm = outputs.sdm_volumes[organ["name"]]
+            self.assertEqual(sdm.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
+            self.assertEqual(len(outputs.contours[organ["name"]]), 4)
+
+        if labelsPath is not None and labelsPath.is_file():
+            reference = slicer.util.loadSegmentation(str(labelsPath))
+            matching = "order"
+        else:
+            reference, matching = outputs.segmentation, "name"
+        table = logic.computeMetrics(outputs.segmentation, reference, matching)
+        self.assertEqual(table.GetNumberOfRows(), len(card["organs"]))
+        if reference is outputs.segmentation:
+            self.assertAlmostEqual(float(table.GetTable().GetValueByName(0, "Dice").ToDouble()), 1.0)
+        self.delayDisplay("Test passed")
+
+    def test_BadLevelsLeaveSceneUnchanged(self):
+        logic = SDMOrganSegLogic()
+        volume, _labels = self._testVolume()
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        with self.assertRaises(SDMOrganSegError):
+            logic.segment(volume, self._testModel(), device="cpu", levels="0, 5")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
