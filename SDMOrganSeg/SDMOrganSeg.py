@@ -6,8 +6,8 @@ too) and to the Slicer-free core library. Heavy Python packages (PyTorch and fri
 when a run or a metrics computation starts, and installed only after the user agrees.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": parameterNodeWrapper reads the parameter node's annotations
+# with typing.get_type_hints, which needs them to be real types, not strings.
 import enum
 import importlib.util
 import json

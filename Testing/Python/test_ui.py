@@ -165,3 +165,84 @@ def test_ui_loads_in_qt_with_slicer_classes_mapped(tmp_path):
     assert widget.findChild(QtWidgets.QPushButton, "applyButton").text() == "Apply"
     widget.deleteLater()
     app.processEvents()
+
+
+# --- the module's Logic, imported outside Slicer ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def module(monkeypatch):
+    """SDMOrganSeg.py imported on slicer-core, with stand-ins for the Qt-only parts of Slicer's Python.
+
+    Only what the module needs at import time is stood in for (qt, slicer.i18n, slicer.parameterNodeWrapper,
+    slicer.ScriptedLoadableModule base classes); the Logic then runs on a real headless MRML scene.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the 'slicer' module found is not slicer-core")
+    sys.path.insert(0, str(REPO / "SDMOrganSeg"))
+    from SDMOrganSegLib import headless
+
+    headless.start()
+    stand_ins = {
+        "qt": types.ModuleType("qt"),
+        "slicer.i18n": types.SimpleNamespace(tr=lambda text: text, translate=lambda context, text: text),
+        "slicer.parameterNodeWrapper": types.SimpleNamespace(parameterNodeWrapper=lambda cls: cls),
+        "slicer.ScriptedLoadableModule": types.SimpleNamespace(**{
+            name: type(name, (), {"__init__": lambda self, *args, **kwargs: None})
+            for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest")
+        }),
+    }
+    for name, stand_in in stand_ins.items():
+        monkeypatch.setitem(sys.modules, name, stand_in)
+        if name.startswith("slicer."):
+            monkeypatch.setattr(slicer, name.split(".", 1)[1], stand_in, raising=False)
+    spec = importlib.util.spec_from_file_location("SDMOrganSeg", MODULE_FILE)
+    loaded = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "SDMOrganSeg", loaded)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def test_module_imports_without_pytorch(module):
+    # Slicer imports every module at start-up: nothing heavy at import, only the dependency-free errors module.
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    top_level_imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert not [line for line in top_level_imports if "torch" in line or "mrmllogic" in line or "SimpleITK" in line]
+    assert module.SDMOrganSegLogic.missingPackages() == []
+
+
+def test_module_logic_segments_and_measures_on_a_real_scene(module, tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    import slicer
+
+    from SDMOrganSegLib import headless, modelfiles, network
+    from SDMOrganSegLib.modelfiles import ModelCard, Organ
+
+    net = network.UNet3D(network.preset("cpu", 1, 2))
+    models = tmp_path / "Models"
+    organs = [Organ("anterior hippocampus", 1, (0.9, 0.3, 0.2)), Organ("posterior hippocampus", 2, (0.2, 0.5, 0.9))]
+    modelfiles.save_model(net, ModelCard(name="smoke", architecture=net.config, organs=organs), models / "hippocampus")
+    monkeypatch.setenv("SDMORGANSEG_MODELS", str(models))
+    logic = module.SDMOrganSegLogic()
+    assert list(logic.shippedModels()) == ["hippocampus"]
+    assert logic.resolveModel("") == models / "hippocampus"
+    assert logic.readModelCard("hippocampus")["name"] == "smoke"
+    with pytest.raises(module.SDMOrganSegError, match="model.json"):
+        logic.resolveModel(str(tmp_path / "nowhere"))
+
+    volume = headless.load_volume(REPO / "Testing" / "Data" / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz")
+    before = slicer.mrmlScene.GetNumberOfNodes()
+    outputs = logic.segment(volume, "", device="cpu", levels="0, 0.1")
+    assert slicer.mrmlScene.GetNumberOfNodes() > before
+    names = [outputs.segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
+    assert names == ["anterior hippocampus", "posterior hippocampus"]
+    table = logic.computeMetrics(outputs.segmentation, outputs.segmentation, "name")
+    assert table.GetNumberOfRows() == 2
+    assert float(table.GetTable().GetValueByName(0, "Dice").ToDouble()) == pytest.approx(1.0)
+    saved = logic.saveTableCsv(table, str(tmp_path / "metrics.csv"))
+    assert saved.read_text(encoding="utf-8").splitlines()[0] == "Organ,Dice,HD (mm),HD95 (mm),ASD (mm)"
