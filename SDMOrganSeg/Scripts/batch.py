@@ -236,6 +236,18 @@ def summary_csv(results: Sequence[CaseResult], organs: Sequence[Any], with_metri
     return buffer.getvalue()
 
 
+def missing_packages(reference: bool, pictures: bool) -> list[str]:
+    """pip names of the packages this run needs that cannot be imported (checked before any work)."""
+    import importlib.util
+
+    wanted = {"torch": "torch", "safetensors": "safetensors", "edt": "edt", "SimpleITK": "SimpleITK"}
+    if reference:
+        wanted["scipy"] = "scipy"
+    if pictures:
+        wanted["matplotlib"] = "matplotlib"
+    return [name for module, name in wanted.items() if importlib.util.find_spec(module) is None]
+
+
 def _one_line(error: BaseException) -> str:
     if isinstance(error, SDMOrganSegError):
         return " ".join(str(error).split())
@@ -250,18 +262,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Checked first, before the slow imports: refusing to overwrite should be instant.
         if summary_path.exists() and not args.overwrite:
             raise SDMOrganSegError(f"{summary_path} already exists (an earlier run); pass --overwrite to replace its outputs or choose another --output")
-        from SDMOrganSegLib import headless, modelfiles, mrmllogic
+        from SDMOrganSegLib import headless, mrmllogic
         from SDMOrganSegLib.files import safe_name, write_text_atomic
         from SDMOrganSegLib.imageio import case_name
 
         levels = mrmllogic.as_levels(args.levels)
         if args.reference is not None and not Path(args.reference).is_dir():
             raise SDMOrganSegError(f"--reference {args.reference} is not a folder")
-        if args.pictures:
-            import importlib.util
+        missing = missing_packages(reference=args.reference is not None, pictures=args.pictures)
+        if missing:
+            raise SDMOrganSegError(
+                f"Python packages missing: {', '.join(missing)}; install them (pip install {' '.join(missing)}), "
+                "or in Slicer open the SDM Organ Segmentation module once and let it install them"
+            )
+        from SDMOrganSegLib import modelfiles  # PyTorch: only now that it is known to be there
+        from SDMOrganSegLib.inference import resolve_device
 
-            if importlib.util.find_spec("matplotlib") is None:
-                raise SDMOrganSegError("--pictures needs matplotlib; install it (pip install matplotlib) or leave --pictures out")
+        resolve_device(args.device)  # e.g. --device cuda without a GPU: say so once, not for every case
         model_dir = modelfiles.resolve_model(args.model)
         card = modelfiles.read_card(model_dir)
         cases = find_cases(args.input)
