@@ -5,7 +5,8 @@ slicer-core (PyPI) ships Slicer's MRML library and module logics, but no ``slice
 :func:`start` makes the non-Qt part of that set-up, as trame-slicer's ``SlicerApp`` does: a
 ``vtkMRMLScene``, a ``vtkSlicerApplicationLogic`` and the module logics SDMOrganSeg needs (colors,
 volumes, models, segmentations, subject hierarchy, tables), each given the application logic and the
-scene, and registered under its module name. It then sets ``slicer.mrmlScene`` and a minimal
+scene (which registers the module's node and storage-node classes), and registered under its module
+name; node classes still missing after that are registered explicitly. It then sets ``slicer.mrmlScene`` and a minimal
 ``slicer.modules`` (``slicer.modules.segmentations.logic()`` and so on), so code written for Slicer's
 Python runs unchanged.
 
@@ -49,6 +50,23 @@ _APP_LOGIC_NAMES = {
     "subjecthierarchy": "SubjectHierarchy",
     "tables": "Tables",
 }
+
+
+#: Node classes SDMOrganSeg creates or reads. The logics register their module's classes when they get the
+#: scene (vtkMRMLAbstractLogic::SetMRMLScene calls RegisterNodes); any still missing is registered here.
+_NODE_CLASSES = (
+    "vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLScalarVolumeDisplayNode", "vtkMRMLLabelMapVolumeDisplayNode",
+    "vtkMRMLVolumeArchetypeStorageNode", "vtkMRMLSegmentationNode", "vtkMRMLSegmentationDisplayNode",
+    "vtkMRMLSegmentationStorageNode", "vtkMRMLModelNode", "vtkMRMLModelDisplayNode", "vtkMRMLModelStorageNode",
+    "vtkMRMLColorTableNode", "vtkMRMLTableNode", "vtkMRMLTableStorageNode", "vtkMRMLSubjectHierarchyNode",
+    "vtkMRMLScriptedModuleNode",
+)
+
+
+def _register_node_classes(scene: Any) -> None:
+    for class_name in _NODE_CLASSES:
+        if not scene.IsNodeClassRegistered(class_name):
+            scene.RegisterNodeClass(getattr(slicer, class_name)())
 
 
 class _Module:
@@ -124,6 +142,7 @@ def _create_session() -> HeadlessSlicer:
         logic.SetMRMLScene(scene)
         app_logic.SetModuleLogic(_APP_LOGIC_NAMES[module], logic)
         logics[module] = logic
+    _register_node_classes(scene)
     # The built-in colour tables (Grey, Labels, ...) that volume display nodes refer to.
     logics["colors"].AddDefaultColorNodes()
     return HeadlessSlicer(scene=scene, app_logic=app_logic, logics=logics, in_slicer=False)

@@ -954,7 +954,10 @@ def worker_main(argv: Sequence[str]) -> int:
     def progress(fraction: float, message: str) -> None:
         now = time.monotonic()
         if now - last_write[0] > 0.2 or fraction >= 1.0:  # a few writes per second are plenty for a bar
-            _write_json_atomic(folder / _PROGRESS, {"fraction": fraction, "message": message})
+            try:
+                _write_json_atomic(folder / _PROGRESS, {"fraction": fraction, "message": message})
+            except OSError:
+                pass  # Windows refuses to replace a file the panel is reading right now: skip this update
             last_write[0] = now
 
     try:
