@@ -198,7 +198,7 @@ def load_volume(path: str | Path, name: str | None = None, labelmap: bool = Fals
     if not path.is_file():
         raise SDMOrganSegError(f"volume file {path} does not exist; check the path")
     logic = module_logic("volumes")
-    scene = scene or default_scene()
+    scene = scene if scene is not None else default_scene()
     if logic.GetMRMLScene() is not scene:
         raise SDMOrganSegError("load_volume can only load into the session's scene")
     node_name = name or _file_stem(path)

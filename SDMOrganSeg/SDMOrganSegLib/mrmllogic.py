@@ -167,7 +167,7 @@ def sitk_to_volume_node(
     created (call ``CreateDefaultDisplayNodes`` to show it).
     """
     slicer = _slicer()
-    scene = scene or slicer.mrmlScene
+    scene = scene if scene is not None else slicer.mrmlScene
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise SDMOrganSegError("only scalar 3D images can become volume nodes")
     node = scene.AddNewNodeByClass(node_class, scene.GenerateUniqueName(name))
@@ -397,7 +397,7 @@ class SDMSegmentationLogic:
 
     @property
     def scene(self) -> Any:
-        return self._scene or _slicer().mrmlScene
+        return self._scene if self._scene is not None else _slicer().mrmlScene
 
     def segment_volume(
         self,
@@ -646,7 +646,7 @@ def compute_metrics(
     from .metrics import organ_metrics
 
     slicer = _slicer()
-    scene = scene or slicer.mrmlScene
+    scene = scene if scene is not None else slicer.mrmlScene
     if segmentationNode is None or referenceSegmentationNode is None:
         raise SDMOrganSegError("choose both a segmentation and a reference segmentation to compare")
     pairs = list(segment_pairs) if segment_pairs is not None else match_segments(segmentationNode, referenceSegmentationNode, matching)
