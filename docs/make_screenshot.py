@@ -36,6 +36,7 @@ from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
 DATA = REPO / "Testing" / "Data" / "hippocampus"
 HIPPOCAMPUS_ORGANS = {1: ("anterior hippocampus", (0.85, 0.40, 0.30)), 2: ("posterior hippocampus", (0.35, 0.60, 0.85))}
 WIDTH, HEIGHT = 1100, 520
+MAX_BYTES = 300 * 1024
 
 
 # --- outputs -----------------------------------------------------------------------------------------------
@@ -171,13 +172,13 @@ def _text(text: str, x: float, y: float, size: int, color=(1, 1, 1), bold: bool 
     return actor
 
 
-def render(volume, outputs, caption: str, path: Path) -> None:
+def render(volume, outputs, caption: str, path: Path, scale: float = 1.0) -> None:
     labels = sitk.GetArrayViewFromImage(outputs.computed.labels)
     inside = np.argwhere(labels > 0)
     k = int(round(inside[:, 0].mean())) if inside.size else labels.shape[0] // 2
     window = vtk.vtkRenderWindow()
     window.SetOffScreenRendering(1)
-    window.SetSize(WIDTH, HEIGHT)
+    window.SetSize(int(WIDTH * scale), int(HEIGHT * scale))
     window.SetAlphaBitPlanes(1)
     window.SetMultiSamples(0)  # depth peeling (correct translucency) needs it off
 
@@ -203,7 +204,7 @@ def render(volume, outputs, caption: str, path: Path) -> None:
     three_d.ResetCamera()
     camera.Zoom(1.3)
     three_d.ResetCameraClippingRange()
-    three_d.AddViewProp(_text("3D: iso-surfaces (level 0 opaque)", 0.02, 0.93, 18, bold=True))
+    three_d.AddViewProp(_text("3D: iso-surfaces (level 0 opaque)", 0.02, 0.93, round(18 * scale), bold=True))
 
     # Slice view: the axial slice with the intersections of the surfaces.
     slice_view = vtk.vtkRenderer()
@@ -223,11 +224,11 @@ def render(volume, outputs, caption: str, path: Path) -> None:
     camera.SetPosition(camera.GetFocalPoint()[0], camera.GetFocalPoint()[1], camera.GetFocalPoint()[2] - 500)
     slice_view.ResetCamera()
     camera.Zoom(1.05)
-    slice_view.AddViewProp(_text("Axial slice: SDM iso-contours", 0.03, 0.93, 18, bold=True))
+    slice_view.AddViewProp(_text("Axial slice: SDM iso-contours", 0.03, 0.93, round(18 * scale), bold=True))
     for index, level in enumerate(DEFAULT_LEVELS):
-        slice_view.AddViewProp(_text(f"SDM {level_tag(level)}", 0.04 + 0.24 * index, 0.03, 18, level_color(level), bold=True))
+        slice_view.AddViewProp(_text(f"SDM {level_tag(level)}", 0.04 + 0.24 * index, 0.03, round(18 * scale), level_color(level), bold=True))
 
-    three_d.AddViewProp(_text(caption, 0.02, 0.03, 14, (0.9, 0.9, 0.9)))
+    three_d.AddViewProp(_text(caption, 0.02, 0.03, round(14 * scale), (0.9, 0.9, 0.9)))
     window.AddRenderer(three_d)
     window.AddRenderer(slice_view)
     window.Render()
@@ -318,8 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         write_icon(draw_icon(128, line_width=4.5, ring_step=8.0, radius=31.0), REPO / "SDMOrganSeg.png")
         print("wrote Resources/Icons/SDMOrganSeg.png and SDMOrganSeg.png")
     volume, outputs, caption = make_outputs(args.case, args.model, args.reference_sdm)
-    render(volume, outputs, caption, Path(args.out))
-    print(f"wrote {args.out} ({Path(args.out).stat().st_size // 1024} kB): {caption}")
+    out = Path(args.out)
+    for scale in (1.0, 0.85, 0.7, 0.55):  # the README wants it under MAX_BYTES; busy contours compress worse
+        render(volume, outputs, caption, out, scale)
+        if out.stat().st_size <= MAX_BYTES:
+            break
+    print(f"wrote {out} ({out.stat().st_size // 1024} kB, {int(WIDTH * scale)}x{int(HEIGHT * scale)}): {caption}")
     return 0
 
 
