@@ -440,7 +440,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Adding the results to the scene...")
                 slicer.app.processEvents()
                 outputs = self.logic.createOutputNodes(self._runVolume, run.result(), pn.show2D, pn.show3D)
-                self._showOutputs(outputs, time.monotonic() - run.started_at)
+                self._showOutputs(outputs, time.monotonic() - run.started_at, self._runVolume)
             elif state == "cancelled":
                 self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
             else:
@@ -458,7 +458,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.hide()
             self._updateButtons()
 
-    def _showOutputs(self, outputs, seconds: float) -> None:
+    def _showOutputs(self, outputs, seconds: float, volume) -> None:
         self._lastOutputs = outputs
         computed = outputs.computed
         volumes = ", ".join(f"{name} {_lib().format_volume_ml(ml)}" for name, ml in outputs.organ_volumes_ml().items())
@@ -469,9 +469,8 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folder=slicer.mrmlScene.GetSubjectHierarchyNode().GetItemName(outputs.folder_item)
         )
         self._parameterNode.evaluatedSegmentation = outputs.segmentation
-        volume = self._parameterNode.inputVolume
-        if volume is not None:
-            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        # Show the segmented volume (the selector may have moved on while the run was going).
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
 
     def onVisibilityChanged(self, _checked: bool = False) -> None:
         if self._lastOutputs is None or self._parameterNode is None:
