@@ -33,8 +33,27 @@ def inside(folder: Path, relative: str) -> Path:
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
+    """Refuse an output path that exists (unless ``overwrite``), is a folder, or lies under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise SDMOrganSegError(f"{path} is a folder where an output file must go; move it away or choose another output folder")
     if path.exists() and not overwrite:
         raise SDMOrganSegError(f"{path} already exists; choose another output or pass --overwrite to replace it")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SDMOrganSegError(f"{parent} is a file where an output folder must go; move it away or choose another output folder")
+            break
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; do it once, at import, before any threads write files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 @contextlib.contextmanager
@@ -45,14 +64,23 @@ def atomic_path(path: Path, overwrite: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     check_writable(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-    os.close(handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+        # mkstemp makes the file private (0600); give it the permissions an ordinary new file would get.
+        if hasattr(os, "fchmod"):
+            os.fchmod(handle, 0o666 & ~_UMASK)
+        os.close(handle)
+    except OSError as error:
+        raise SDMOrganSegError(f"cannot write {path}: {error.strerror or error}; check the folder exists and is writable") from None
     temporary_path = Path(temporary)
     try:
         yield temporary_path
-        os.replace(temporary_path, path)
+        try:
+            os.replace(temporary_path, path)
+        except OSError as error:
+            raise SDMOrganSegError(f"cannot write {path}: {error.strerror or error}; check that nothing else holds that name") from None
     finally:
         temporary_path.unlink(missing_ok=True)
 
@@ -68,3 +96,26 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def available_memory_bytes() -> int | None:
+    """RAM available to new allocations (Linux ``MemAvailable``; elsewhere free pages), None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def size_text(count: float) -> str:
+    """A byte count for messages: ``512 bytes``, ``42.2 kB``, ``3.1 MB``, ``12.5 GB``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{int(count)} bytes"
