@@ -12,14 +12,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import MODEL_CARD_FORMAT, __version__
 from .errors import SDMOrganSegError
 from .files import atomic_path, check_writable, sha256_of, write_text_atomic
-from .network import UNet3D, UNetConfig
+
+if TYPE_CHECKING:  # PyTorch is imported only once a model is really built: refusing a bad folder is fast
+    import torch
+
+    from .network import UNet3D, UNetConfig
 from .preprocessing import DEFAULT_INTENSITY
 from .sdm import HEAVISIDE_K
 
@@ -90,6 +92,8 @@ class ModelCard:
                     f"{source} has format {card_format}, newer than this SDMOrganSeg ({__version__}) reads "
                     f"(format {MODEL_CARD_FORMAT}); update SDMOrganSeg"
                 )
+            from .network import UNetConfig
+
             organs = [
                 Organ(str(o["name"]), int(o["label"]), tuple(float(c) for c in o.get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
                 for i, o in enumerate(values["organs"])
@@ -126,6 +130,10 @@ class ModelCard:
             raise SDMOrganSegError(f"{source} has organ label values {labels}; they must be distinct positive integers")
         if len({organ.name for organ in self.organs}) != len(self.organs):
             raise SDMOrganSegError(f"{source} has duplicate organ names; each organ needs its own name")
+        if self.spacing is not None and (len(self.spacing) != 3 or not all(0 < s < float("inf") for s in self.spacing)):
+            raise SDMOrganSegError(f"{source} has spacing {self.spacing}; it must be three positive numbers (mm) or null")
+        if self.window is not None and (len(self.window) != 3 or min(self.window) < 1):
+            raise SDMOrganSegError(f"{source} has window {self.window}; it must be three positive voxel counts or null")
 
     @property
     def label_values(self) -> list[int]:
@@ -151,6 +159,12 @@ class LoadedModel:
 
 def read_card(directory: Path) -> ModelCard:
     card_path = Path(directory) / CARD_FILE
+    return ModelCard.from_dict(_card_values(directory), str(card_path))
+
+
+def _card_values(directory: Path) -> dict[str, Any]:
+    """The card's JSON object, unchecked."""
+    card_path = Path(directory) / CARD_FILE
     if not card_path.is_file():
         raise SDMOrganSegError(f"model folder {directory} has no {CARD_FILE} (the model card); it is not an SDMOrganSeg model")
     try:
@@ -159,7 +173,23 @@ def read_card(directory: Path) -> ModelCard:
         raise SDMOrganSegError(f"model card {card_path} is not valid JSON ({error}); re-export the model") from None
     if not isinstance(values, dict):
         raise SDMOrganSegError(f"model card {card_path} must be a JSON object; re-export the model")
-    return ModelCard.from_dict(values, str(card_path))
+    return values
+
+
+def _refuse_non_safetensors(weights: Path) -> None:
+    """Refuse, from its first bytes and without unpickling anything, a weights file that is not safetensors
+    (8-byte little-endian header length, then a JSON header), such as a pickled ``.pt`` renamed."""
+    with open(weights, "rb") as handle:
+        start = handle.read(9)
+    size = weights.stat().st_size
+    if len(start) == 9 and start[8:9] == b"{" and 0 < int.from_bytes(start[:8], "little") <= size - 8:
+        return
+    if start[:1] == b"\x80" or start[:2] == b"PK":
+        raise SDMOrganSegError(
+            f"{weights} is a pickled PyTorch file, not safetensors; pickles can run code when loaded, so it is refused unread: "
+            f"convert it to safetensors in a trusted environment"
+        )
+    raise SDMOrganSegError(f"{weights} is not a safetensors file (it is truncated or of another format); copy the model again")
 
 
 def load_model(directory: str | Path) -> LoadedModel:
@@ -169,9 +199,6 @@ def load_model(directory: str | Path) -> LoadedModel:
     are safetensors (pickles are refused unread); their sha256 equals the card's; every tensor matches
     the architecture the card describes.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise SDMOrganSegError(f"model folder {directory} does not exist; pass a folder holding {WEIGHTS_FILE} and {CARD_FILE}")
@@ -184,20 +211,32 @@ def load_model(directory: str | Path) -> LoadedModel:
                 f"convert them to {WEIGHTS_FILE} in a trusted environment"
             )
         raise SDMOrganSegError(f"model folder {directory} has no {WEIGHTS_FILE}; the weights are missing")
-    card = read_card(directory)
-    if not card.weights_sha256:
+    _refuse_non_safetensors(weights)
+    values = _card_values(directory)
+    expected_digest = str(values.get("weights_sha256") or "")
+    if not expected_digest:
+        ModelCard.from_dict(values, str(directory / CARD_FILE))  # a newer or malformed card says so first
         raise SDMOrganSegError(f"model card in {directory} has no weights_sha256; the weights cannot be verified")
     digest = sha256_of(weights)
-    if digest != card.weights_sha256:
+    if digest != expected_digest:
         raise SDMOrganSegError(
-            f"checksum mismatch for {weights}: the card says {card.weights_sha256[:12]}..., the file is {digest[:12]}...; "
+            f"checksum mismatch for {weights}: the card says {expected_digest[:12]}..., the file is {digest[:12]}...; "
             "the weights are corrupt or were replaced: download or copy the model again"
         )
+    card = ModelCard.from_dict(values, str(directory / CARD_FILE))
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .network import UNet3D
+
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise SDMOrganSegError(f"{weights} is not a readable safetensors file ({error}); copy the model again") from None
-    network = UNet3D(card.architecture)
+    try:
+        network = UNet3D(card.architecture)
+    except (TypeError, ValueError, RuntimeError, OverflowError, ZeroDivisionError, MemoryError) as error:
+        raise SDMOrganSegError(f"the architecture in the card of {directory} is invalid ({error}); re-export the model") from None
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
