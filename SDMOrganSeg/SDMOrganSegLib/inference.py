@@ -22,6 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import CancelledError, SDMOrganSegError
+from .files import available_memory_bytes
 from .imageio import check_volume, image_from_array
 from .modelfiles import LoadedModel, Organ
 from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing
@@ -168,6 +169,117 @@ def _window_zyx(window_xyz: Sequence[int] | None) -> tuple[int, int, int] | None
     return tuple(int(w) for w in reversed(tuple(window_xyz))) if window_xyz else None
 
 
+#: Peak float32 activations per voxel of the network input, per channel of its first level: measured on
+#: the CPU at 11x (``cpu`` preset) to 21x (``paper`` preset) ``base_channels``; 22 keeps the estimate above both.
+ACTIVATION_FACTOR = 22
+#: Environment variable overriding the memory budget, in GB (10^9 bytes).
+MEMORY_ENV = "SDMORGANSEG_MEMORY_GB"
+#: Share of the available RAM used as the default budget.
+MEMORY_SHARE = 0.8
+_SMALLEST_WINDOW = 32
+_FIRST_TILE = 128
+
+
+def memory_budget_bytes(memory_gb: float | None = None) -> float | None:
+    """The budget :func:`segment_image` plans for: ``memory_gb``, else ``$SDMORGANSEG_MEMORY_GB``, else 80 %
+    of the available RAM; None when none of them is known."""
+    if memory_gb is None:
+        import os
+
+        text = os.environ.get(MEMORY_ENV, "").strip()
+        if text:
+            try:
+                memory_gb = float(text)
+            except ValueError:
+                raise SDMOrganSegError(f"{MEMORY_ENV}={text!r} is not a number; set it to the memory budget in GB, e.g. 8") from None
+    if memory_gb is not None:
+        if not 0 < memory_gb < float("inf"):
+            raise SDMOrganSegError(f"the memory budget must be a positive number of GB, not {memory_gb}")
+        return float(memory_gb) * 1e9
+    available = available_memory_bytes()
+    return MEMORY_SHARE * available if available else None
+
+
+def _padded(shape: Sequence[int], multiple: int) -> int:
+    return int(np.prod([int(math.ceil(s / multiple)) * multiple for s in shape], dtype=np.float64))
+
+
+def estimate_memory_bytes(
+    input_size: Sequence[int], model_shape: Sequence[int], organs: int, base_channels: int,
+    window: Sequence[int] | None = None, multiple: int = 1,
+) -> float:
+    """Peak memory of :func:`segment_image`, in bytes, roughly ``voxels x (organs + activations) x 4``.
+
+    ``input_size``: the image's voxels per axis; ``model_shape``: the volume at the model's spacing
+    (``z, y, x``); ``window``: sliding-window size (``z, y, x``), None for the whole volume at once;
+    ``multiple``: the network pads its input to a multiple of this. Counted in float32 values: the input
+    copies, the network output and blending weights, the activations of one network call (the whole volume
+    or one window, ``ACTIVATION_FACTOR x base_channels`` per voxel), and the SDMs and label map mapped back
+    onto the input grid.
+    """
+    input_voxels = float(np.prod(input_size, dtype=np.float64))
+    model_voxels = float(np.prod(model_shape, dtype=np.float64))
+    activations = ACTIVATION_FACTOR * base_channels
+    fixed = 4 * input_voxels + 8 * model_voxels
+    whole = window is None or all(w >= s for w, s in zip(window, model_shape))
+    if whole:
+        network = fixed + 4 * model_voxels * organs + 4 * _padded(model_shape, multiple) * (organs + activations)
+    else:
+        tile = [min(w, s) for w, s in zip(window, model_shape)]
+        network = fixed + 4 * model_voxels * (organs + 1) + 4 * _padded(tile, multiple) * (organs + 1 + activations)
+    mapping_back = fixed + 4 * model_voxels * organs + input_voxels * (8 * organs + 13)
+    return max(network, mapping_back)
+
+
+def _gb(count: float) -> str:
+    return f"{count / 1e9:.3g} GB"
+
+
+def _smallest_window(shape: Sequence[int], multiple: int) -> tuple[int, ...]:
+    return tuple(min(s, max(_SMALLEST_WINDOW, multiple)) for s in shape)
+
+
+def _plan_window(
+    image: sitk.Image, model_shape: Sequence[int], card_organs: int, network: torch.nn.Module,
+    window: tuple[int, ...] | None, budget: float | None, notes: list[str],
+) -> tuple[int, ...] | None:
+    """The window to run with: ``window`` if the run fits ``budget``, else the largest halving of it
+    (or of 128 voxels a side) that fits; refuses with the memory needed when even the smallest does not."""
+    config = getattr(network, "config", None)
+    base = int(getattr(config, "base_channels", 32))
+    multiple = int(2 ** getattr(config, "depth", 0))
+    size = image.GetSize()
+
+    def need(candidate: tuple[int, ...] | None) -> float:
+        return estimate_memory_bytes(size, model_shape, card_organs, base, candidate, multiple)
+
+    if budget is None or need(window) <= budget:
+        return window
+    smallest = _smallest_window(model_shape, multiple)
+    start = window or tuple(min(s, _FIRST_TILE) for s in model_shape)
+    candidate = tuple(max(m, min(w, s)) for w, s, m in zip(start, model_shape, smallest))
+    while need(candidate) > budget:
+        if candidate == smallest:
+            raise SDMOrganSegError(
+                f"segmenting this {'x'.join(map(str, size))} image needs about {_gb(need(candidate))} even in "
+                f"{'x'.join(map(str, candidate[::-1]))}-voxel tiles ({_gb(need(window))} at once), more than the memory budget of "
+                f"{_gb(budget)}; free memory, raise the budget ({MEMORY_ENV} or --memory-gb) or crop the image"
+            )
+        candidate = tuple(max(m, int(math.ceil(c / 2))) for c, m in zip(candidate, smallest))
+    notes.append(
+        f"the whole volume would need about {_gb(need(window))}, more than the memory budget of {_gb(budget)}: "
+        f"processed in {'x'.join(map(str, candidate[::-1]))}-voxel tiles (about {_gb(need(candidate))})"
+    )
+    return candidate
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
 def segment_image(
     image: sitk.Image,
     model: LoadedModel,
@@ -176,18 +288,25 @@ def segment_image(
     overlap: float = 0.25,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
+    *,
+    memory_gb: float | None = None,
 ) -> SegmentationResult:
     """Segment ``image`` with ``model``.
 
     Args:
         image: scalar 3D SimpleITK image, any orientation (oblique included) and spacing.
         model: from :func:`SDMOrganSegLib.modelfiles.load_model`.
-        device: ``auto``, ``cpu`` or ``cuda``. On CUDA out-of-memory the run retries with half the window,
-            then on the CPU, and says so in ``result.notes``.
+        device: ``auto``, ``cpu`` or ``cuda``. On out-of-memory the run retries with half the window (down to
+            32 voxels a side), then, from a GPU, on the CPU, and says so in ``result.notes``; out of memory on
+            the CPU with the smallest window is an :class:`SDMOrganSegError`.
         window: sliding-window size ``(x, y, z)`` voxels at the model's spacing; default the card's, and the
             whole volume when the card has none.
         progress: called with (fraction in [0, 1], message).
         cancel: stops the run with :class:`CancelledError` at the next tile.
+        memory_gb: memory budget in GB (default ``$SDMORGANSEG_MEMORY_GB``, else 80 % of the available RAM).
+            When the whole volume at once would need more (:func:`estimate_memory_bytes`), the run switches to
+            sliding-window tiles, saying so in ``result.notes``; when even the smallest tiles would not fit, it
+            is refused with the memory needed.
 
     Returns:
         a :class:`SegmentationResult` on the input's exact grid.
@@ -196,8 +315,18 @@ def segment_image(
     card = model.card
     timings: dict[str, float] = {}
     notes: list[str] = []
-    report = progress or (lambda fraction, message: None)
     started = time.perf_counter()
+    report = progress or (lambda fraction, message: None)
+
+    chosen = resolve_device(device)
+    # Plan the memory before allocating anything large.
+    window_zyx = _window_zyx(window or card.window)
+    if card.spacing is not None and needs_resampling(image, card.spacing):
+        grid = np.maximum(np.round(np.asarray(image.GetSize()) * np.asarray(image.GetSpacing()) / np.asarray(card.spacing)), 1)
+    else:
+        grid = np.asarray(image.GetSize())
+    model_shape = tuple(int(s) for s in grid[::-1])
+    window_zyx = _plan_window(image, model_shape, len(card.organs), model.network, window_zyx, memory_budget_bytes(memory_gb), notes)
 
     report(0.0, "preparing the volume")
     working = sitk.Cast(image, sitk.sitkFloat32)
@@ -209,26 +338,36 @@ def segment_image(
     if _should_stop(cancel):
         raise CancelledError()
 
-    chosen = resolve_device(device)
-    window_zyx = _window_zyx(window or card.window)
     tick = time.perf_counter()
 
     def network_progress(fraction: float, message: str) -> None:
         report(0.05 + 0.85 * fraction, message)
 
+    planned = window_zyx
+    smallest = _smallest_window(volume.shape, int(2 ** getattr(getattr(model.network, "config", None), "depth", 0)))
     while True:
         try:
             output = predict_array(model.network, volume, chosen, window_zyx, overlap, network_progress, cancel)
             break
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            current = window_zyx or volume.shape
-            if min(current) > 32:
-                window_zyx = tuple(max(32, int(math.ceil(w / 2))) for w in current)
-                notes.append(f"GPU out of memory: retrying with a {window_zyx[::-1]} window")
+        except (RuntimeError, MemoryError) as error:
+            if not _is_out_of_memory(error):
+                raise
+            if chosen.type == "cuda":
+                torch.cuda.empty_cache()
+            where = "CPU" if chosen.type == "cpu" else "GPU"
+            current = tuple(min(w, s) for w, s in zip(window_zyx or volume.shape, volume.shape))
+            if any(c > m for c, m in zip(current, smallest)):
+                window_zyx = tuple(max(m, int(math.ceil(c / 2))) for c, m in zip(current, smallest))
+                notes.append(f"{where} out of memory: retrying with a {'x'.join(map(str, window_zyx[::-1]))} window")
+            elif chosen.type != "cpu":
+                chosen, window_zyx = torch.device("cpu"), planned
+                notes.append("GPU out of memory even with the smallest window: continuing on the CPU")
             else:
-                chosen = torch.device("cpu")
-                notes.append("GPU out of memory even with a small window: continuing on the CPU")
+                model.network.to("cpu")
+                raise SDMOrganSegError(
+                    f"out of memory on the CPU even with a {'x'.join(map(str, current[::-1]))} window; "
+                    "close other programs, or use a machine with more memory"
+                ) from None
             report(0.05, notes[-1])
     model.network.to("cpu")
     timings["network_s"] = time.perf_counter() - tick
