@@ -8,6 +8,7 @@ failed or cancelled run leaves no partial files; existing files are replaced onl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,9 +21,9 @@ import SimpleITK as sitk
 
 from . import __version__
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
-from .errors import SDMOrganSegError
+from .errors import CancelledError, SDMOrganSegError
 from .files import check_writable, inside, safe_name
-from .inference import SegmentationResult
+from .inference import CancelCheck, SegmentationResult, _should_stop
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 
@@ -36,6 +37,47 @@ def output_names(organ_names: Iterable[str], levels: Iterable[float], fmt: str =
     return names + ["summary.json"]
 
 
+def _commit(staging: Path, names: list[str], targets: dict[str, Path], out_dir: Path, overwrite: bool) -> None:
+    """Move the staged files onto their targets, all or none: files they replace are set aside in the
+    staging folder first, and put back, with the new files removed, if any move fails or is interrupted."""
+    set_aside: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    contours = out_dir / "contours"
+    made_contours = not contours.exists()
+    try:
+        contours.mkdir(exist_ok=True)
+        (staging / ".replaced").mkdir()
+        for index, name in enumerate(names):
+            target = targets[name]
+            if target.is_dir() and not target.is_symlink():
+                raise SDMOrganSegError(f"{target} is a folder where an output file must go; move it away or choose another output folder")
+            if target.exists() or target.is_symlink():
+                if not overwrite:
+                    raise SDMOrganSegError(f"{target} already exists; choose another output or pass --overwrite to replace it")
+                backup = staging / ".replaced" / str(index)
+                os.replace(target, backup)
+                set_aside.append((target, backup))
+            os.replace(staging / name, target)
+            placed.append(target)
+    except BaseException as error:
+        for target in placed:
+            target.unlink(missing_ok=True)
+        try:
+            for target, backup in reversed(set_aside):
+                os.replace(backup, target)
+        except OSError:
+            raise SDMOrganSegError(
+                f"writing the outputs in {out_dir} failed and the files it replaced could not all be put back; "
+                f"they are kept in {staging / '.replaced'} (numbered in the order of summary.json's outputs)"
+            ) from None
+        if made_contours:
+            with contextlib.suppress(OSError):
+                contours.rmdir()
+        if isinstance(error, OSError):
+            raise SDMOrganSegError(f"cannot write the outputs in {out_dir}: {error.strerror or error}; nothing was changed there") from None
+        raise
+
+
 def write_result(
     result: SegmentationResult,
     out_dir: str | Path,
@@ -43,28 +85,49 @@ def write_result(
     levels: Iterable[float] = DEFAULT_LEVELS,
     overwrite: bool = False,
     extra_summary: dict[str, Any] | None = None,
+    *,
+    cancel: CancelCheck | None = None,
 ) -> dict[str, Path]:
-    """Write labels, SDMs, contours and summary; returns relative name -> final path."""
+    """Write labels, SDMs, contours and summary; returns relative name -> final path.
+
+    All or nothing: on an error or a cancel (``cancel``, checked between files) the output folder is left
+    as it was. Existing files are replaced only with ``overwrite``.
+    """
     if fmt not in FORMATS:
         raise SDMOrganSegError(f"unknown output format {fmt!r}; use nifti or nrrd")
     levels = tuple(levels)
     out_dir = Path(out_dir)
     names = output_names([o.name for o in result.organs], levels, fmt)
+    if len(set(names)) != len(names):
+        raise SDMOrganSegError("two organs of the model map to the same output file name; rename them in the model card")
     targets = {name: inside(out_dir, name) for name in names}
     for path in targets.values():
         check_writable(path, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".sdmorganseg-", dir=out_dir))
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".sdmorganseg-", dir=out_dir))
+    except OSError as error:
+        raise SDMOrganSegError(f"cannot write to {out_dir}: {error.strerror or error}; check the folder and its permissions") from None
+    current, committed = "", False
+
+    def step(name: str) -> Path:
+        nonlocal current
+        if _should_stop(cancel):
+            raise CancelledError()
+        current = name
+        return staging / name
+
     try:
         started = time.perf_counter()
         suffix = FORMATS[fmt]
-        sitk.WriteImage(result.labels, str(staging / f"labels{suffix}"), useCompression=True)
+        sitk.WriteImage(result.labels, str(step(f"labels{suffix}")), useCompression=True)
         (staging / "contours").mkdir()
         for organ in result.organs:
             sdm = result.sdms[organ.name]
-            sitk.WriteImage(sdm, str(staging / f"sdm_{safe_name(organ.name)}{suffix}"), useCompression=True)
+            sitk.WriteImage(sdm, str(step(f"sdm_{safe_name(organ.name)}{suffix}")), useCompression=True)
             for level, surface in iso_surfaces(sdm, levels).items():
-                write_polydata(surface, str(staging / "contours" / f"{safe_name(organ.name)}_{level_tag(level)}.vtp"))
+                write_polydata(surface, str(step(f"contours/{safe_name(organ.name)}_{level_tag(level)}.vtp")))
         timings = dict(result.timings, write_s=time.perf_counter() - started)
         summary = {
             "software": f"SDMOrganSeg {__version__}",
@@ -85,11 +148,23 @@ def write_result(
             "outputs": names,
             **(extra_summary or {}),
         }
-        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        step("summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if _should_stop(cancel):
+            raise CancelledError()
         # All files exist: move them into place (renames within one folder are atomic).
-        (out_dir / "contours").mkdir(exist_ok=True)
-        for name in names:
-            os.replace(staging / name, targets[name])
+        _commit(staging, names, targets, out_dir, overwrite)
+        committed = True
+    except (RuntimeError, OSError) as error:
+        raise SDMOrganSegError(
+            f"cannot write {current or 'the outputs'} in {out_dir}: {str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}; "
+            "check free disk space and permissions (nothing was changed there)"
+        ) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        # Keep the staging folder only if it holds replaced files that could not be put back.
+        kept = staging / ".replaced"
+        if committed or not kept.is_dir() or not any(kept.iterdir()):
+            shutil.rmtree(staging, ignore_errors=True)
+        if created and not committed:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if empty: the folder this call made, left as it found it
     return {name: targets[name] for name in names}
