@@ -73,6 +73,28 @@ def find_cases(data_dir: str | Path) -> list[CasePaths]:
     return cases
 
 
+def check_case_headers(cases: Sequence[CasePaths]) -> None:
+    """Refuse, from the file headers alone (fast, before any preprocessing), a case whose image and label
+    map lie on different voxel grids. Unreadable files are left to :func:`prepare_case` to report."""
+    from . import imageio
+
+    for case in cases:
+        readers = []
+        for path in (case.image, case.label):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            try:
+                with imageio._native_messages():
+                    reader.ReadImageInformation()
+            except RuntimeError:
+                break
+            readers.append(reader)
+        else:
+            mismatch = geometry_mismatch(*readers)
+            if mismatch:
+                raise SDMOrganSegError(f"case {case.name}: image and label map differ in {mismatch}; they must share one voxel grid")
+
+
 def read_label_names(data_dir: str | Path) -> dict[int, str] | None:
     """``{label value: name}`` from ``labels.json`` in the data folder, if present."""
     path = Path(data_dir) / "labels.json"

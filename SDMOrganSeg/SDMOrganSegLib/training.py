@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .dataset import PreparedCase, find_cases, load_cases, make_split, read_label_names, read_split
+from .dataset import PreparedCase, check_case_headers, find_cases, load_cases, make_split, read_label_names, read_split
 from .errors import SDMOrganSegError
 from .files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device
@@ -197,6 +198,33 @@ def _write_log(log_rows: list[dict[str, Any]], path: Path) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def _one_line(error: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:160] if text else 'no details'}"
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The resume state in ``path``; anything else, a pickle of other objects included, is refused unread."""
+    import pickle
+
+    try:
+        # weights_only: the unpickler builds tensors and plain containers only and never runs code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = dict(state)
+        state["epoch"], state["best_dice"], state["log"] = int(state["epoch"]), float(state["best_dice"]), json.loads(state["log"])
+        for key in ("network", "optimizer", "scheduler"):
+            if not isinstance(state[key], dict):
+                raise TypeError(f"{key} is not a state dict")
+    except pickle.UnpicklingError:
+        raise SDMOrganSegError(
+            f"cannot resume from {path}: it holds pickled objects other than tensors, refused unread because loading "
+            "them could run code; delete it to start over, or use another --out"
+        ) from None
+    except Exception as error:  # unreadable or foreign file of any kind: the cause goes into the message
+        raise SDMOrganSegError(f"cannot resume from {path}: it is not a checkpoint of this trainer ({_one_line(error)}); delete it to start over, or use another --out") from None
+    return state
+
+
 class Trainer:
     """Runs :class:`TrainingConfig`; :meth:`run` trains (or resumes) and returns the best model folder."""
 
@@ -212,6 +240,7 @@ class Trainer:
     def _prepare(self) -> None:
         config = self.config
         cases = find_cases(config.data_dir)
+        check_case_headers(cases)
         names = read_label_names(config.data_dir)
         if names is None:
             raise SDMOrganSegError(f"{config.data_dir} has no labels.json naming the organs; add {{\"labels\": {{\"1\": \"organ\"}}}}")
@@ -276,6 +305,12 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_path = self.out_dir / "checkpoint.pt"
+        # Temporary files of a run that was killed while writing: never complete, never needed.
+        for stale in self.out_dir.glob(".checkpoint.pt.*.part*"):
+            stale.unlink(missing_ok=True)
+        # Read the checkpoint before the data, so that a bad one is refused before any work.
+        state = _read_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None
         self._prepare()
         device = resolve_device(config.device)
         torch.manual_seed(config.seed)
@@ -289,23 +324,17 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
         start_epoch, best, log_rows = 0, -1.0, []
-        checkpoint_path = self.out_dir / "checkpoint.pt"
-        # Temporary files of a run that was killed while writing: never complete, never needed.
-        for stale in self.out_dir.glob(".checkpoint.pt.*.part*"):
-            stale.unlink(missing_ok=True)
-        if checkpoint_path.is_file():
+        if state is not None:
             try:
-                # weights_only: the unpickler builds tensors and plain containers only, never runs code.
-                state = torch.load(checkpoint_path, map_location=device, weights_only=True)
                 self.network.load_state_dict(state["network"])
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
-                start_epoch, best, log_rows = int(state["epoch"]), float(state["best_dice"]), json.loads(state["log"])
-            except Exception as error:  # any unreadable or foreign checkpoint: the cause is in the message
+            except (RuntimeError, ValueError, KeyError) as error:
                 raise SDMOrganSegError(
-                    f"cannot resume from {checkpoint_path}: it is not a checkpoint of this run ({type(error).__name__}: "
-                    f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else 'unreadable'}); delete it to start over, or use another --out"
+                    f"cannot resume from {checkpoint_path}: it was written by a run with other settings ({_one_line(error)}); "
+                    "delete it to start over, or use another --out"
                 ) from None
+            start_epoch, best, log_rows = state["epoch"], state["best_dice"], state["log"]
             self.say(f"resuming after epoch {start_epoch} (best validation Dice so far {best:.4f})")
         if start_epoch >= config.epochs:
             self.say(f"already trained for {start_epoch} epochs")
