@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -44,8 +46,17 @@ def _triple(kind: type):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors on one line, like every other user error (the usage is in ``--help``)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("sdmorganseg").strip()
+        print(f"sdmorganseg: error: {message} (see sdmorganseg {command + ' ' if command else ''}--help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sdmorganseg",
         description="Organ segmentation by predicting signed distance maps (Xue et al., AAAI 2020).",
     )
@@ -62,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--window", type=_triple(int), default=None, help="sliding-window size x,y,z in voxels at the model spacing (default: the model card's)")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction in [0, 0.9] (default 0.25)")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    segment.add_argument("--memory-gb", type=float, default=None, help="memory budget in GB: above it the volume is processed in tiles, or refused if even tiles don't fit (default: $SDMORGANSEG_MEMORY_GB, else 80%% of the available RAM)")
     segment.add_argument("--quiet", action="store_true", help="no progress output")
 
     evaluate = commands.add_parser("evaluate", help="Dice, HD, HD95, ASD of a label map against a reference", description="Compare label map PRED with REF per organ: Dice, Hausdorff, HD95 and average symmetric surface distance in mm.")
@@ -104,27 +116,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_progress_shown = False
+
+
 def _print_progress(fraction: float, message: str) -> None:
+    global _progress_shown
+    _progress_shown = True
     print(f"\r[{int(fraction * 100):3d}%] {message:60s}", end="", file=sys.stderr, flush=True)
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from .imageio import read_image
-    from .inference import segment_image
-    from .modelfiles import load_model, resolve_model
-    from .outputs import output_names, write_result
-    from .files import check_writable, inside
+    from .imageio import read_volume
 
     if not 0 <= args.overlap <= 0.9:
         raise SDMOrganSegError("--overlap must lie in [0, 0.9]")
+    # The image first: its checks are cheap and need neither PyTorch nor the model.
+    image = read_volume(args.image)
+
+    from .modelfiles import load_model, resolve_model
+
     model = load_model(resolve_model(args.model))
+
+    from .files import check_writable, inside
+    from .inference import segment_image
+    from .outputs import output_names, write_result
+
     out = Path(args.out)
     # Refuse before any work rather than after minutes of inference.
     for name in output_names(model.card.organ_names, args.levels, args.format):
         check_writable(inside(out, name), args.overwrite)
-    image = read_image(args.image)
     started = time.perf_counter()
-    result = segment_image(image, model, args.device, window=args.window, overlap=args.overlap, progress=None if args.quiet else _print_progress)
+    result = segment_image(
+        image, model, args.device, window=args.window, overlap=args.overlap,
+        progress=None if args.quiet else _print_progress, memory_gb=args.memory_gb,
+    )
     if not args.quiet:
         print(file=sys.stderr)
     files = write_result(result, out, args.format, args.levels, args.overwrite, extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)})
@@ -182,12 +207,20 @@ def run_sdm(args: argparse.Namespace) -> int:
         print(f"note: label {args.label} is absent (present: {present}); the SDM is +1 everywhere", file=sys.stderr)
     sdm = image_from_array(normalized_sdm(mask, image.GetSpacing()), image)
     with atomic_path(Path(args.out), args.overwrite) as temporary:
-        sitk.WriteImage(sdm, str(temporary), useCompression=True)
+        try:
+            sitk.WriteImage(sdm, str(temporary), useCompression=True)
+        except RuntimeError as error:
+            raise SDMOrganSegError(f"cannot write {args.out}: {str(error).strip().splitlines()[-1]}; use a .nii.gz, .nrrd or .mha name in a writable folder") from None
     print(f"wrote {args.out}")
     return 0
 
 
 def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .dataset import check_case_headers, find_cases
+
+    # Cases on mismatched grids are refused from their headers, before PyTorch is even loaded.
+    check_case_headers(find_cases(args.data))
+
     from .training import Trainer, TrainingConfig, finalize_best_model
 
     config = TrainingConfig(
@@ -206,9 +239,24 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (a batch system stopping the job) unwinds like Ctrl-C, so temporary files are removed.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    import SimpleITK as sitk
+
+    from . import imageio
+
+    # ITK prints warnings, and some readers their errors, straight to stderr; here errors reach the user as
+    # one line through SDMOrganSegError instead.
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    imageio.capture_native_messages = True
     try:
         if args.command == "segment":
             return run_segment(args)
@@ -218,13 +266,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_sdm(args)
         return run_train(args, argv)
     except SDMOrganSegError as error:
-        print(f"\nsdmorganseg: error: {error}" if getattr(args, "quiet", True) is False else f"sdmorganseg: error: {error}", file=sys.stderr)
+        # End a progress line first, if one was started, so the error stays on a line of its own.
+        print(f"\nsdmorganseg: error: {error}" if _progress_shown else f"sdmorganseg: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\nsdmorganseg: interrupted; no partial output was left", file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError:
         print("sdmorganseg: error: out of memory; use a smaller --window or a machine with more memory", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        # The file system said no (disk full, permission denied, ...): not a bug, so no traceback.
+        where = f": {error.filename}" if error.filename else ""
+        print(f"sdmorganseg: error: {error.strerror or error}{where}; check the path, free space and permissions", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
