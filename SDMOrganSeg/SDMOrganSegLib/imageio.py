@@ -178,6 +178,27 @@ def _check_shape(name: str, dimension: int, components: int, size: tuple[int, ..
         raise SDMOrganSegError(f"{name} has size {tuple(size)}; every dimension needs at least 2 voxels (this looks like a single slice)")
 
 
+#: A MetaImage data-file pattern: one ``%d`` (``%03d`` ...) in a file name, then first, last[, step].
+_META_PATTERN = re.compile(r"[^%\s]*%0?\d{0,2}d[^%\s]*\s+-?\d+\s+-?\d+(\s+-?\d+)?\s*")
+
+
+def _check_metaimage(path: Path, what: str) -> None:
+    """ITK's MetaImage reader passes an ``ElementDataFile`` holding ``%`` to printf as a file-name pattern:
+    any other ``%`` sequence there (a corrupt or crafted header) corrupts memory and crashes the process
+    (found by benchmarks/fuzz_readers.py). Such headers are refused before ITK sees them."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    match = re.search(rb"(?m)^[ \t]*ElementDataFile[ \t]*[=:][ \t]*([^\n]*)", head)
+    if match is None:
+        return  # ITK reports the missing field
+    value = match.group(1).decode("latin-1").rstrip("\r")
+    if "%" in value and not _META_PATTERN.fullmatch(value):
+        raise SDMOrganSegError(
+            f"{what} {path} has a corrupt MetaImage header: its ElementDataFile {value[:40]!r}... is neither LOCAL, "
+            "a file name nor a file-name pattern; export the image again"
+        )
+
+
 def _inline_data_limit(path: Path) -> float | None:
     """Most voxel bytes a single-file image can hold (its size, or what its compression can expand to),
     None where the voxels may live in another file or a format's expansion is unbounded."""
@@ -249,6 +270,8 @@ def read_image(path: str | Path, what: str = "image", *, volume: bool = False) -
                 return _read_dicom_folder(path)
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti(path, what)
+        if path.name.lower().endswith((".mha", ".mhd")):
+            _check_metaimage(path, what)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         with _native_messages() as native:
@@ -322,7 +345,7 @@ def geometry_mismatch(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> 
         first, second = np.asarray(getattr(a, f"Get{name}")()), np.asarray(getattr(b, f"Get{name}")())
         scale = max(1.0, float(np.abs(first).max(initial=0)))
         if not np.allclose(first, second, atol=tolerance * scale, rtol=0):
-            return f"{name.lower()} {tuple(np.round(first, 5))} vs {tuple(np.round(second, 5))}"
+            return f"{name.lower()} {tuple(round(float(v), 5) for v in first)} vs {tuple(round(float(v), 5) for v in second)}"
     return None
 
 
