@@ -260,10 +260,10 @@ def _plan_window(
     candidate = tuple(max(m, min(w, s)) for w, s, m in zip(start, model_shape, smallest))
     while need(candidate) > budget:
         if candidate == smallest:
+            tiled = "" if all(c >= s for c, s in zip(candidate, model_shape)) else f" even in {'x'.join(map(str, candidate[::-1]))}-voxel tiles"
             raise SDMOrganSegError(
-                f"segmenting this {'x'.join(map(str, size))} image needs about {_gb(need(candidate))} even in "
-                f"{'x'.join(map(str, candidate[::-1]))}-voxel tiles ({_gb(need(window))} at once), more than the memory budget of "
-                f"{_gb(budget)}; free memory, raise the budget ({MEMORY_ENV} or --memory-gb) or crop the image"
+                f"segmenting this {'x'.join(map(str, size))} image needs about {_gb(need(candidate))}{tiled}, more than the "
+                f"memory budget of {_gb(budget)}; free memory, raise the budget ({MEMORY_ENV} or --memory-gb) or crop the image"
             )
         candidate = tuple(max(m, int(math.ceil(c / 2))) for c, m in zip(candidate, smallest))
     notes.append(
