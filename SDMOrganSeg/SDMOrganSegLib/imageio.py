@@ -180,23 +180,56 @@ def _check_shape(name: str, dimension: int, components: int, size: tuple[int, ..
 
 #: A MetaImage data-file pattern: one ``%d`` (``%03d`` ...) in a file name, then first, last[, step].
 _META_PATTERN = re.compile(r"[^%\s]*%0?\d{0,2}d[^%\s]*\s+-?\d+\s+-?\d+(\s+-?\d+)?\s*")
+_META_LINE = re.compile(r"[ \t]*([A-Za-z_][\w.-]*)[ \t]*=[ \t]*(.*?)[ \t\r]*")
+_META_VECTORS = {"ElementSpacing": 1, "ElementSize": 1, "Offset": 1, "Position": 1, "Origin": 1, "CenterOfRotation": 1,
+                 "TransformMatrix": 2, "Rotation": 2, "Orientation": 2}  # value count: NDims ** power
 
 
 def _check_metaimage(path: Path, what: str) -> None:
-    """ITK's MetaImage reader passes an ``ElementDataFile`` holding ``%`` to printf as a file-name pattern:
-    any other ``%`` sequence there (a corrupt or crafted header) corrupts memory and crashes the process
-    (found by benchmarks/fuzz_readers.py). Such headers are refused before ITK sees them."""
+    """Check a MetaImage header before ITK parses it: ITK 5.4's MetaIO crashes the process (memory
+    corruption, found by benchmarks/fuzz_readers.py) on some corrupt headers, e.g. a negative ``NDims``,
+    a line that is not ``Key = value``, or an ``ElementDataFile`` with ``%`` codes, which it passes to
+    printf. Every line up to ``ElementDataFile`` must be ``Key = value``, with counts that fit ``NDims``."""
     with open(path, "rb") as handle:
         head = handle.read(1 << 16)
-    match = re.search(rb"(?m)^[ \t]*ElementDataFile[ \t]*[=:][ \t]*([^\n]*)", head)
-    if match is None:
-        return  # ITK reports the missing field
-    value = match.group(1).decode("latin-1").rstrip("\r")
+
+    def refuse(problem: str) -> None:
+        raise SDMOrganSegError(f"{what} {path} has a corrupt MetaImage header ({problem}); export the image again")
+
+    fields: dict[str, str] = {}
+    for number, raw in enumerate(head.split(b"\n"), start=1):
+        line = raw.decode("latin-1")
+        if not line.strip():
+            continue
+        match = _META_LINE.fullmatch(line)
+        if match is None:
+            refuse(f"line {number}, {line[:40]!r}, is not 'Key = value'")
+        fields[match.group(1)] = match.group(2)
+        if match.group(1) == "ElementDataFile":
+            break
+    else:
+        refuse("no ElementDataFile line in its first 64 kB")
+    value = fields["ElementDataFile"]
     if "%" in value and not _META_PATTERN.fullmatch(value):
-        raise SDMOrganSegError(
-            f"{what} {path} has a corrupt MetaImage header: its ElementDataFile {value[:40]!r}... is neither LOCAL, "
-            "a file name nor a file-name pattern; export the image again"
-        )
+        refuse(f"ElementDataFile {value[:40]!r} is neither LOCAL, a file name nor a file-name pattern")
+    try:
+        dimensions = int(fields.get("NDims", ""))
+        numbers = {key: [float(v) for v in fields[key].split()] for key in ("DimSize", *_META_VECTORS) if key in fields}
+        for key in ("ElementNumberOfChannels", "CompressedDataSize", "HeaderSize"):
+            if key in fields:
+                numbers[key] = [int(fields[key])]
+    except ValueError:
+        refuse("NDims, DimSize or a geometry field is not a number")
+    if not 1 <= dimensions <= 8:
+        refuse(f"NDims {dimensions}")
+    sizes = numbers.get("DimSize", [])
+    if len(sizes) != dimensions or min(sizes) < 1 or any(v != int(v) for v in sizes):
+        refuse(f"DimSize {fields.get('DimSize', '')[:40]!r} for NDims {dimensions}")
+    for key, power in _META_VECTORS.items():
+        if key in numbers and len(numbers[key]) != dimensions**power:
+            refuse(f"{key} has {len(numbers[key])} values for NDims {dimensions}")
+    if numbers.get("ElementNumberOfChannels", [1])[0] < 1 or min(numbers.get("CompressedDataSize", [0])[0], numbers.get("HeaderSize", [0])[0]) < -1:
+        refuse("ElementNumberOfChannels, CompressedDataSize or HeaderSize out of range")
 
 
 def _inline_data_limit(path: Path) -> float | None:
