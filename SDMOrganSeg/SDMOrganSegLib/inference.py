@@ -119,6 +119,44 @@ def _autocast(device: torch.device) -> Iterator[None]:
         yield
 
 
+#: CPU inference settings, each kept because benchmarks/bench_inference.py shows it pays (RESULTS.md):
+#: channels-last (NDHWC) tensors, which oneDNN convolves without reordering every activation, and two
+#: tiles per network call, which sends the small deep-level convolutions to oneDNN too (for a batch of
+#: one PyTorch runs them through its slower generic kernel). A second tile is only batched while its
+#: activations stay under ``_CPU_BATCH_BYTES``.
+_CPU_CHANNELS_LAST = True
+_CPU_TILE_BATCH = 2
+_CPU_BATCH_BYTES = 1.0e9
+#: float32 activations alive at the peak of one network call, per input voxel and first-level channel.
+_ACTIVATIONS_PER_CHANNEL = 12
+
+
+def _tile_batch(network: torch.nn.Module, window: Sequence[int], device: torch.device) -> int:
+    if device.type != "cpu" or _CPU_TILE_BATCH <= 1:
+        return 1
+    config = getattr(network, "config", None)
+    multiple = 2 ** int(getattr(config, "depth", 0))
+    voxels = math.prod(int(math.ceil(w / multiple)) * multiple for w in window)
+    per_tile = 4.0 * voxels * _ACTIVATIONS_PER_CHANNEL * int(getattr(config, "base_channels", 32))
+    return _CPU_TILE_BATCH if (_CPU_TILE_BATCH - 1) * per_tile <= _CPU_BATCH_BYTES else 1
+
+
+@contextlib.contextmanager
+def _memory_format(network: torch.nn.Module, device: torch.device) -> Iterator[torch.memory_format]:
+    """Channels-last for the CPU run, the network's own layout restored afterwards (training goes on with it)."""
+    if device.type != "cpu" or not _CPU_CHANNELS_LAST:
+        yield torch.contiguous_format
+        return
+    weights = [p for p in network.parameters() if p.dim() == 5]
+    was_channels_last = bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights)
+    network.to(memory_format=torch.channels_last_3d)
+    try:
+        yield torch.channels_last_3d
+    finally:
+        if not was_channels_last:
+            network.to(memory_format=torch.contiguous_format)
+
+
 def predict_array(
     network: torch.nn.Module,
     volume: np.ndarray,
@@ -130,9 +168,9 @@ def predict_array(
 ) -> np.ndarray:
     """Network output ``(organs, z, y, x)`` float32 for a normalised volume ``(z, y, x)``.
 
-    With ``window`` (``(z, y, x)`` voxels) smaller than the volume, tiles are predicted one at a time and
-    blended with Gaussian weights straight into the output, so memory grows with the volume (one float32
-    per organ and voxel, plus one for the weights), not with the number of tiles.
+    With ``window`` (``(z, y, x)`` voxels) smaller than the volume, tiles are predicted (on the CPU two per
+    network call) and blended with Gaussian weights straight into the output, so memory grows with the
+    volume (one float32 per organ and voxel, plus one for the weights), not with the number of tiles.
     """
     network = network.to(device)
     organs = network.config.out_channels if hasattr(network, "config") else None
@@ -142,26 +180,37 @@ def predict_array(
     else:
         windows = tiles(shape, window, overlap)
     single = len(windows) == 1
+    # Every tile has the same size (the last one along each axis is shifted back), so tiles stack.
+    batch = 1 if single else _tile_batch(network, [r.stop - r.start for r in windows[0]], device)
     output = None if single else np.zeros((organs,) + tuple(shape), np.float32)
     weight_sum = None if single else np.zeros(shape, np.float32)
     weights = None
-    with torch.inference_mode(), _autocast(device):
-        for index, region in enumerate(windows):
+    done = 0
+    # The layout change (and its undoing) must happen outside inference mode: parameters made there could
+    # not be trained afterwards, and predict_array also runs between training epochs.
+    with _memory_format(network, device) as layout, torch.inference_mode(), _autocast(device):
+        for first in range(0, len(windows), batch):
             if _should_stop(cancel):
                 raise CancelledError()
-            tile = torch.from_numpy(np.ascontiguousarray(volume[region]))[None, None].to(device, non_blocking=True)
-            prediction = network(tile)[0].float().cpu().numpy()
-            if single:
-                output = prediction
-            else:
-                if weights is None or weights.shape != prediction.shape[1:]:
-                    weights = gaussian_weights(prediction.shape[1:])
-                output[(slice(None),) + region] += prediction * weights
-                weight_sum[region] += weights
-            if progress:
-                progress((index + 1) / len(windows), f"network: tile {index + 1} of {len(windows)}")
+            regions = windows[first : first + batch]
+            tile = torch.from_numpy(np.stack([volume[region] for region in regions])[:, None])
+            tile = tile.to(device, non_blocking=True).contiguous(memory_format=layout)
+            predictions = network(tile).float().cpu().contiguous().numpy()
+            for region, prediction in zip(regions, predictions):
+                if single:
+                    output = prediction
+                else:
+                    if weights is None or weights.shape != prediction.shape[1:]:
+                        weights = gaussian_weights(prediction.shape[1:])
+                    prediction *= weights
+                    output[(slice(None),) + region] += prediction
+                    weight_sum[region] += weights
+                done += 1
+                if progress:
+                    progress(done / len(windows), f"network: tile {done} of {len(windows)}")
     if not single:
-        output /= weight_sum
+        # In place and on PyTorch's threads: the same IEEE division as numpy's, in a fraction of the time.
+        torch.from_numpy(output).div_(torch.from_numpy(weight_sum))
     return output
 
 

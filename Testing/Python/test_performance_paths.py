@@ -1,0 +1,223 @@
+"""The optimised code paths (issue 5) give what the straightforward code gives.
+
+Each test compares an optimised function with a plain reference written here: the SDM normalisation
+with the normalisation of the signed map, the label map with ``np.argmin``, the tiled prediction with a
+tile-by-tile, batch-of-one, contiguous-layout blend, the cropped iso-surfaces with flying edges on the
+whole volume, and the .vtp writer settings with a read-back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import vtk
+from scipy import ndimage
+from vtk.util import numpy_support
+
+from SDMOrganSegLib import contours, inference, sdm
+from SDMOrganSegLib.network import UNet3D, preset
+
+
+def _ellipsoid(shape, centre, radii) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) < 1
+
+
+MASKS = {
+    "ellipsoid": _ellipsoid((30, 40, 50), (14, 20, 22), (8, 12, 15)),
+    "noise": np.random.default_rng(0).random((20, 24, 28)) < 0.3,
+    "at the border": np.pad(np.ones((5, 6, 7), bool), ((0, 9), (4, 2), (0, 3))),
+    "one voxel": np.pad(np.ones((1, 1, 1), bool), ((3, 4), (0, 6), (5, 0))),
+    "one hole": ~np.pad(np.ones((1, 1, 1), bool), ((3, 4), (2, 6), (5, 1))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 0.8, 2.5), (0.3, 2.0, 1.1)])
+def test_normalized_sdm_is_the_normalised_signed_map(name, spacing):
+    mask = MASKS[name]
+    signed = sdm.signed_distance_mm(mask, spacing)
+    expected = signed.copy()
+    inside = signed < 0
+    np.divide(expected, -float(signed.min()), out=expected, where=inside)
+    np.divide(expected, float(signed.max()), out=expected, where=~inside)
+    result = sdm.normalized_sdm(mask, spacing)
+    assert result.dtype == np.float32
+    assert np.array_equal(result, expected)  # bit for bit
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_signed_distance_is_exact(name):
+    mask, spacing = MASKS[name], (0.8, 0.9, 2.5)
+    sampling = tuple(reversed(spacing))
+    expected = ndimage.distance_transform_edt(~mask, sampling=sampling) - ndimage.distance_transform_edt(mask, sampling=sampling)
+    assert np.abs(sdm.signed_distance_mm(mask, spacing) - expected).max() < 1e-4
+
+
+def _argmin_label_map(sdms: np.ndarray, values) -> np.ndarray:
+    dtype = np.uint8 if max(values) < 256 else np.uint16
+    deepest = np.argmin(sdms, axis=0)
+    labels = np.asarray(values, dtype=dtype)[deepest]
+    labels[~(np.take_along_axis(sdms, deepest[None], axis=0)[0] < 0)] = 0
+    return labels
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("values", [[1, 2, 5], [3], [7, 1000, 2, 9]])
+def test_label_map_matches_argmin_with_ties_zeros_and_nan(dtype, values):
+    rng = np.random.default_rng(len(values))
+    sdms = rng.uniform(-1, 1, (len(values), 37, 9, 11)).astype(dtype)
+    flat = sdms.reshape(len(values), -1)
+    flat[:, ::7] = np.round(flat[:, ::7], 1)  # ties between organs
+    flat[:, ::17] = 0.0
+    flat[-1, ::19] = -0.0
+    flat[rng.integers(0, len(values)), ::13] = np.nan
+    expected = _argmin_label_map(sdms, values)
+    for given in (sdms, list(sdms)):
+        result = sdm.sdms_to_label_map(given, values)
+        assert result.dtype == expected.dtype and np.array_equal(result, expected)
+
+
+def test_label_map_slabs(monkeypatch):
+    monkeypatch.setattr(sdm, "_LABEL_CHUNK_VOXELS", 50)  # several slabs, and slabs thinner than a slice
+    sdms = np.random.default_rng(1).uniform(-1, 1, (3, 13, 8, 9)).astype(np.float32)
+    assert np.array_equal(sdm.sdms_to_label_map(sdms, [1, 2, 3]), _argmin_label_map(sdms, [1, 2, 3]))
+    with pytest.raises(ValueError):
+        sdm.sdms_to_label_map(sdms, [1, 2])
+
+
+def _plain_blend(network, volume, window, overlap):
+    """predict_array as a tile-by-tile, batch-of-one blend in the contiguous layout."""
+    regions = inference.tiles(volume.shape, window, overlap)
+    output = np.zeros((network.config.out_channels,) + volume.shape, np.float32)
+    weight_sum = np.zeros(volume.shape, np.float32)
+    with torch.inference_mode():
+        for region in regions:
+            prediction = network(torch.from_numpy(np.ascontiguousarray(volume[region]))[None, None])[0].numpy()
+            weights = inference.gaussian_weights(prediction.shape[1:])
+            output[(slice(None),) + region] += prediction * weights
+            weight_sum[region] += weights
+    return output / weight_sum
+
+
+@pytest.mark.parametrize("window", [(16, 32, 16), (32, 32, 48)])
+def test_tiled_prediction_matches_a_plain_blend_and_restores_the_network(window):
+    torch.manual_seed(0)
+    network = UNet3D(preset("cpu", 1, 3)).eval()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    volume = np.random.default_rng(0).standard_normal((35, 52, 61)).astype(np.float32)
+    progress = []
+    result = inference.predict_array(network, volume, torch.device("cpu"), window, 0.25, progress=lambda f, m: progress.append(f))
+    expected = _plain_blend(network, volume, window, 0.25)
+    assert result.shape == expected.shape and result.dtype == np.float32
+    # Layout and batching change the float rounding of the convolutions, nothing more.
+    assert np.abs(result - expected).max() < 2e-3
+    assert np.mean(np.abs(result - expected)) < 1e-4
+    assert progress[-1] == pytest.approx(1.0) and len(progress) == len(inference.tiles(volume.shape, window, 0.25))
+    for name, value in network.state_dict().items():
+        assert value.is_contiguous() and torch.equal(value, before[name])
+
+
+def test_single_tile_prediction_matches_the_network():
+    torch.manual_seed(1)
+    network = UNet3D(preset("cpu", 1, 2)).eval()
+    volume = np.random.default_rng(2).standard_normal((20, 30, 25)).astype(np.float32)
+    with torch.inference_mode():
+        expected = network(torch.from_numpy(volume)[None, None])[0].numpy()
+    result = inference.predict_array(network, volume, torch.device("cpu"))
+    assert result.flags.c_contiguous and np.abs(result - expected).max() < 2e-3
+
+
+def test_tile_batch_respects_the_memory_cap(monkeypatch):
+    network = UNet3D(preset("paper", 1, 2))
+    assert inference._tile_batch(network, (128, 128, 128), torch.device("cpu")) == 1  # 2.4 GB per extra tile
+    assert inference._tile_batch(UNet3D(preset("cpu", 1, 2)), (96, 96, 96), torch.device("cpu")) == 2
+    monkeypatch.setattr(inference, "_CPU_TILE_BATCH", 1)
+    assert inference._tile_batch(UNet3D(preset("cpu", 1, 2)), (96, 96, 96), torch.device("cpu")) == 1
+
+
+def _sdm_image(direction=None) -> sitk.Image:
+    labels = np.zeros((40, 48, 44), np.uint8)
+    labels[_ellipsoid(labels.shape, (20, 22, 20), (9, 12, 10))] = 1
+    image = sitk.GetImageFromArray(sdm.normalized_sdm(labels == 1, (0.8, 0.9, 2.0)))
+    image.SetSpacing((0.8, 0.9, 2.0))
+    image.SetOrigin((-10.0, 20.0, 5.0))
+    if direction is not None:
+        image.SetDirection(direction)
+    return image
+
+
+def _whole_volume_surface(image: sitk.Image, level: float) -> np.ndarray:
+    """Flying edges on the whole volume, points mapped to LPS with numpy: the reference."""
+    array = np.ascontiguousarray(sitk.GetArrayFromImage(image))
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    grid.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.reshape(-1), deep=True))
+    surfaces = vtk.vtkFlyingEdges3D()
+    surfaces.SetInputData(grid)
+    surfaces.SetValue(0, level)
+    surfaces.Update()
+    output = surfaces.GetOutput()
+    if output.GetNumberOfPoints() == 0:
+        return np.zeros((0, 3))
+    index = numpy_support.vtk_to_numpy(output.GetPoints().GetData()).astype(np.float64)
+    matrix = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    return index @ matrix.T + np.asarray(image.GetOrigin())
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_iso_surfaces_match_the_whole_volume(oblique):
+    direction = sitk.VersorTransform((0.2, 0.3, 0.1), 0.4).GetMatrix() if oblique else None
+    image = _sdm_image(direction)
+    levels = (0.0, 0.1, 0.3, -0.2, 0.95, 1.5)
+    surfaces = contours.iso_surfaces(image, levels)
+    assert list(surfaces) == [float(level) for level in levels]
+    for level in levels:
+        expected = _whole_volume_surface(image, level)
+        polydata = surfaces[float(level)]
+        assert polydata.GetNumberOfPoints() == len(expected)
+        if len(expected):
+            points = numpy_support.vtk_to_numpy(polydata.GetPoints().GetData())
+            # Same points in the same order; flying edges interpolates in float32 index coordinates, which
+            # round differently in a cropped box (about 1e-7 of the index).
+            assert np.abs(points - expected).max() < 1e-4
+        single = contours.iso_surface(image, level)
+        assert single.GetNumberOfPoints() == polydata.GetNumberOfPoints()
+
+
+def test_iso_surface_leaves_the_vtk_backend_as_it_was():
+    backend = vtk.vtkSMPTools.GetBackend()
+    contours.iso_surfaces(_sdm_image(), (0.0,))
+    assert vtk.vtkSMPTools.GetBackend() == backend
+
+
+def test_written_vtp_reads_back(tmp_path):
+    polydata = contours.iso_surface(_sdm_image(), 0.0)
+    path = tmp_path / "surface.vtp"
+    contours.write_polydata(polydata, str(path))
+    reader = vtk.vtkXMLPolyDataReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    back = reader.GetOutput()
+    assert back.GetNumberOfPoints() == polydata.GetNumberOfPoints() and back.GetNumberOfPolys() == polydata.GetNumberOfPolys()
+    assert np.array_equal(numpy_support.vtk_to_numpy(back.GetPoints().GetData()), numpy_support.vtk_to_numpy(polydata.GetPoints().GetData()))
+    assert back.GetFieldData().GetAbstractArray("SPACE").GetValue(0) == "LPS"
+
+
+def test_network_still_trains_after_prediction():
+    """predict_array runs between training epochs: the layout round trip must leave trainable parameters."""
+    torch.manual_seed(2)
+    network = UNet3D(preset("cpu", 1, 2))
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    volume = np.random.default_rng(3).standard_normal((20, 40, 36)).astype(np.float32)
+    for window in (None, (16, 32, 16)):
+        network.eval()
+        inference.predict_array(network, volume, torch.device("cpu"), window)
+        network.train()
+        assert not any(p.is_inference() for p in network.parameters())
+        loss = network(torch.from_numpy(volume[:16, :32, :32])[None, None]).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
