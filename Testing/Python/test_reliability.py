@@ -379,9 +379,13 @@ def bad_training(tmp_path_factory) -> dict[str, tuple[Path, tuple[str, ...]]]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cli_batch(tmp_path_factory, bad_images, bad_models, bad_training, tiny_model_dir, marker):
+def _cli_batch(request, tmp_path_factory, bad_images, bad_models, bad_training, tiny_model_dir, marker):
     """Every failing command of this file, started in the background when the module's first test runs,
-    so that their start-up overlaps with the in-process tests: a future of name -> finished process."""
+    so that their start-up overlaps with the in-process tests: a future of name -> finished process.
+    Not started when no selected test needs it (``-k``)."""
+    if not any("cli_errors" in item.fixturenames for item in request.session.items if item.module is request.module):
+        yield None
+        return
     root = tmp_path_factory.mktemp("cli_errors")
     good = _write(noise_volume(), root / "good.nii.gz")
     commands: dict[str, tuple[list, dict]] = {}
@@ -404,6 +408,7 @@ def _cli_batch(tmp_path_factory, bad_images, bad_models, bad_training, tiny_mode
     file_as_folder.mkdir()
     (file_as_folder / "contours").write_text("a file where the contours folder goes")
     commands["output: file squatting on the contours folder"] = (["segment", good, "--model", tiny_model_dir, "--out", file_as_folder, "--quiet"], {})
+    commands["argument: not a number"] = (["segment", good, "--out", root / "out-argument", "--overlap", "x"], {})
     # Memory.
     commands["memory: budget too small even for tiles"] = (["segment", good, "--model", tiny_model_dir, "--out", root / "out-memory", "--quiet"], {inference.MEMORY_ENV: "0.000001"})
     commands["memory: budget not a number"] = (["segment", good, "--model", tiny_model_dir, "--out", root / "out-memory2", "--quiet"], {inference.MEMORY_ENV: "lots"})
@@ -867,3 +872,7 @@ def test_squatters_on_output_names_are_refused_by_the_command(cli_errors):
     assert_one_line_error(cli_errors["output: folder squatting on an output name"], "is a folder")
     assert_one_line_error(cli_errors["output: file squatting on the contours folder"], "is a file where an output folder must go")
     assert digest_tree(cli_errors["_root"] / "squatted") == {"sdm_posterior.nii.gz": "<dir>"}
+
+
+def test_argument_errors_are_one_line(cli_errors):
+    assert_one_line_error(cli_errors["argument: not a number"], "--overlap", "invalid float value", "--help")
