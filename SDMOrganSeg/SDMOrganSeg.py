@@ -34,14 +34,14 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 # Only the dependency-free part of the library is imported here: Slicer imports every module at start-up.
+from SDMOrganSegLib import modelfiles  # reads model folders without PyTorch
 from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError
+from SDMOrganSegLib.modelfiles import CARD_FILE as MODEL_CARD_FILE, DEFAULT_MODEL
 
 #: Python packages the core library needs beyond what Slicer bundles: import name -> pip requirement.
 PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "edt": "edt>=3.0", "scipy": "scipy>=1.11"}
 TORCH_REQUIREMENT = ">=2.2"
 #: File names of a model folder (see SDMOrganSegLib.modelfiles); read here without importing PyTorch.
-MODEL_CARD_FILE = "model.json"
-DEFAULT_MODEL = "hippocampus"
 #: Marker item data of the "Load model folder..." entry of the model combo box.
 LOAD_MODEL_FOLDER = "<load-model-folder>"
 
@@ -535,37 +535,24 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
 
     # --- models (read without PyTorch, so the panel opens before any installation) ---
 
-    @staticmethod
-    def modelsFolder() -> Path:
-        override = os.environ.get("SDMORGANSEG_MODELS")
-        return Path(override) if override else Path(moduleResourcePath("Models"))
-
     def shippedModels(self) -> dict[str, Path]:
-        """Shipped model name -> folder (folders of Resources/Models holding a model card)."""
-        folder = self.modelsFolder()
-        if not folder.is_dir():
-            return {}
-        return {p.name: p for p in sorted(folder.iterdir()) if (p / MODEL_CARD_FILE).is_file()}
+        """Shipped model name -> folder (``Resources/Models``, or ``SDMORGANSEG_MODELS``)."""
+        return modelfiles.shipped_models()
 
     def resolveModel(self, model: str) -> Path:
         """A model folder from a shipped model name or a folder path; empty: the default shipped model."""
-        shipped = self.shippedModels()
-        if not model:
-            if DEFAULT_MODEL in shipped:
-                return shipped[DEFAULT_MODEL]
+        if not model and DEFAULT_MODEL not in self.shippedModels():
             raise SDMOrganSegError(_("no model is installed; load a model folder"))
-        if model in shipped:
-            return shipped[model]
-        path = Path(model)
+        path = modelfiles.resolve_model(model or None)
         if not (path / MODEL_CARD_FILE).is_file():
             raise SDMOrganSegError(_("model folder {folder} has no {card}; choose an SDMOrganSeg model folder").format(folder=model, card=MODEL_CARD_FILE))
         return path
 
     def readModelCard(self, model: str) -> Optional[dict[str, Any]]:
-        """The model card as a dict, or None when the model cannot be found or read."""
+        """The checked model card as a dict, or None when the model cannot be found or read."""
         try:
-            return json.loads((self.resolveModel(model) / MODEL_CARD_FILE).read_text(encoding="utf-8"))
-        except (SDMOrganSegError, OSError, ValueError):
+            return modelfiles.read_card(self.resolveModel(model)).to_dict()
+        except SDMOrganSegError:
             return None
 
     # --- dependencies ---

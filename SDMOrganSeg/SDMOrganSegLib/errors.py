@@ -12,5 +12,5 @@ class SDMOrganSegError(Exception):
 class CancelledError(SDMOrganSegError):
     """The user asked to stop; whatever the run had made is discarded."""
 
-    def __init__(self, message: str = "cancelled by the user; nothing was written") -> None:
+    def __init__(self, message: str = "cancelled by the user") -> None:
         super().__init__(message)

@@ -21,7 +21,8 @@ from .files import atomic_path, check_writable, sha256_of, write_text_atomic
 if TYPE_CHECKING:  # PyTorch is imported only once a model is really built: refusing a bad folder is fast
     import torch
 
-    from .network import UNet3D, UNetConfig
+    from .network import UNet3D
+from .architecture import UNetConfig
 from .preprocessing import DEFAULT_INTENSITY
 from .sdm import HEAVISIDE_K
 
@@ -92,7 +93,6 @@ class ModelCard:
                     f"{source} has format {card_format}, newer than this SDMOrganSeg ({__version__}) reads "
                     f"(format {MODEL_CARD_FORMAT}); update SDMOrganSeg"
                 )
-            from .network import UNetConfig
 
             organs = [
                 Organ(str(o["name"]), int(o["label"]), tuple(float(c) for c in o.get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))

@@ -12,54 +12,11 @@ transposed convolution.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Architecture of a :class:`UNet3D`; stored in each model card so the weights can be rebuilt."""
-
-    in_channels: int = 1
-    out_channels: int = 1
-    depth: int = 6  #: number of downsamplings (the paper uses 6)
-    base_channels: int = 24  #: channels at full resolution, doubled at each level
-    max_channels: int = 384  #: cap on the doubling
-    norm_groups: int = 8  #: group-norm groups (reduced where a layer has fewer channels)
-    negative_slope: float = 0.01  #: leaky ReLU slope
-    output_activation: str = "tanh"  #: "tanh" for SDM models, "none" for Dice-only logits
-
-    def channels(self, level: int) -> int:
-        return min(self.base_channels * 2**level, self.max_channels)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
-        return cls(**values)
-
-
-#: Named architectures: the paper's and one small enough to train on two CPU cores within an hour.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(depth=6, base_channels=24, max_channels=384),
-    "cpu": dict(depth=4, base_channels=8, max_channels=64),
-}
-
-
-def preset(name: str, in_channels: int = 1, out_channels: int = 1, **overrides: Any) -> UNetConfig:
-    """A :class:`UNetConfig` from :data:`PRESETS` with the given channel counts."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return UNetConfig(in_channels=in_channels, out_channels=out_channels, **{**PRESETS[name], **overrides})
+from .architecture import PRESETS, UNetConfig, preset  # noqa: F401  (re-exported: the model API)
 
 
 def _groups(channels: int, wanted: int) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import edt
 import numpy as np
 
 #: Steepness of the smooth Heaviside for normalised SDMs (paper, Eq. 3, with its sign corrected).
@@ -55,6 +54,8 @@ def _organ_bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | No
 def _distances(mask: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, tuple[slice, ...], np.ndarray]:
     """Unsigned distances in mm: of every outside voxel to the organ (0 inside), float32 over the whole
     volume, and of every inside voxel to the outside (0 outside) within the organ's box, with that box."""
+    import edt  # here, not at module level: model cards are read where edt isn't installed yet
+
     mask = np.ascontiguousarray(mask, dtype=bool)
     anisotropy = tuple(float(s) for s in reversed(tuple(spacing)))
     # Outside distances need the whole volume; the inside ones only the organ's box plus one voxel

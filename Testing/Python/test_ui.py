@@ -232,7 +232,7 @@ def test_module_logic_segments_and_measures_on_a_real_scene(module, tmp_path, mo
     assert list(logic.shippedModels()) == ["hippocampus"]
     assert logic.resolveModel("") == models / "hippocampus"
     assert logic.readModelCard("hippocampus")["name"] == "smoke"
-    with pytest.raises(module.SDMOrganSegError, match="model.json"):
+    with pytest.raises(module.SDMOrganSegError, match="neither a folder nor a shipped model"):
         logic.resolveModel(str(tmp_path / "nowhere"))
 
     volume = headless.load_volume(REPO / "Testing" / "Data" / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz")
