@@ -434,7 +434,8 @@ def segment_image(
             sdm = resample_like(sdm, image, sitk.sitkLinear, default=1.0)
         sdm_images[organ.name] = sdm
         sdm_arrays.append(sitk.GetArrayViewFromImage(sdm))
-    labels = image_from_array(sdms_to_label_map(np.stack(sdm_arrays), card.label_values), image)
+    # The per-organ arrays as they are: stacking them would copy every SDM once more (1.9 GB for 9 CT organs).
+    labels = image_from_array(sdms_to_label_map(sdm_arrays, card.label_values), image)
     timings["postprocess_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - started
     report(1.0, "done")
