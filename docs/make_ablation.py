@@ -34,9 +34,9 @@ from SDMOrganSegLib.sdm import label_map_to_sdms  # noqa: E402
 MODES = ["dice", "sdm", "l1+dice", "sdm+dice"]
 MODE_COLORS = {"dice": "tab:blue", "sdm": "gold", "l1+dice": "tab:purple", "sdm+dice": "lime"}
 PAPER_TABLE1 = {  # Xue et al. 2020, Table 1 (their hippocampus CT data, 12 test cases)
-    "dice": "0.840 ± 0.025 | 23.568 ± 17.811 | 1.989 ± 1.596 | 0.414 ± 0.153",
-    "sdm": "0.757 ± 0.065 | 8.076 ± 4.650 | 3.393 ± 3.303 | 0.714 ± 0.466",
-    "sdm+dice": "0.843 ± 0.032 | 5.400 ± 1.895 | 1.747 ± 1.270 | 0.345 ± 0.130",
+    "dice": "0.840 ± 0.025; 23.568 ± 17.811; 1.989 ± 1.596; 0.414 ± 0.153",
+    "sdm": "0.757 ± 0.065; 8.076 ± 4.650; 3.393 ± 3.303; 0.714 ± 0.466",
+    "sdm+dice": "0.843 ± 0.032; 5.400 ± 1.895; 1.747 ± 1.270; 0.345 ± 0.130",
 }
 
 
