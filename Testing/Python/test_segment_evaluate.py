@@ -13,6 +13,7 @@ from conftest import CT, HIPPOCAMPUS, REPO
 from vtk.util import numpy_support
 
 from SDMOrganSegLib.contours import iso_surface
+from SDMOrganSegLib.files import safe_name
 from SDMOrganSegLib.inference import segment_image
 from SDMOrganSegLib.modelfiles import load_model, shipped_models
 from SDMOrganSegLib.sdm import normalized_sdm
@@ -39,7 +40,7 @@ def test_segment_then_evaluate_real_case(model_dir, tmp_path):
     result = run_cli("segment", str(image_path), "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--quiet")
     assert result.returncode == 0, result.stderr
     card = load_model(model_dir).card
-    names = {"labels.nii.gz", "summary.json"} | {f"sdm_{o}.nii.gz" for o in card.organ_names}
+    names = {"labels.nii.gz", "summary.json"} | {f"sdm_{safe_name(o)}.nii.gz" for o in card.organ_names}
     assert names <= {p.name for p in out.iterdir()}
     assert len(list((out / "contours").glob("*.vtp"))) == 4 * len(card.organs)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
