@@ -119,12 +119,12 @@ def _autocast(device: torch.device) -> Iterator[None]:
         yield
 
 
-#: CPU inference settings, each kept because benchmarks/bench_inference.py shows it pays (RESULTS.md):
-#: channels-last (NDHWC) tensors, which oneDNN convolves without reordering every activation, and two
-#: tiles per network call, which sends the small deep-level convolutions to oneDNN too (for a batch of
-#: one PyTorch runs them through its slower generic kernel). A second tile is only batched while its
-#: activations stay under ``_CPU_BATCH_BYTES``.
-_CPU_CHANNELS_LAST = True
+#: Tiles per network call on the CPU. For a batch of one, PyTorch sends the small deep-level convolutions
+#: (channels x depth x height <= 20480) to its generic kernel, several times slower than oneDNN; two tiles
+#: send every convolution to oneDNN (benchmarks/bench_inference.py, RESULTS.md). A second tile is only
+#: batched while its activations stay under ``_CPU_BATCH_BYTES``. The channels-last layout, faster still,
+#: is not used: PyTorch's channels-last GroupNorm on the CPU computes the variance in one pass and loses
+#: most digits where activations are nearly constant (air in CT), errors up to 0.1 in the SDM.
 _CPU_TILE_BATCH = 2
 _CPU_BATCH_BYTES = 1.0e9
 #: float32 activations alive at the peak of one network call, per input voxel and first-level channel.
@@ -141,22 +141,6 @@ def _tile_batch(network: torch.nn.Module, window: Sequence[int], device: torch.d
     return _CPU_TILE_BATCH if (_CPU_TILE_BATCH - 1) * per_tile <= _CPU_BATCH_BYTES else 1
 
 
-@contextlib.contextmanager
-def _memory_format(network: torch.nn.Module, device: torch.device) -> Iterator[torch.memory_format]:
-    """Channels-last for the CPU run, the network's own layout restored afterwards (training goes on with it)."""
-    if device.type != "cpu" or not _CPU_CHANNELS_LAST:
-        yield torch.contiguous_format
-        return
-    weights = [p for p in network.parameters() if p.dim() == 5]
-    was_channels_last = bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights)
-    network.to(memory_format=torch.channels_last_3d)
-    try:
-        yield torch.channels_last_3d
-    finally:
-        if not was_channels_last:
-            network.to(memory_format=torch.contiguous_format)
-
-
 def predict_array(
     network: torch.nn.Module,
     volume: np.ndarray,
@@ -169,8 +153,9 @@ def predict_array(
     """Network output ``(organs, z, y, x)`` float32 for a normalised volume ``(z, y, x)``.
 
     With ``window`` (``(z, y, x)`` voxels) smaller than the volume, tiles are predicted (on the CPU two per
-    network call) and blended with Gaussian weights straight into the output, so memory grows with the
-    volume (one float32 per organ and voxel, plus one for the weights), not with the number of tiles.
+    network call where memory allows) and blended with Gaussian weights straight into the output, so
+    memory grows with the volume (one float32 per organ and voxel, plus one for the weights), not with
+    the number of tiles.
     """
     network = network.to(device)
     organs = network.config.out_channels if hasattr(network, "config") else None
@@ -184,33 +169,34 @@ def predict_array(
     batch = 1 if single else _tile_batch(network, [r.stop - r.start for r in windows[0]], device)
     output = None if single else np.zeros((organs,) + tuple(shape), np.float32)
     weight_sum = None if single else np.zeros(shape, np.float32)
+    output_sum = None if single else torch.from_numpy(output)
+    weight_total = None if single else torch.from_numpy(weight_sum)
     weights = None
     done = 0
-    # The layout change (and its undoing) must happen outside inference mode: parameters made there could
-    # not be trained afterwards, and predict_array also runs between training epochs.
-    with _memory_format(network, device) as layout, torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device):
         for first in range(0, len(windows), batch):
             if _should_stop(cancel):
                 raise CancelledError()
             regions = windows[first : first + batch]
-            tile = torch.from_numpy(np.stack([volume[region] for region in regions])[:, None])
-            tile = tile.to(device, non_blocking=True).contiguous(memory_format=layout)
-            predictions = network(tile).float().cpu().contiguous().numpy()
+            tile = torch.from_numpy(np.stack([volume[region] for region in regions])[:, None]).to(device, non_blocking=True)
+            predictions = network(tile).float().cpu()
             for region, prediction in zip(regions, predictions):
                 if single:
-                    output = prediction
+                    output = prediction.contiguous().numpy()
                 else:
                     if weights is None or weights.shape != prediction.shape[1:]:
-                        weights = gaussian_weights(prediction.shape[1:])
-                    prediction *= weights
-                    output[(slice(None),) + region] += prediction
-                    weight_sum[region] += weights
+                        weights = torch.from_numpy(gaussian_weights(prediction.shape[1:]))
+                    # The same float32 products and sums as numpy's, in place on the network's output (no
+                    # temporary) and on PyTorch's threads.
+                    prediction.mul_(weights)
+                    output_sum[(slice(None),) + region].add_(prediction)
+                    weight_total[region].add_(weights)
                 done += 1
                 if progress:
                     progress(done / len(windows), f"network: tile {done} of {len(windows)}")
     if not single:
         # In place and on PyTorch's threads: the same IEEE division as numpy's, in a fraction of the time.
-        torch.from_numpy(output).div_(torch.from_numpy(weight_sum))
+        output_sum.div_(weight_total)
     return output
 
 

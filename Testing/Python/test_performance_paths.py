@@ -112,12 +112,35 @@ def test_tiled_prediction_matches_a_plain_blend_and_restores_the_network(window)
     result = inference.predict_array(network, volume, torch.device("cpu"), window, 0.25, progress=lambda f, m: progress.append(f))
     expected = _plain_blend(network, volume, window, 0.25)
     assert result.shape == expected.shape and result.dtype == np.float32
-    # Layout and batching change the float rounding of the convolutions, nothing more.
-    assert np.abs(result - expected).max() < 2e-3
-    assert np.mean(np.abs(result - expected)) < 1e-4
+    # Batching changes the float rounding of the convolutions (another kernel), nothing more.
+    assert np.abs(result - expected).max() < 2e-4
+    assert np.mean(np.abs(result - expected)) < 1e-5
     assert progress[-1] == pytest.approx(1.0) and len(progress) == len(inference.tiles(volume.shape, window, 0.25))
     for name, value in network.state_dict().items():
         assert value.is_contiguous() and torch.equal(value, before[name])
+
+
+def test_prediction_keeps_float32_accuracy_on_flat_regions():
+    """Air in CT: a tile of nearly constant input, where a one-pass variance in group norm (PyTorch's
+    channels-last CPU kernel) loses most digits. The prediction must stay close to a float64 run."""
+    torch.manual_seed(4)
+    network = UNet3D(preset("cpu", 1, 2)).eval()
+    rng = np.random.default_rng(4)
+    volume = np.full((32, 64, 64), -1.0, np.float32)  # CT air after windowing: exactly -1
+    volume[8:24, 20:44, 30:60] = rng.uniform(-0.2, 0.6, (16, 24, 30))
+    result = inference.predict_array(network, volume, torch.device("cpu"), (32, 32, 32), 0.25)
+    with torch.inference_mode():
+        double = UNet3D(preset("cpu", 1, 2)).double().eval()
+        double.load_state_dict(network.state_dict())
+        regions = inference.tiles(volume.shape, (32, 32, 32), 0.25)
+        output = np.zeros((2,) + volume.shape)
+        weight_sum = np.zeros(volume.shape)
+        for region in regions:
+            prediction = double(torch.from_numpy(volume[region].astype(np.float64))[None, None])[0].numpy()
+            weights = inference.gaussian_weights(prediction.shape[1:]).astype(np.float64)
+            output[(slice(None),) + region] += prediction * weights
+            weight_sum[region] += weights
+    assert np.abs(result - output / weight_sum).max() < 1e-3
 
 
 def test_single_tile_prediction_matches_the_network():
@@ -127,7 +150,7 @@ def test_single_tile_prediction_matches_the_network():
     with torch.inference_mode():
         expected = network(torch.from_numpy(volume)[None, None])[0].numpy()
     result = inference.predict_array(network, volume, torch.device("cpu"))
-    assert result.flags.c_contiguous and np.abs(result - expected).max() < 2e-3
+    assert result.flags.c_contiguous and np.abs(result - expected).max() < 1e-6
 
 
 def test_tile_batch_respects_the_memory_cap(monkeypatch):
@@ -221,3 +244,29 @@ def test_network_still_trains_after_prediction():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+class _LayoutNetwork(torch.nn.Module):
+    """Deterministic 'network' computed in numpy, returned in channels-last layout like a CPU UNet's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"out_channels": 3, "depth": 0, "base_channels": 1})()
+        self.scale = torch.nn.Parameter(torch.ones(1, 1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = np.concatenate([np.sin(x.numpy() * (k + 1)).astype(np.float32) for k in range(3)], axis=1)
+        return torch.from_numpy(values).contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_blend_is_bit_identical_to_the_numpy_blend():
+    volume = np.random.default_rng(0).standard_normal((30, 50, 41)).astype(np.float32)
+    result = inference.predict_array(_LayoutNetwork(), volume, torch.device("cpu"), (16, 32, 16), 0.25)
+    output = np.zeros((3,) + volume.shape, np.float32)
+    weight_sum = np.zeros(volume.shape, np.float32)
+    for region in inference.tiles(volume.shape, (16, 32, 16), 0.25):
+        prediction = np.stack([np.sin(volume[region][None] * (k + 1)).astype(np.float32)[0] for k in range(3)])
+        weights = inference.gaussian_weights(prediction.shape[1:])
+        output[(slice(None),) + region] += prediction * weights
+        weight_sum[region] += weights
+    assert np.array_equal(result, output / weight_sum)
