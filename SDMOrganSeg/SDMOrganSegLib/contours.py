@@ -7,8 +7,7 @@ so the level-0 surface passes midway between voxel centres of opposite sign.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,27 +16,10 @@ from vtk.util import numpy_support
 
 #: Levels drawn by default and their colours, as in the paper's Figure 4 (red, orange, yellow, green).
 DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3)
-#: Switch VTK from its sequential SMP backend to threads while contouring (see :func:`_threaded_vtk`).
-_THREADED_VTK = True
-#: zlib level of the .vtp files: 1 writes 2-3x faster than the default and the files are hardly larger.
+#: zlib level of the .vtp files: 1 writes 2-3x faster than the default (see write_polydata).
 _ZLIB_LEVEL = 1
 
 LEVEL_COLORS = {0.0: (1.0, 0.0, 0.0), 0.1: (1.0, 0.55, 0.0), 0.2: (1.0, 0.9, 0.0), 0.3: (0.0, 0.8, 0.0)}
-
-
-@contextlib.contextmanager
-def _threaded_vtk() -> Iterator[None]:
-    """Run VTK's SMP filters (flying edges) on all cores when VTK was left on its sequential backend, as a
-    plain ``pip install vtk`` is; a backend someone chose (Slicer's TBB) is left alone."""
-    tools = vtk.vtkSMPTools
-    if tools.GetBackend() != "Sequential" or not _THREADED_VTK:
-        yield
-        return
-    tools.SetBackend("STDThread")
-    try:
-        yield
-    finally:
-        tools.SetBackend("Sequential")
 
 
 def level_color(level: float) -> tuple[float, float, float]:
@@ -135,8 +117,7 @@ def iso_surface(sdm: sitk.Image, level: float, array: np.ndarray | None = None) 
     """
     if array is None:
         array = sitk.GetArrayViewFromImage(sdm)
-    with _threaded_vtk():
-        return _surface_in_box(array, float(level), _crop_box(array, float(level)), _index_to_lps(sdm))
+    return _surface_in_box(array, float(level), _crop_box(array, float(level)), _index_to_lps(sdm))
 
 
 def iso_surfaces(sdm: sitk.Image, levels: Iterable[float] = DEFAULT_LEVELS) -> dict[float, vtk.vtkPolyData]:
@@ -144,11 +125,10 @@ def iso_surfaces(sdm: sitk.Image, levels: Iterable[float] = DEFAULT_LEVELS) -> d
     array = sitk.GetArrayViewFromImage(sdm)
     profiles = _below_profiles(array)
     matrix = _index_to_lps(sdm)
-    with _threaded_vtk():
-        return {
-            float(level): _surface_in_box(array, float(level), _box_from_profiles(profiles, array.shape, float(level)), matrix)
-            for level in levels
-        }
+    return {
+        float(level): _surface_in_box(array, float(level), _box_from_profiles(profiles, array.shape, float(level)), matrix)
+        for level in levels
+    }
 
 
 def lps_to_ras(polydata: vtk.vtkPolyData) -> vtk.vtkPolyData:
