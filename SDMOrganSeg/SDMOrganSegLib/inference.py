@@ -119,26 +119,12 @@ def _autocast(device: torch.device) -> Iterator[None]:
         yield
 
 
-#: Tiles per network call on the CPU. For a batch of one, PyTorch sends the small deep-level convolutions
-#: (channels x depth x height <= 20480) to its generic kernel, several times slower than oneDNN; two tiles
-#: send every convolution to oneDNN (benchmarks/bench_inference.py, RESULTS.md). A second tile is only
-#: batched while its activations stay under ``_CPU_BATCH_BYTES``. The channels-last layout, faster still,
-#: is not used: PyTorch's channels-last GroupNorm on the CPU computes the variance in one pass and loses
-#: most digits where activations are nearly constant (air in CT), errors up to 0.1 in the SDM.
-_CPU_TILE_BATCH = 2
-_CPU_BATCH_BYTES = 1.0e9
-#: float32 activations alive at the peak of one network call, per input voxel and first-level channel.
-_ACTIVATIONS_PER_CHANNEL = 12
-
-
-def _tile_batch(network: torch.nn.Module, window: Sequence[int], device: torch.device) -> int:
-    if device.type != "cpu" or _CPU_TILE_BATCH <= 1:
-        return 1
-    config = getattr(network, "config", None)
-    multiple = 2 ** int(getattr(config, "depth", 0))
-    voxels = math.prod(int(math.ceil(w / multiple)) * multiple for w in window)
-    per_tile = 4.0 * voxels * _ACTIVATIONS_PER_CHANNEL * int(getattr(config, "base_channels", 32))
-    return _CPU_TILE_BATCH if (_CPU_TILE_BATCH - 1) * per_tile <= _CPU_BATCH_BYTES else 1
+#: One tile per network call. Two tiles per call send the small deep-level convolutions of the UNet to
+#: oneDNN instead of PyTorch's generic kernel, which paid 1.4-1.8x on a loaded machine but nothing on an
+#: idle one, for 0.45 GB more memory (cpu preset, 128^3 window); the channels-last layout is faster still
+#: but PyTorch's channels-last GroupNorm on the CPU computes the variance in one pass and loses most digits
+#: where activations are nearly constant (air in CT): errors up to 0.1 in the SDM. See
+#: benchmarks/bench_inference.py and benchmarks/RESULTS.md.
 
 
 def predict_array(
@@ -152,10 +138,9 @@ def predict_array(
 ) -> np.ndarray:
     """Network output ``(organs, z, y, x)`` float32 for a normalised volume ``(z, y, x)``.
 
-    With ``window`` (``(z, y, x)`` voxels) smaller than the volume, tiles are predicted (on the CPU two per
-    network call where memory allows) and blended with Gaussian weights straight into the output, so
-    memory grows with the volume (one float32 per organ and voxel, plus one for the weights), not with
-    the number of tiles.
+    With ``window`` (``(z, y, x)`` voxels) smaller than the volume, tiles are predicted one at a time and
+    blended with Gaussian weights straight into the output, so memory grows with the volume (one float32
+    per organ and voxel, plus one for the weights), not with the number of tiles.
     """
     network = network.to(device)
     organs = network.config.out_channels if hasattr(network, "config") else None
@@ -165,35 +150,29 @@ def predict_array(
     else:
         windows = tiles(shape, window, overlap)
     single = len(windows) == 1
-    # Every tile has the same size (the last one along each axis is shifted back), so tiles stack.
-    batch = 1 if single else _tile_batch(network, [r.stop - r.start for r in windows[0]], device)
     output = None if single else np.zeros((organs,) + tuple(shape), np.float32)
     weight_sum = None if single else np.zeros(shape, np.float32)
     output_sum = None if single else torch.from_numpy(output)
     weight_total = None if single else torch.from_numpy(weight_sum)
     weights = None
-    done = 0
     with torch.inference_mode(), _autocast(device):
-        for first in range(0, len(windows), batch):
+        for index, region in enumerate(windows):
             if _should_stop(cancel):
                 raise CancelledError()
-            regions = windows[first : first + batch]
-            tile = torch.from_numpy(np.stack([volume[region] for region in regions])[:, None]).to(device, non_blocking=True)
-            predictions = network(tile).float().cpu()
-            for region, prediction in zip(regions, predictions):
-                if single:
-                    output = prediction.contiguous().numpy()
-                else:
-                    if weights is None or weights.shape != prediction.shape[1:]:
-                        weights = torch.from_numpy(gaussian_weights(prediction.shape[1:]))
-                    # The same float32 products and sums as numpy's, in place on the network's output (no
-                    # temporary) and on PyTorch's threads.
-                    prediction.mul_(weights)
-                    output_sum[(slice(None),) + region].add_(prediction)
-                    weight_total[region].add_(weights)
-                done += 1
-                if progress:
-                    progress(done / len(windows), f"network: tile {done} of {len(windows)}")
+            tile = torch.from_numpy(np.ascontiguousarray(volume[region]))[None, None].to(device, non_blocking=True)
+            prediction = network(tile)[0].float().cpu()
+            if single:
+                output = prediction.contiguous().numpy()
+            else:
+                if weights is None or weights.shape != prediction.shape[1:]:
+                    weights = torch.from_numpy(gaussian_weights(prediction.shape[1:]))
+                # The same float32 products and sums as numpy's, in place on the network's output (no
+                # temporary of organs x window) and on PyTorch's threads.
+                prediction.mul_(weights)
+                output_sum[(slice(None),) + region].add_(prediction)
+                weight_total[region].add_(weights)
+            if progress:
+                progress((index + 1) / len(windows), f"network: tile {index + 1} of {len(windows)}")
     if not single:
         # In place and on PyTorch's threads: the same IEEE division as numpy's, in a fraction of the time.
         output_sum.div_(weight_total)
