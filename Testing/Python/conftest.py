@@ -36,3 +36,29 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_model")
     save_model(network, card, folder)
     return folder
+
+
+def calibrated_model(folder: Path, name: str, organs: list, image_path: Path, fractions: list[float]) -> Path:
+    """A random-weight cpu-preset model whose organ c covers about ``fractions[c]`` of the image."""
+    import math
+
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from SDMOrganSegLib import modelfiles, network
+    from SDMOrganSegLib.inference import segment_image
+    from SDMOrganSegLib.modelfiles import ModelCard
+
+    torch.manual_seed(0)
+    net = network.UNet3D(network.preset("cpu", 1, len(organs)))
+    card = ModelCard(name=name, architecture=net.config, organs=organs)
+    loaded = modelfiles.LoadedModel(card=card, network=net.eval(), directory=folder)
+    result = segment_image(sitk.ReadImage(str(image_path)), loaded, "cpu")
+    with torch.no_grad():
+        for channel, (organ, fraction) in enumerate(zip(organs, fractions)):
+            # tanh is monotonic: shifting the pre-activation by atanh(quantile) moves that quantile to 0.
+            value = float(np.quantile(sitk.GetArrayViewFromImage(result.sdms[organ.name]), fraction))
+            net.head.bias[channel] -= math.atanh(min(max(value, -0.999), 0.999))
+    modelfiles.save_model(net, card, folder, overwrite=True)
+    return folder

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 import shutil
 import subprocess
 import sys
@@ -28,10 +27,10 @@ import vtk  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib import modelfiles, network  # noqa: E402
+from SDMOrganSegLib import modelfiles  # noqa: E402
 from SDMOrganSegLib.files import safe_name  # noqa: E402
-from SDMOrganSegLib.inference import segment_image  # noqa: E402
-from SDMOrganSegLib.modelfiles import ModelCard, Organ  # noqa: E402
+from SDMOrganSegLib.modelfiles import Organ  # noqa: E402
+from conftest import calibrated_model  # noqa: E402
 
 BATCH = REPO / "SDMOrganSeg" / "Scripts" / "batch.py"
 HIPPOCAMPUS = REPO / "Testing" / "Data" / "hippocampus"
@@ -47,19 +46,9 @@ BAD = "broken_case.nii.gz"
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A random-weight model whose organs each cover a few per cent of a hippocampus crop."""
-    folder = tmp_path_factory.mktemp("batch_model")
-    torch.manual_seed(0)
-    net = network.UNet3D(network.preset("cpu", 1, 2))
     organs = [Organ("anterior hippocampus", 1, (0.9, 0.3, 0.2)), Organ("posterior hippocampus", 2, (0.2, 0.5, 0.9))]
-    card = ModelCard(name="test-hippocampus", architecture=net.config, organs=organs)
-    loaded = modelfiles.LoadedModel(card=card, network=net.eval(), directory=folder)
-    result = segment_image(sitk.ReadImage(str(HIPPOCAMPUS / "imagesTr" / "hippocampus_001.nii.gz")), loaded, "cpu")
-    with torch.no_grad():
-        for channel, (organ, fraction) in enumerate(zip(organs, (0.05, 0.03))):
-            value = float(np.quantile(sitk.GetArrayViewFromImage(result.sdms[organ.name]), fraction))
-            net.head.bias[channel] -= math.atanh(min(max(value, -0.999), 0.999))
-    modelfiles.save_model(net, card, folder, overwrite=True)
-    return folder
+    image = HIPPOCAMPUS / "imagesTr" / "hippocampus_001.nii.gz"
+    return calibrated_model(tmp_path_factory.mktemp("batch_model"), "test-hippocampus", organs, image, [0.05, 0.03])
 
 
 @pytest.fixture(scope="module")

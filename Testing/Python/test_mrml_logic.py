@@ -8,7 +8,6 @@ network alone often predicts "inside everywhere", which has no surface to check)
 from __future__ import annotations
 
 import csv
-import math
 import sys
 import threading
 from pathlib import Path
@@ -33,28 +32,13 @@ from SDMOrganSegLib.contours import LEVEL_COLORS  # noqa: E402
 from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError  # noqa: E402
 from SDMOrganSegLib.inference import segment_image  # noqa: E402
 from SDMOrganSegLib.metrics import evaluate_label_maps  # noqa: E402
-from SDMOrganSegLib.modelfiles import ModelCard, Organ  # noqa: E402
+from SDMOrganSegLib.modelfiles import Organ  # noqa: E402
+from conftest import calibrated_model  # noqa: E402
 
 DATA = REPO / "Testing" / "Data"
 HIPPOCAMPUS = DATA / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
 HIPPOCAMPUS_LABELS = DATA / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
 CT = DATA / "ct-abdomen" / "example_ct_sm.nii.gz"
-
-
-def calibrated_model(folder: Path, name: str, organs: list[Organ], image_path: Path, fractions: list[float]) -> Path:
-    """A random-weight cpu-preset model whose organ c covers about ``fractions[c]`` of the image."""
-    torch.manual_seed(0)
-    net = network.UNet3D(network.preset("cpu", 1, len(organs)))
-    card = ModelCard(name=name, architecture=net.config, organs=organs)
-    loaded = modelfiles.LoadedModel(card=card, network=net.eval(), directory=folder)
-    result = segment_image(sitk.ReadImage(str(image_path)), loaded, "cpu")
-    with torch.no_grad():
-        for channel, (organ, fraction) in enumerate(zip(organs, fractions)):
-            # tanh is monotonic: shifting the pre-activation by atanh(quantile) moves that quantile to 0.
-            value = float(np.quantile(sitk.GetArrayViewFromImage(result.sdms[organ.name]), fraction))
-            net.head.bias[channel] -= math.atanh(min(max(value, -0.999), 0.999))
-    modelfiles.save_model(net, card, folder, overwrite=True)
-    return folder
 
 
 @pytest.fixture(scope="session")
