@@ -14,7 +14,8 @@ Data: ``Testing/Data/hippocampus`` (6 small MRI cases, 2 organs), prepared once 
    for patch sizes 32x48x32 (the default) and 64^3. The paper preset pads any patch to a multiple of 64
    (6 downsamplings), so a 32x48x32 patch costs it as much as 64^3.
 3. Layout: the cpu preset's step with the network and batch in channels-last layout, against the default
-   (for information: training.py is not changed by this benchmark).
+   (for information: faster, but PyTorch's channels-last GroupNorm on the CPU loses precision on nearly
+   constant input, see bench_inference.py; training.py is not changed by this benchmark).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def main() -> int:
 
         layout: dict[str, dict] = {}
         for round_index in range(2):  # alternating, the better of two rounds each
-            for name, channels_last in (("contiguous (training.py)", False), ("channels-last", True))[:: 1 if round_index == 0 else -1]:
+            variants = (("contiguous (training.py)", False), ("channels-last (not recommended: GroupNorm precision)", True))
+            for name, channels_last in variants[:: 1 if round_index == 0 else -1]:
                 result = step_timings("cpu", cases, labels, 2, (32, 48, 32), steps, channels_last=channels_last)
                 if name not in layout or result["step_s"] < layout[name]["step_s"]:
                     layout[name] = result
