@@ -39,7 +39,7 @@ from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError
 from SDMOrganSegLib.modelfiles import CARD_FILE as MODEL_CARD_FILE, DEFAULT_MODEL
 
 #: Python packages the core library needs beyond what Slicer bundles: import name -> pip requirement.
-PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "edt": "edt>=3.0", "scipy": "scipy>=1.11"}
+PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "edt": "edt>=3.0", "scipy": "scipy>=1.11", "isal": "isal>=1.6"}
 TORCH_REQUIREMENT = ">=2.2"
 #: File names of a model folder (see SDMOrganSegLib.modelfiles); read here without importing PyTorch.
 #: Marker item data of the "Load model folder..." entry of the model combo box.

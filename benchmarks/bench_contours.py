@@ -14,8 +14,9 @@ its surfaces are large.
 * reference, one call: the same with all four levels in one ``vtkFlyingEdges3D`` call (one mixed
   surface per organ, which the writer would still have to split by level).
 
-Then the writing of all 36 surfaces as .vtp files: ours (``write_polydata``: raw appended binary, zlib
-level 1) against the previous writer settings (inline base64 binary, VTK's default zlib level).
+Then the writing of all 36 surfaces as .vtp files: ours (``write_polydata``: raw appended binary, LZ4)
+against the same with zlib at level 1 (this writer until issue 5's second round) and the first writer
+settings (inline base64 binary, VTK's default zlib level).
 
 The surfaces must agree: same point and triangle counts per organ and level as the per-level reference,
 and the same points (compared sorted) within float tolerance.
@@ -111,11 +112,21 @@ def _point_distance(a: vtk.vtkPolyData, b: vtk.vtkPolyData) -> float:
 
 
 def writing_benchmark(surfaces: list[dict[float, vtk.vtkPolyData]], repeat: int) -> dict:
-    """Writing every surface as .vtp: ours (raw appended, zlib level 1) against the previous settings
-    (inline base64 binary, zlib at VTK's default level)."""
+    """Writing every surface as .vtp: ours (raw appended, LZ4) against raw appended with zlib level 1
+    and the first settings (inline base64 binary, zlib at VTK's default level)."""
     import tempfile
 
-    writers = {"ours (write_polydata)": contours.write_polydata}
+    def zlib_level_1(polydata: vtk.vtkPolyData, path: str) -> None:
+        writer = vtk.vtkXMLPolyDataWriter()
+        writer.SetFileName(path)
+        writer.SetInputData(polydata)
+        writer.SetDataModeToAppended()
+        writer.EncodeAppendedDataOff()
+        writer.SetCompressorTypeToZLib()
+        writer.SetCompressionLevel(1)
+        writer.Write()
+
+    writers = {"ours (write_polydata)": contours.write_polydata, "raw appended, zlib level 1": zlib_level_1}
     if PREVIOUS is not None:
         writers[f"previous write_polydata ({_common.BASELINE_COMMIT})"] = PREVIOUS.write_polydata
     sizes: dict[str, float] = {}

@@ -120,6 +120,7 @@ def ct_child(args: argparse.Namespace) -> None:
     from SDMOrganSegLib import contours
     from SDMOrganSegLib.files import safe_name
     from SDMOrganSegLib.imageio import read_image
+    from SDMOrganSegLib.imagewriting import write_image
     from SDMOrganSegLib.inference import segment_image
     from SDMOrganSegLib.modelfiles import load_model
     from SDMOrganSegLib.outputs import write_result
@@ -153,10 +154,18 @@ def ct_child(args: argparse.Namespace) -> None:
     breakdown: dict[str, float] = {}
     folder = scratch / "breakdown"
     folder.mkdir()
-    for name, suffix, compress in (("SDMs .nii.gz (default)", ".nii.gz", True), ("SDMs .nrrd (gzip)", ".nrrd", True), ("SDMs .nii (no compression)", ".nii", False)):
+    # Ours (imagewriting.write_image: ITK writes raw, ISA-L gzips) against ITK's own compression.
+    writers = (
+        ("SDMs .nii.gz, ours (ISA-L)", ".nii.gz", lambda image, path: write_image(image, path)),
+        ("SDMs .nii.gz, ITK (zlib)", ".nii.gz", lambda image, path: sitk.WriteImage(image, str(path), useCompression=True)),
+        ("SDMs .nrrd, ours (ISA-L)", ".nrrd", lambda image, path: write_image(image, path)),
+        ("SDMs .nrrd, ITK (zlib)", ".nrrd", lambda image, path: sitk.WriteImage(image, str(path), useCompression=True)),
+        ("SDMs .nii, no compression", ".nii", lambda image, path: sitk.WriteImage(image, str(path), useCompression=False)),
+    )
+    for name, suffix, writer in writers:
         tick = time.perf_counter()
         for organ, sdm in result.sdms.items():
-            sitk.WriteImage(sdm, str(folder / f"{safe_name(organ)}{suffix}"), useCompression=compress)
+            writer(sdm, folder / f"{safe_name(organ)}{suffix}")
         breakdown[name] = time.perf_counter() - tick
         breakdown[name + " MB"] = sum(f.stat().st_size for f in folder.glob(f"*{suffix}")) / 1e6
         for f in folder.glob(f"*{suffix}"):

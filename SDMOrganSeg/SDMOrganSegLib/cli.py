@@ -193,10 +193,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_sdm(args: argparse.Namespace) -> int:
-    import SimpleITK as sitk
-
     from .files import atomic_path
     from .imageio import image_from_array, label_array, read_image
+    from .imagewriting import write_image
     from .sdm import normalized_sdm
 
     image = read_image(args.labels, "label map")
@@ -208,8 +207,8 @@ def run_sdm(args: argparse.Namespace) -> int:
     sdm = image_from_array(normalized_sdm(mask, image.GetSpacing()), image)
     with atomic_path(Path(args.out), args.overwrite) as temporary:
         try:
-            sitk.WriteImage(sdm, str(temporary), useCompression=True)
-        except RuntimeError as error:
+            write_image(sdm, temporary)
+        except (RuntimeError, OSError) as error:
             raise SDMOrganSegError(f"cannot write {args.out}: {str(error).strip().splitlines()[-1]}; use a .nii.gz, .nrrd or .mha name in a writable folder") from None
     print(f"wrote {args.out}")
     return 0

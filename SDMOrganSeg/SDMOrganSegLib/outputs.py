@@ -15,7 +15,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from typing import Any, Callable, Iterable
 
 import SimpleITK as sitk
 
@@ -23,7 +24,9 @@ from . import __version__
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
 from .errors import CancelledError, SDMOrganSegError
 from .files import check_writable, inside, safe_name
+from .imagewriting import write_image, writer_threads
 from .inference import CancelCheck, SegmentationResult, _should_stop
+from .modelfiles import Organ
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 
@@ -78,6 +81,21 @@ def _commit(staging: Path, names: list[str], targets: dict[str, Path], out_dir: 
         raise
 
 
+class _WriteFailed(Exception):
+    """A file of the run could not be written: ``name`` is its relative name, ``error`` what ITK/VTK/the OS said."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        super().__init__(name)
+        self.name, self.error = name, error
+
+
+def _named(name: str, write: Callable[[], None]) -> None:
+    try:
+        write()
+    except (RuntimeError, OSError) as error:
+        raise _WriteFailed(name, error) from None
+
+
 def write_result(
     result: SegmentationResult,
     out_dir: str | Path,
@@ -109,25 +127,40 @@ def write_result(
         staging = Path(tempfile.mkdtemp(prefix=".sdmorganseg-", dir=out_dir))
     except OSError as error:
         raise SDMOrganSegError(f"cannot write to {out_dir}: {error.strerror or error}; check the folder and its permissions") from None
-    current, committed = "", False
+    committed = False
 
-    def step(name: str) -> Path:
-        nonlocal current
+    def check(name: str) -> Path:
         if _should_stop(cancel):
             raise CancelledError()
-        current = name
         return staging / name
+
+    def write_sdm(organ: Organ) -> None:
+        name = f"sdm_{safe_name(organ.name)}{suffix}"
+        _named(name, lambda: write_image(result.sdms[organ.name], check(name)))
+
+    def write_contours(organ: Organ) -> None:
+        stem = safe_name(organ.name)
+        for level, surface in iso_surfaces(result.sdms[organ.name], levels).items():
+            name = f"contours/{stem}_{level_tag(level)}.vtp"
+            _named(name, lambda: write_polydata(surface, str(check(name))))
 
     try:
         started = time.perf_counter()
         suffix = FORMATS[fmt]
-        sitk.WriteImage(result.labels, str(step(f"labels{suffix}")), useCompression=True)
         (staging / "contours").mkdir()
-        for organ in result.organs:
-            sdm = result.sdms[organ.name]
-            sitk.WriteImage(sdm, str(step(f"sdm_{safe_name(organ.name)}{suffix}")), useCompression=True)
-            for level, surface in iso_surfaces(sdm, levels).items():
-                write_polydata(surface, str(step(f"contours/{safe_name(organ.name)}_{level_tag(level)}.vtp")))
+        # Tasks for the label map and for each organ's SDM and surfaces, on a few threads: ITK, ISA-L and VTK
+        # all release the GIL, so the files are written side by side.
+        with ThreadPoolExecutor(max_workers=writer_threads(), thread_name_prefix="sdmorganseg-write") as pool:
+            tasks = [pool.submit(_named, f"labels{suffix}", lambda: write_image(result.labels, check(f"labels{suffix}")))]
+            tasks += [pool.submit(task, organ) for organ in result.organs for task in (write_sdm, write_contours)]
+            try:
+                for task in as_completed(tasks):
+                    task.result()
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                wait(tasks)  # nothing may still write into the staging folder when it is removed
+                raise
         timings = dict(result.timings, write_s=time.perf_counter() - started)
         summary = {
             "software": f"SDMOrganSeg {__version__}",
@@ -148,15 +181,18 @@ def write_result(
             "outputs": names,
             **(extra_summary or {}),
         }
-        step("summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(summary, indent=2) + "\n"
+        _named("summary.json", lambda: check("summary.json").write_text(text, encoding="utf-8"))
         if _should_stop(cancel):
             raise CancelledError()
         # All files exist: move them into place (renames within one folder are atomic).
         _commit(staging, names, targets, out_dir, overwrite)
         committed = True
-    except (RuntimeError, OSError) as error:
+    except (_WriteFailed, RuntimeError, OSError) as error:
+        name, cause = (error.name, error.error) if isinstance(error, _WriteFailed) else ("the outputs", error)
+        said = str(cause).strip()
         raise SDMOrganSegError(
-            f"cannot write {current or 'the outputs'} in {out_dir}: {str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}; "
+            f"cannot write {name} in {out_dir}: {said.splitlines()[-1] if said else type(cause).__name__}; "
             "check free disk space and permissions (nothing was changed there)"
         ) from None
     finally:
