@@ -16,11 +16,12 @@ Three parts:
    ``torch.utils.flop_counter.FlopCounterMode`` on the meta device) and the machine's measured peak for
    3D convolutions (a large 64 -> 64 channel conv3d, best layout), so the achieved GFLOP/s can be put in
    proportion.
-2. Per-window ablation, in this process, alternating: the network as ``predict_array`` runs it
-   (contiguous NCDHW, one tile per call, as MONAI's default), with two tiles per call (rejected: it
-   paid 1.4-1.8x on a loaded machine, nothing on an idle one, for 0.45 GB more), and channels-last with
-   two tiles per call (faster, rejected: PyTorch's channels-last GroupNorm loses digits on nearly
-   constant input), each with its largest error against a float64 run of the network.
+2. Per-window ablation, in this process, alternating: the network with PyTorch's own convolution
+   kernels (one tile per call, as MONAI runs it), as ``predict_array`` runs it (every convolution in
+   oneDNN, the 1x1x1 head as a matrix product), with two tiles per call (rejected: it paid 1.4-1.8x on a
+   loaded machine, nothing on an idle one, for 0.45 GB more), and channels-last with two tiles per call
+   (rejected: PyTorch's channels-last GroupNorm loses digits on nearly constant input), each with its
+   largest error against a float64 run of the network.
 3. Tiling and blending alone: the same sliding-window run with a stand-in network that costs next to
    nothing, ours against the previous ``predict_array`` (numpy blend) and MONAI, best of N in this process.
 4. Whole volume, each run in a fresh child process (so its peak memory, VmHWM, is its own), alternating
@@ -110,15 +111,23 @@ def window_ablation(preset: str, window, repeat: int) -> dict[str, dict[str, flo
 
     import torch
 
+    from SDMOrganSegLib import inference
+
     network = build_network(preset)
     network_cl = copy.deepcopy(network).to(memory_format=torch.channels_last_3d)
+    cpu = torch.device("cpu")
+
+    def routed(t):
+        with inference._cpu_convolutions(network, cpu):
+            return network(t)
     volume = normalised_volume((256, 256, max(window[0], 64)))
     one = torch.from_numpy(np.ascontiguousarray(volume[None, None, : window[0], : window[1], : window[2]]))
     two = torch.from_numpy(np.stack([volume[: window[0], : window[1], : window[2]], volume[: window[0], -window[1]:, -window[2]:]])[:, None])
     two_cl = two.contiguous(memory_format=torch.channels_last_3d)
     variants = {
-        "contiguous, 1 tile/call (ours; MONAI default)": (lambda t: network(t), lambda: network(one), 1),
-        "contiguous, 2 tiles/call (rejected)": (lambda t: network(t), lambda: network(two), 2),
+        "PyTorch's kernel choice, 1 tile/call (MONAI)": (lambda t: network(t), lambda: network(one), 1),
+        "every conv in oneDNN, 1 tile/call (ours)": (routed, lambda: routed(one), 1),
+        "PyTorch's choice, 2 tiles/call (rejected)": (lambda t: network(t), lambda: network(two), 2),
         "channels-last, 2 tiles/call (rejected)": (
             lambda t: network_cl(t.contiguous(memory_format=torch.channels_last_3d)), lambda: network_cl(two_cl), 2),
     }
@@ -246,7 +255,7 @@ def main() -> int:
         print(f"\n-- {preset} preset: {ORGANS} organs, volume {'x'.join(map(str, size))} (x, y, z), window {window[0]}^3, overlap {OVERLAP}")
         print(f"   convolutions: {flops / 1e9:.1f} GFLOP per window")
         ablation = window_ablation(preset, window, ablation_repeat)
-        base = ablation["contiguous, 1 tile/call (ours; MONAI default)"]["s_per_window"]
+        base = ablation["PyTorch's kernel choice, 1 tile/call (MONAI)"]["s_per_window"]
         print(f"   per-window ablation (best of {ablation_repeat}; error: max |float32 - float64| on two 64^3 tiles):")
         for name, values in ablation.items():
             seconds = values["s_per_window"]

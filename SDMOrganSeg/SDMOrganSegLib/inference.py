@@ -121,10 +121,61 @@ def _autocast(device: torch.device) -> Iterator[None]:
 
 #: One tile per network call. Two tiles per call send the small deep-level convolutions of the UNet to
 #: oneDNN instead of PyTorch's generic kernel, which paid 1.4-1.8x on a loaded machine but nothing on an
-#: idle one, for 0.45 GB more memory (cpu preset, 128^3 window); the channels-last layout is faster still
-#: but PyTorch's channels-last GroupNorm on the CPU computes the variance in one pass and loses most digits
-#: where activations are nearly constant (air in CT): errors up to 0.1 in the SDM. See
-#: benchmarks/bench_inference.py and benchmarks/RESULTS.md.
+#: idle one, for 0.45 GB more memory (cpu preset, 128^3 window). See benchmarks/RESULTS.md.
+#:
+#: On the CPU every 3D convolution is sent to oneDNN. PyTorch sends a batch-1 convolution to its generic
+#: im2col kernel when channels x depth x height <= 20480 (its heuristic for small 2D images): the UNet's
+#: first convolution (1 channel at 128^3: 99 ms) and its deep levels (16^3 and 8^3), 4-5x slower there
+#: than in oneDNN. The 1x1x1 head is a plain matrix product (96 ms -> ~10 ms at 128^3, 9 organs). The
+#: same float32 arithmetic (max difference 1e-6 to PyTorch's choice); 1.07-1.15x per window. The
+#: channels-last layout is not used: PyTorch's channels-last group norm on the CPU sums each group in one
+#: sequential float32 pass and loses most digits where activations are nearly constant (CT air), errors up
+#: to 0.1 in the SDM (``test_prediction_keeps_float32_accuracy_on_flat_regions``).
+ONEDNN_ON_CPU = True
+
+
+def _onednn_forward(conv: torch.nn.Conv3d) -> Callable[[torch.Tensor], torch.Tensor]:
+    weight, bias = conv.weight, conv.bias
+    if weight.shape[2:] == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.groups == 1:
+        matrix = weight.reshape(weight.shape[:2])
+
+        def pointwise(x: torch.Tensor) -> torch.Tensor:
+            n, channels = x.shape[:2]
+            if n != 1 or not x.is_contiguous():
+                y = torch.matmul(matrix, x.reshape(n, channels, -1))
+                if bias is not None:
+                    y += bias.view(1, -1, 1)
+            elif bias is not None:  # one GEMM writing straight into the output (matmul would copy it)
+                y = torch.addmm(bias[:, None], matrix, x.view(channels, -1))
+            else:
+                y = torch.mm(matrix, x.view(channels, -1))
+            return y.view((n, weight.shape[0]) + x.shape[2:])
+
+        return pointwise
+
+    def convolution(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+
+    return convolution
+
+
+@contextlib.contextmanager
+def _cpu_convolutions(network: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """For the duration of a CPU run, the network's float32 zero-padded 3D convolutions go to oneDNN;
+    the network is given back as it was."""
+    usable = device.type == "cpu" and ONEDNN_ON_CPU and torch.backends.mkldnn.is_available() and isinstance(network, torch.nn.Module)
+    convolutions = [
+        m for m in (network.modules() if usable else ())
+        if usable and isinstance(m, torch.nn.Conv3d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        and m.weight.dtype == torch.float32 and "forward" not in vars(m)
+    ]
+    try:
+        for conv in convolutions:
+            conv.forward = _onednn_forward(conv)
+        yield
+    finally:
+        for conv in convolutions:
+            vars(conv).pop("forward", None)
 
 
 def predict_array(
@@ -155,7 +206,7 @@ def predict_array(
     output_sum = None if single else torch.from_numpy(output)
     weight_total = None if single else torch.from_numpy(weight_sum)
     weights = None
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device), _cpu_convolutions(network, device):
         for index, region in enumerate(windows):
             if _should_stop(cancel):
                 raise CancelledError()

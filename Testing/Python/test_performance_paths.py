@@ -93,7 +93,7 @@ def _plain_blend(network, volume, window, overlap):
     regions = inference.tiles(volume.shape, window, overlap)
     output = np.zeros((network.config.out_channels,) + volume.shape, np.float32)
     weight_sum = np.zeros(volume.shape, np.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), inference._cpu_convolutions(network, torch.device("cpu")):
         for region in regions:
             prediction = network(torch.from_numpy(np.ascontiguousarray(volume[region]))[None, None])[0].numpy()
             weights = inference.gaussian_weights(prediction.shape[1:])
@@ -116,6 +116,7 @@ def test_tiled_prediction_matches_a_plain_blend_and_leaves_the_network_alone(win
     assert progress[-1] == pytest.approx(1.0) and len(progress) == len(inference.tiles(volume.shape, window, 0.25))
     for name, value in network.state_dict().items():
         assert value.is_contiguous() and torch.equal(value, before[name])
+    assert not any("forward" in vars(m) for m in network.modules())  # the oneDNN routing is undone
 
 
 def test_prediction_keeps_float32_accuracy_on_flat_regions():
@@ -148,7 +149,57 @@ def test_single_tile_prediction_matches_the_network():
     with torch.inference_mode():
         expected = network(torch.from_numpy(volume)[None, None])[0].numpy()
     result = inference.predict_array(network, volume, torch.device("cpu"))
-    assert result.flags.c_contiguous and np.abs(result - expected).max() < 1e-6
+    # oneDNN's float32 sums in another order than PyTorch's generic kernel: rounding-level differences.
+    assert result.flags.c_contiguous and np.abs(result - expected).max() < 1e-5
+
+
+def _convolution_kernels(run) -> list[str]:
+    with torch.profiler.profile() as profile:
+        run()
+    return [event.name for event in profile.events() if "conv" in event.name]
+
+
+def test_every_convolution_goes_to_onednn_on_the_cpu():
+    """PyTorch's own choice sends the 1-channel first convolution and the deep levels of a batch-1 call to
+    its slow im2col kernel; predict_array routes them all to oneDNN, with the 1x1x1 head as a matrix
+    product, and leaves the network as it was."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    torch.manual_seed(5)
+    network = UNet3D(preset("cpu", 1, 3)).eval()
+    network.head.bias.data.uniform_(-0.5, 0.5)  # the head's bias must survive the matrix-product path
+    volume = np.random.default_rng(5).standard_normal((32, 48, 40)).astype(np.float32)
+    tile = torch.from_numpy(volume)[None, None]
+    with torch.inference_mode():
+        plain_kernels = _convolution_kernels(lambda: network(tile))
+        expected = network(tile)[0].numpy()
+    assert "aten::slow_conv3d_forward" in plain_kernels  # what PyTorch picks by itself
+    routed = _convolution_kernels(lambda: inference.predict_array(network, volume, torch.device("cpu")))
+    convolutions = sum(1 for m in network.modules() if isinstance(m, torch.nn.Conv3d))
+    assert plain_kernels.count("aten::convolution") == convolutions
+    assert "aten::slow_conv3d_forward" not in routed and routed.count("aten::mkldnn_convolution") == convolutions - 1
+    result = inference.predict_array(network, volume, torch.device("cpu"))
+    assert np.abs(result - expected).max() < 1e-5
+    assert not any("forward" in vars(m) for m in network.modules())
+    inference.ONEDNN_ON_CPU = False
+    try:
+        assert np.array_equal(inference.predict_array(network, volume, torch.device("cpu")), expected)
+    finally:
+        inference.ONEDNN_ON_CPU = True
+
+
+def test_onednn_routing_is_undone_when_a_run_is_cancelled():
+    network = UNet3D(preset("cpu", 1, 2)).eval()
+    volume = np.zeros((32, 32, 64), np.float32)
+    calls = []
+
+    def cancel_after_first_tile() -> bool:
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(inference.CancelledError):
+        inference.predict_array(network, volume, torch.device("cpu"), (32, 32, 32), 0.25, cancel=cancel_after_first_tile)
+    assert len(calls) == 2 and not any("forward" in vars(m) for m in network.modules())
 
 
 def _sdm_image(direction=None) -> sitk.Image:
