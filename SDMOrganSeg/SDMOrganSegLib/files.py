@@ -113,6 +113,16 @@ def available_memory_bytes() -> int | None:
         return None
 
 
+def worker_threads(limit: int = 4) -> int:
+    """Threads for work that releases the GIL (ITK, ISA-L, VTK, numpy): the CPUs this process may use,
+    at most ``limit`` (beyond that such work is bound by memory or disk)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(limit, available))
+
+
 def size_text(count: float) -> str:
     """A byte count for messages: ``512 bytes``, ``42.2 kB``, ``3.1 MB``, ``12.5 GB``."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

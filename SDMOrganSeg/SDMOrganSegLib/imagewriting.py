@@ -14,7 +14,6 @@ this module rewrites that one field to ``gzip`` and compresses what follows.
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 import sys
@@ -140,12 +139,3 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> N
         raise
     finally:
         raw.unlink(missing_ok=True)
-
-
-def writer_threads() -> int:
-    """Threads for writing a run's files: the CPUs this process may use, at most 4 (disk-bound beyond)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        available = os.cpu_count() or 1
-    return max(1, min(4, available))

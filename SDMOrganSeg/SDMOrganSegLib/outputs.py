@@ -23,8 +23,8 @@ import SimpleITK as sitk
 from . import __version__
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
 from .errors import CancelledError, SDMOrganSegError
-from .files import check_writable, inside, safe_name
-from .imagewriting import write_image, writer_threads
+from .files import check_writable, inside, safe_name, worker_threads
+from .imagewriting import write_image
 from .inference import CancelCheck, SegmentationResult, _should_stop
 from .modelfiles import Organ
 
@@ -150,7 +150,7 @@ def write_result(
         (staging / "contours").mkdir()
         # Tasks for the label map and for each organ's SDM and surfaces, on a few threads: ITK, ISA-L and VTK
         # all release the GIL, so the files are written side by side.
-        with ThreadPoolExecutor(max_workers=writer_threads(), thread_name_prefix="sdmorganseg-write") as pool:
+        with ThreadPoolExecutor(max_workers=worker_threads(), thread_name_prefix="sdmorganseg-write") as pool:
             tasks = [pool.submit(_named, f"labels{suffix}", lambda: write_image(result.labels, check(f"labels{suffix}")))]
             tasks += [pool.submit(task, organ) for organ in result.organs for task in (write_sdm, write_contours)]
             try:

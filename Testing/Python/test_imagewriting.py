@@ -101,5 +101,7 @@ def test_files_written_side_by_side_are_each_right(tmp_path):
         assert np.array_equal(sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / f"{index}.nii.gz"))), array)
 
 
-def test_writer_threads_is_bounded():
-    assert 1 <= imagewriting.writer_threads() <= 4
+def test_worker_threads_is_bounded():
+    from SDMOrganSegLib.files import worker_threads
+
+    assert 1 <= worker_threads() <= 4 and worker_threads(1) == 1
