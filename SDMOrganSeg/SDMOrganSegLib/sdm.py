@@ -37,7 +37,10 @@ from .files import worker_threads
 #: Steepness of the smooth Heaviside for normalised SDMs (paper, Eq. 3, with its sign corrected).
 HEAVISIDE_K = 1500.0
 
-_THREADS = 2
+#: Threads of the edt package. Its parallel=2 took 3.2 s where 1 thread takes 1.7 s (512x512x200 organ,
+#: 2-core machine, benchmarks/bench_sdm.py): its threads meet once per row pass, and the one-core run
+#: wins on the machines measured.
+_THREADS = 1
 #: Voxels per slab in :func:`sdms_to_label_map` (a few MB of float32, cache-sized).
 _LABEL_CHUNK_VOXELS = 1 << 20
 

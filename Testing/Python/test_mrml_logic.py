@@ -414,3 +414,35 @@ def test_background_run_gives_the_same_result_and_can_be_cancelled(session, hipp
             cancelled.result()
     finally:
         cancelled.cleanup()
+
+
+def test_slicer_storage_nodes_read_the_written_files(tmp_path):
+    """What `segment` writes (ISA-L gzip volumes, LZ4 .vtp in LPS) loads through slicer-core's own storage
+    nodes, as File > Add Data would: same voxels, and the surface in RAS (x and y negated)."""
+    from SDMOrganSegLib.contours import iso_surface, write_polydata
+    from SDMOrganSegLib.imagewriting import write_image
+    from SDMOrganSegLib.sdm import normalized_sdm
+
+    mask = np.zeros((24, 30, 28), bool)
+    mask[6:18, 8:22, 7:20] = True
+    sdm = sitk.GetImageFromArray(normalized_sdm(mask, (1.0, 0.9, 2.0)))
+    sdm.SetSpacing((1.0, 0.9, 2.0))
+    sdm.SetOrigin((12.0, -30.0, 5.0))
+    scene = headless.default_scene()
+    for suffix in (".nii.gz", ".nrrd"):
+        write_image(sdm, tmp_path / f"sdm{suffix}")
+        node = headless.load_volume(tmp_path / f"sdm{suffix}")
+        assert np.array_equal(slicer.util.arrayFromVolume(node), sitk.GetArrayViewFromImage(sdm))
+        scene.RemoveNode(node)
+    surface = iso_surface(sdm, 0.0)
+    write_polydata(surface, str(tmp_path / "surface.vtp"))
+    model = scene.AddNewNodeByClass("vtkMRMLModelNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLModelStorageNode")
+    storage.SetFileName(str(tmp_path / "surface.vtp"))
+    storage.SetCoordinateSystem(slicer.vtkMRMLStorageNode.CoordinateSystemLPS)
+    assert storage.ReadData(model)
+    loaded = numpy_support.vtk_to_numpy(model.GetPolyData().GetPoints().GetData())
+    written = numpy_support.vtk_to_numpy(surface.GetPoints().GetData())
+    assert loaded.shape == written.shape and np.allclose(loaded, written * np.array([-1, -1, 1]), atol=1e-4)
+    scene.RemoveNode(model)
+    scene.RemoveNode(storage)
