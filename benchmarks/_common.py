@@ -8,6 +8,7 @@ disturbed by other processes, and alternating exposes both sides to the same loa
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -154,6 +155,20 @@ def organ_masks(shape_zyx: Sequence[int], organs: int = 9, seed: int = 1) -> np.
         radii = rng.uniform(0.1, 0.3, size=3).astype(np.float32)
         labels[((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2 < 1] = organ
     return labels
+
+
+def argument_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--quick`` (a smoke run) and ``--json FILE``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    return parser
+
+
+def save_json(path: str | None, report: dict[str, Any]) -> None:
+    """Write ``report`` to ``path`` (a script's ``--json FILE``); nothing when ``path`` is None."""
+    if path:
+        Path(path).write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -24,8 +24,6 @@ and the same points (compared sorted) within float tolerance.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -149,10 +147,8 @@ def writing_benchmark(surfaces: list[dict[float, vtk.vtkPolyData]], repeat: int)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="256x256x100, one round")
+    parser = _common.argument_parser(__doc__, "256x256x100, one round")
     parser.add_argument("--repeat", type=int, default=None, help="rounds (default 3, quick 1)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     repeat = args.repeat or (1 if args.quick else 3)
     size = (256, 256, 100) if args.quick else _common.CT_SIZE_XYZ
@@ -189,9 +185,8 @@ def main() -> int:
           f"max point difference {largest:.2e} mm")
     print(f"   ours: {ours_s:.2f} s (goal < 2 s); reference per level x{best['VTK flying edges, whole volume, per level'] / ours_s:.2f}")
     writing = writing_benchmark(ours_surfaces, repeat)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "size_xyz": size, "best_s": best, "same_counts": same_counts,
-                                               "max_point_difference_mm": largest, "writing": writing}, indent=1) + "\n", encoding="utf-8")
+    _common.save_json(args.json, {"machine": info, "size_xyz": size, "best_s": best, "same_counts": same_counts,
+                                  "max_point_difference_mm": largest, "writing": writing})
     return 0 if same_counts else 1
 
 

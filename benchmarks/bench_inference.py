@@ -32,7 +32,6 @@ Three parts:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -216,13 +215,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small volumes, one round")
+    parser = _common.argument_parser(__doc__, "small volumes, one round")
     parser.add_argument("--preset", default="all", choices=["cpu", "paper", "all"])
     parser.add_argument("--repeat", type=int, default=None, help="rounds of the whole-volume runs (default 1; they take minutes)")
     parser.add_argument("--ablation-repeat", type=int, default=None, help="rounds of the per-window ablation (default 3, quick 1)")
     parser.add_argument("--monai-batch", type=int, default=1, help="MONAI sw_batch_size (default 1, its default)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--child", choices=["ours", "monai"], help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--window", help=argparse.SUPPRESS)
@@ -232,8 +229,6 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
-
-    import torch
 
     info = _common.print_machine("bench_inference")
     mode = "quick" if args.quick else "full"
@@ -309,8 +304,7 @@ def main() -> int:
             entry["extrapolated_full_ct_s"] = best["ours"] / tiles * full_tiles
             print(f"   extrapolated to 512x512x200 ({full_tiles} windows): about {entry['extrapolated_full_ct_s']:.0f} s")
         report["presets"][preset] = entry
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    _common.save_json(args.json, report)
     return 0
 
 

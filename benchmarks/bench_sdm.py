@@ -22,7 +22,6 @@ difference, mm); and our normalised SDM against SciPy's distances normalised the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -119,12 +118,10 @@ def label_map_benchmark(size_xyz, repeat: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="256x256x100, one round, no plot")
+    parser = _common.argument_parser(__doc__, "256x256x100, one round, no plot")
     parser.add_argument("--repeat", type=int, default=None, help="rounds for ours and edt.sdf (default 3, quick 1)")
     parser.add_argument("--scipy-repeat", type=int, default=None, help="rounds for SciPy (default 2, quick 1)")
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None, help="time growing volumes and write sdm_scaling.png (default: on unless --quick)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     repeat = args.repeat or (1 if args.quick else 3)
     scipy_repeat = args.scipy_repeat or (1 if args.quick else 2)
@@ -185,8 +182,7 @@ def main() -> int:
         figure.tight_layout()
         figure.savefig(PLOT, dpi=100)
         print(f"   wrote {PLOT}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    _common.save_json(args.json, report)
     return 0
 
 

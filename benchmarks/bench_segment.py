@@ -204,11 +204,9 @@ def ct_like(size_xyz, scratch: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, CT-like volume 256x256x100")
+    parser = _common.argument_parser(__doc__, "fewer rounds, CT-like volume 256x256x100")
     parser.add_argument("--repeat", type=int, default=None, help="rounds for start-up and hippocampus (default 5, quick 2)")
     parser.add_argument("--skip-ct", action="store_true", help="only start-up and hippocampus")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--ct-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,8 +249,7 @@ def main() -> int:
             for name, value in ct["breakdown"].items():
                 print(f"     {name:32s} {value:8.2f}" + (" MB" if name.endswith("MB") else " s"))
             report["ct"] = ct
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    _common.save_json(args.json, report)
     return 0
 
 

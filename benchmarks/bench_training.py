@@ -20,9 +20,7 @@ Data: ``Testing/Data/hippocampus`` (6 small MRI cases, 2 organs), prepared once 
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import sys
 import tempfile
 import time
@@ -102,10 +100,8 @@ def step_timings(preset: str, cases, labels, batch: int, patch_xyz, steps: int, 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="cpu preset only, 3 timed steps, 2 trainer epochs")
+    parser = _common.argument_parser(__doc__, "cpu preset only, 3 timed steps, 2 trainer epochs")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 12, quick 3)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     steps = args.steps or (3 if args.quick else 12)
     info = _common.print_machine("bench_training")
@@ -147,8 +143,7 @@ def main() -> int:
         print("\n-- cpu preset, batch 2, 32x48x32: layout of the training step")
         print(_common.table([{"layout": k, **v} for k, v in layout.items()], ["layout", "step_s", "steps_per_s"]))
         report["layout"] = layout
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    _common.save_json(args.json, report)
     return 0
 
 

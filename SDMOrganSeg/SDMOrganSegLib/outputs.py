@@ -14,11 +14,9 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from pathlib import Path
 from typing import Any, Callable, Iterable
-
-import SimpleITK as sitk
 
 from . import __version__
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata

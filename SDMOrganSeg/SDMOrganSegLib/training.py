@@ -16,9 +16,7 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field

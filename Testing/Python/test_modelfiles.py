@@ -22,9 +22,16 @@ def test_round_trip_gives_identical_weights(tiny_model_dir):
         assert torch.equal(a, b), name
 
 
-def test_corrupted_weights_are_refused(tiny_model_dir, tmp_path):
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    """A copy of the tiny model to damage, and its card as a dict."""
     copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, copy)
+    return copy, json.loads((copy / CARD_FILE).read_text())
+
+
+def test_corrupted_weights_are_refused(model_copy):
+    copy, _ = model_copy
     data = bytearray((copy / WEIGHTS_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / WEIGHTS_FILE).write_bytes(bytes(data))
@@ -32,10 +39,8 @@ def test_corrupted_weights_are_refused(tiny_model_dir, tmp_path):
         load_model(copy)
 
 
-def test_card_that_disagrees_with_weights_is_refused(tiny_model_dir, tmp_path):
-    copy = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, copy)
-    card = json.loads((copy / CARD_FILE).read_text())
+def test_card_that_disagrees_with_weights_is_refused(model_copy):
+    copy, card = model_copy
     card["architecture"]["base_channels"] = 16
     (copy / CARD_FILE).write_text(json.dumps(card))
     with pytest.raises(SDMOrganSegError, match="do not fit the architecture"):
@@ -47,10 +52,8 @@ def test_card_that_disagrees_with_weights_is_refused(tiny_model_dir, tmp_path):
         read_card(copy)
 
 
-def test_newer_card_format_is_refused(tiny_model_dir, tmp_path):
-    copy = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, copy)
-    card = json.loads((copy / CARD_FILE).read_text())
+def test_newer_card_format_is_refused(model_copy):
+    copy, card = model_copy
     card["format"] = 99
     (copy / CARD_FILE).write_text(json.dumps(card))
     with pytest.raises(SDMOrganSegError, match="update SDMOrganSeg"):

@@ -36,7 +36,7 @@ from hypothesis.extra import numpy as hnp
 from torch import nn
 
 from conftest import HIPPOCAMPUS, REPO
-from SDMOrganSegLib import dataset, inference, modelfiles
+from SDMOrganSegLib import dataset, inference
 from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError
 from SDMOrganSegLib.files import inside
 from SDMOrganSegLib.imageio import read_volume
@@ -707,8 +707,6 @@ def test_write_failing_midway_puts_the_earlier_outputs_back(small_result, tmp_pa
 
 
 def test_writer_error_midway_leaves_no_partial_files(small_result, tmp_path, monkeypatch):
-    from SDMOrganSegLib import outputs
-
     real = sitk.WriteImage
     calls = []
 
@@ -718,7 +716,7 @@ def test_writer_error_midway_leaves_no_partial_files(small_result, tmp_path, mon
             raise RuntimeError("Exception thrown in SimpleITK WriteImage: ...\nNo space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(outputs.sitk, "WriteImage", failing)
+    monkeypatch.setattr(sitk, "WriteImage", failing)  # the module object imagewriting writes through
     assert_error(lambda: write_result(small_result, tmp_path / "out"), "cannot write", "No space left on device")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").rglob("*")) == []
 
