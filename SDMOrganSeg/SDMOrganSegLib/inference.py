@@ -294,10 +294,11 @@ def estimate_memory_bytes(
         tile = [min(w, s) for w, s in zip(window, model_shape)]
         network = fixed + 4 * model_voxels * (organs + 1) + 4 * _padded(tile, multiple) * (organs + 1 + activations)
     # Mapping back: the network output, a model-grid copy per resampling thread, the SDMs on the input
-    # grid (one float32 per organ and voxel; they are not stacked) and the label map (13 bytes per input
-    # voxel cover it and the float32 input copies). Measured on the CT benchmark: 3.6 GB above the
-    # process's baseline for an estimate of 4.5 GB (benchmarks/bench_segment.py).
-    mapping_back = fixed + 4 * model_voxels * (organs + worker_threads()) + input_voxels * (4 * organs + 13)
+    # grid (one float32 per organ and voxel; they are not stacked) and the label map with its image copy
+    # (2 bytes per input voxel). Measured on the CT benchmark (9 organs, 512x512x200 resampled from
+    # 410x410x200): 3.63 GB above the process's baseline for an estimate of 3.95 GB
+    # (benchmarks/bench_segment.py).
+    mapping_back = fixed + 4 * model_voxels * (organs + worker_threads()) + input_voxels * (4 * organs + 2)
     return max(network, mapping_back)
 
 

@@ -105,3 +105,31 @@ def test_worker_threads_is_bounded():
     from SDMOrganSegLib.files import worker_threads
 
     assert 1 <= worker_threads() <= 4 and worker_threads(1) == 1
+
+
+def test_without_isal_pythons_zlib_writes_the_same_content(tmp_path, monkeypatch):
+    """Slicer installs that lack ``isal`` fall back to Python's gzip: other bytes, the same file content."""
+    image, array = _image(np.float32)
+    write_image(image, tmp_path / "isal.nii.gz")
+    monkeypatch.setattr(imagewriting, "_gzip", gzip)
+    monkeypatch.setattr(imagewriting, "GZIP_LEVEL", 1)
+    for suffix in (".nii.gz", ".nrrd"):
+        write_image(image, tmp_path / f"zlib{suffix}")
+        assert np.array_equal(sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / f"zlib{suffix}"))), array)
+    assert gzip.decompress((tmp_path / "zlib.nii.gz").read_bytes()) == gzip.decompress((tmp_path / "isal.nii.gz").read_bytes())
+
+
+def test_reading_check_without_isal_still_catches_corrupt_files(tmp_path, monkeypatch):
+    from SDMOrganSegLib import imageio
+    from SDMOrganSegLib.errors import SDMOrganSegError
+
+    image, _ = _image(np.float32)
+    write_image(image, tmp_path / "a.nii.gz")
+    data = bytearray((tmp_path / "a.nii.gz").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    (tmp_path / "bad.nii.gz").write_bytes(bytes(data))
+    for reader in (imageio._gzip, gzip):
+        monkeypatch.setattr(imageio, "_gzip", reader)
+        imageio.read_image(tmp_path / "a.nii.gz")
+        with pytest.raises(SDMOrganSegError, match="truncated or corrupt gzip"):
+            imageio.read_image(tmp_path / "bad.nii.gz")

@@ -311,3 +311,52 @@ def test_blend_is_bit_identical_to_the_numpy_blend():
         output[(slice(None),) + region] += prediction * weights
         weight_sum[region] += weights
     assert np.array_equal(result, output / weight_sum)
+
+
+_MEMORY_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np, SimpleITK as sitk, torch
+from SDMOrganSegLib import inference
+from SDMOrganSegLib.modelfiles import LoadedModel, ModelCard, organs_from_labels
+from SDMOrganSegLib.network import UNet3D, preset
+
+def status(field):
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field))
+
+torch.manual_seed(0)
+network = UNet3D(preset("cpu", 1, 9)).eval()
+card = ModelCard(name="m", architecture=network.config, organs=organs_from_labels({v: f"o{v}" for v in range(1, 10)}),
+                 spacing=(1.0, 1.0, 2.0), window=(64, 64, 64))
+model = LoadedModel(card=card, network=network, directory=None)
+image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, (96, 200, 200)).astype(np.int16))
+image.SetSpacing((0.8, 0.8, 1.6))
+inference.segment_image(image, model, "cpu", memory_gb=64)  # warm-up: allocator pools, oneDNN kernels
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # reset VmHWM to the current RSS
+inference.segment_image(image, model, "cpu", memory_gb=64)
+size = image.GetSize()
+model_shape = tuple(int(round(s * p / q)) for s, p, q in zip(size, image.GetSpacing(), card.spacing))[::-1]
+estimate = inference.estimate_memory_bytes(size, model_shape, 9, network.config.base_channels, (64, 64, 64), 16)
+print(json.dumps({"used": status("VmHWM:") - before, "estimate": estimate}))
+"""
+
+
+def test_memory_estimate_covers_what_segment_image_uses(tmp_path):
+    """The budget check refuses or tiles runs from estimate_memory_bytes: it must not be below what a run
+    really takes (peak RSS above the run's start, a fresh process, 9 organs, resampled in and out), and
+    not far above it either, or machines with little RAM get refusals they don't need."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to measure peak memory")
+    library = str(Path(inference.__file__).resolve().parents[1])
+    completed = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, library], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert figures["used"] <= figures["estimate"] <= 3 * figures["used"], figures
