@@ -238,6 +238,9 @@ def _window_zyx(window_xyz: Sequence[int] | None) -> tuple[int, int, int] | None
 #: Peak float32 activations per voxel of the network input, per channel of its first level: measured on
 #: the CPU at 11x (``cpu`` preset) to 21x (``paper`` preset) ``base_channels``; 22 keeps the estimate above both.
 ACTIVATION_FACTOR = 22
+#: What the first run in a process allocates once, whatever the volume (oneDNN kernels, thread pools, the
+#: pages of the libraries it touches): measured 0.15-0.31 GB (test_memory_estimate_covers_what_segment_image_uses).
+FIRST_RUN_BYTES = 0.35e9
 #: Environment variable overriding the memory budget, in GB (10^9 bytes).
 MEMORY_ENV = "SDMORGANSEG_MEMORY_GB"
 #: Share of the available RAM used as the default budget.
@@ -281,7 +284,7 @@ def estimate_memory_bytes(
     ``multiple``: the network pads its input to a multiple of this. Counted in float32 values: the input
     copies, the network output and blending weights, the activations of one network call (the whole volume
     or one window, ``ACTIVATION_FACTOR x base_channels`` per voxel), and the SDMs and label map mapped back
-    onto the input grid.
+    onto the input grid; plus :data:`FIRST_RUN_BYTES`.
     """
     input_voxels = float(np.prod(input_size, dtype=np.float64))
     model_voxels = float(np.prod(model_shape, dtype=np.float64))
@@ -296,10 +299,10 @@ def estimate_memory_bytes(
     # Mapping back: the network output, a model-grid copy per resampling thread, the SDMs on the input
     # grid (one float32 per organ and voxel; they are not stacked) and the label map with its image copy
     # (2 bytes per input voxel). Measured on the CT benchmark (9 organs, 512x512x200 resampled from
-    # 410x410x200): 3.63 GB above the process's baseline for an estimate of 3.95 GB
+    # 410x410x200, a first run): 3.63 GB above the process's baseline for an estimate of 4.3 GB
     # (benchmarks/bench_segment.py).
     mapping_back = fixed + 4 * model_voxels * (organs + worker_threads()) + input_voxels * (4 * organs + 2)
-    return max(network, mapping_back)
+    return FIRST_RUN_BYTES + max(network, mapping_back)
 
 
 def _gb(count: float) -> str:

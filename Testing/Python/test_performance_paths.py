@@ -332,7 +332,6 @@ card = ModelCard(name="m", architecture=network.config, organs=organs_from_label
 model = LoadedModel(card=card, network=network, directory=None)
 image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, (96, 200, 200)).astype(np.int16))
 image.SetSpacing((0.8, 0.8, 1.6))
-inference.segment_image(image, model, "cpu", memory_gb=64)  # warm-up: allocator pools, oneDNN kernels
 before = status("VmRSS:")
 with open("/proc/self/clear_refs", "w") as handle:
     handle.write("5")  # reset VmHWM to the current RSS
@@ -346,8 +345,8 @@ print(json.dumps({"used": status("VmHWM:") - before, "estimate": estimate}))
 
 def test_memory_estimate_covers_what_segment_image_uses(tmp_path):
     """The budget check refuses or tiles runs from estimate_memory_bytes: it must not be below what a run
-    really takes (peak RSS above the run's start, a fresh process, 9 organs, resampled in and out), and
-    not far above it either, or machines with little RAM get refusals they don't need."""
+    really takes (peak RSS above the run's start: the first run in a fresh process, 9 organs, resampled in
+    and out), and not far above it either, or machines with little RAM get refusals they don't need."""
     import json
     import subprocess
     import sys
