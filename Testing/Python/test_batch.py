@@ -152,6 +152,13 @@ def test_segmentation_reads_back_with_names_colours_and_geometry(first_run, mode
         np.testing.assert_allclose(sdm.GetSpacing(), image.GetSpacing(), atol=1e-6)
         values = sitk.GetArrayViewFromImage(sdm)
         assert values.min() < 0 < values.max()
+        # The file holds the SDM the segment came from: every voxel of the segment is inside (SDM < 0).
+        segment = next(s for s in segments if s["name"] == organ.name)
+        voxels = np.asarray(segmentation["voxels"])
+        layer = voxels[..., segment.get("layer", 0)] if voxels.ndim == 4 else voxels
+        in_segment = int(np.count_nonzero(layer == segment["labelValue"]))
+        inside = int(np.count_nonzero(values < 0))
+        assert 0.8 * inside <= in_segment <= inside, (in_segment, inside)
         for level in ("0", "0.1", "0.2", "0.3"):
             reader = vtk.vtkPolyDataReader()
             reader.SetFileName(str(output / case / "contours" / f"{safe_name(organ.name)}_{level}.vtk"))
