@@ -155,11 +155,19 @@ def sdms_to_label_map(sdms: np.ndarray, label_values: Sequence[int]) -> np.ndarr
         best = np.array(sdms[0][part], dtype=values_dtype, copy=True)
         out = labels[part]
         out.fill(lookup[0])
+        lower = np.empty(out.shape, bool)
+        change = np.empty_like(out)
         for channel in range(1, len(sdms)):
             values = sdms[channel][part]
-            np.copyto(out, lookup[channel], where=values < best)
+            np.less(values, best, out=lower)
+            # out = lower ? label : out, as out + lower * (label - out) in the labels' unsigned (wrapping)
+            # arithmetic: no branches, 3-6x faster than a masked copy (benchmarks/bench_sdm.py).
+            np.subtract(lookup[channel], out, out=change)
+            change *= lower
+            out += change
             np.minimum(best, values, out=best)
-        np.copyto(out, 0, where=~(best < 0))
+        np.less(best, 0, out=lower)
+        out *= lower
 
     starts = range(0, shape[0], step)
     threads = worker_threads()
