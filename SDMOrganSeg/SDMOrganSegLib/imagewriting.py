@@ -4,8 +4,8 @@ SimpleITK 2.5 compresses NIfTI with zlib at one fixed level whatever level is as
 too: a float32 SDM of a CT volume (210 MB), whose low mantissa bits are noise, takes 3.5 s that way.
 ISA-L's igzip (the ``isal`` package) writes a standard gzip stream of the same data in 0.43 s at about
 the same ratio (0.70 against 0.67; ``benchmarks/bench_segment.py``), and it releases the GIL, so several
-files compress at once. Any gzip reader reads the result: ITK (Slicer, SimpleITK), nibabel, ``gzip``. Without ``isal``
-Python's zlib at level 1 is used (3.1 s, still no slower than ITK's).
+files compress at once. Any gzip reader reads the result: ITK (Slicer, SimpleITK), nibabel, ``gzip``.
+Without ``isal`` Python's zlib at level 1 is used (3.1 s, still no slower than ITK's).
 
 ``.nii.gz`` is the gzip of the ``.nii`` file. An attached ``.nrrd`` is a text header ending in an empty
 line, then the data, whose ``encoding:`` field says how it is stored; ITK writes ``encoding: raw`` and
