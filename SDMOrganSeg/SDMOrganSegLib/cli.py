@@ -194,7 +194,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_sdm(args: argparse.Namespace) -> int:
     from .files import atomic_path
-    from .imageio import image_from_array, label_array, read_image
+    from .imageio import error_line, image_from_array, label_array, read_image
     from .imagewriting import write_image
     from .sdm import normalized_sdm
 
@@ -209,7 +209,7 @@ def run_sdm(args: argparse.Namespace) -> int:
         try:
             write_image(sdm, temporary)
         except (RuntimeError, OSError) as error:
-            raise SDMOrganSegError(f"cannot write {args.out}: {str(error).strip().splitlines()[-1]}; use a .nii.gz, .nrrd or .mha name in a writable folder") from None
+            raise SDMOrganSegError(f"cannot write {args.out}: {error_line(error)}; use a .nii.gz, .nrrd or .mha name in a writable folder") from None
     print(f"wrote {args.out}")
     return 0
 

@@ -52,7 +52,7 @@ def case_name(path: Path) -> str:
 capture_native_messages = False
 
 
-def _first_line(error: Exception, path: Path | None = None) -> str:
+def error_line(error: BaseException, path: Path | None = None) -> str:
     """The informative line of an ITK exception: not the file/line banner, not an errno text that ITK
     appends whether or not it applies (``Reason: No such file or directory`` for a file that exists)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -326,7 +326,7 @@ def read_image(path: str | Path, what: str = "image", *, volume: bool = False) -
     except SDMOrganSegError:
         raise
     except (RuntimeError, OSError, ValueError, MemoryError, OverflowError) as error:
-        reason = _first_line(error, path)
+        reason = error_line(error, path)
         if "Unable to determine ImageIO reader" in reason:
             reason = "not a file format ITK can read"
         elif native:

@@ -22,6 +22,7 @@ from . import __version__
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
 from .errors import CancelledError, SDMOrganSegError
 from .files import check_writable, inside, safe_name, worker_threads
+from .imageio import error_line
 from .imagewriting import write_image
 from .inference import CancelCheck, SegmentationResult, _should_stop
 from .modelfiles import Organ
@@ -188,9 +189,8 @@ def write_result(
         committed = True
     except (_WriteFailed, RuntimeError, OSError) as error:
         name, cause = (error.name, error.error) if isinstance(error, _WriteFailed) else ("the outputs", error)
-        said = str(cause).strip()
         raise SDMOrganSegError(
-            f"cannot write {name} in {out_dir}: {said.splitlines()[-1] if said else type(cause).__name__}; "
+            f"cannot write {name} in {out_dir}: {error_line(cause)}; "
             "check free disk space and permissions (nothing was changed there)"
         ) from None
     finally:

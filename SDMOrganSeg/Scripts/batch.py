@@ -184,6 +184,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
             try:
                 from SDMOrganSegLib.contours import level_tag
                 from SDMOrganSegLib.files import safe_name, worker_threads
+                from SDMOrganSegLib.imageio import error_line
                 from SDMOrganSegLib.imagewriting import write_image
 
                 # The SDM volumes are the computed images the nodes show, written by imagewriting (ITK's NRRD,
@@ -203,8 +204,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
                         try:
                             written.result()
                         except (RuntimeError, OSError) as error:
-                            said = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-                            raise SDMOrganSegError(f"cannot write the SDM of {organ_name}: {said}; check free disk space and permissions") from None
+                            raise SDMOrganSegError(f"cannot write the SDM of {organ_name}: {error_line(error)}; check free disk space and permissions") from None
                 if reference is not None:
                     from SDMOrganSegLib.imageio import read_image
                     from SDMOrganSegLib.metrics import evaluate_images
