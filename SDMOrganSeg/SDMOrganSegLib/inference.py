@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from .errors import CancelledError, SDMOrganSegError
 from .files import available_memory_bytes, worker_threads
 from .imageio import check_volume, image_from_array
 from .modelfiles import LoadedModel, Organ
-from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing
+from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing, resampled_size
 from .sdm import sdms_to_label_map
 
 ProgressCallback = Callable[[float, str], None]
@@ -167,7 +168,7 @@ def _cpu_convolutions(network: torch.nn.Module, device: torch.device) -> Iterato
     usable = device.type == "cpu" and ONEDNN_ON_CPU and torch.backends.mkldnn.is_available() and isinstance(network, torch.nn.Module)
     convolutions = [
         m for m in (network.modules() if usable else ())
-        if usable and isinstance(m, torch.nn.Conv3d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        if isinstance(m, torch.nn.Conv3d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
         and m.weight.dtype == torch.float32 and "forward" not in vars(m)
     ]
     try:
@@ -253,8 +254,6 @@ def memory_budget_bytes(memory_gb: float | None = None) -> float | None:
     """The budget :func:`segment_image` plans for: ``memory_gb``, else ``$SDMORGANSEG_MEMORY_GB``, else 80 %
     of the available RAM; None when none of them is known."""
     if memory_gb is None:
-        import os
-
         text = os.environ.get(MEMORY_ENV, "").strip()
         if text:
             try:
@@ -305,6 +304,11 @@ def estimate_memory_bytes(
     return FIRST_RUN_BYTES + max(network, mapping_back)
 
 
+def _size_multiple(network: torch.nn.Module) -> int:
+    """What the network pads its input to: ``2 ** config.depth`` (``UNet3D.size_multiple``); 1 without a config."""
+    return int(2 ** getattr(getattr(network, "config", None), "depth", 0))
+
+
 def _gb(count: float) -> str:
     return f"{count / 1e9:.3g} GB"
 
@@ -319,9 +323,8 @@ def _plan_window(
 ) -> tuple[int, ...] | None:
     """The window to run with: ``window`` if the run fits ``budget``, else the largest halving of it
     (or of 128 voxels a side) that fits; refuses with the memory needed when even the smallest does not."""
-    config = getattr(network, "config", None)
-    base = int(getattr(config, "base_channels", 32))
-    multiple = int(2 ** getattr(config, "depth", 0))
+    base = int(getattr(getattr(network, "config", None), "base_channels", 32))
+    multiple = _size_multiple(network)
     size = image.GetSize()
 
     def need(candidate: tuple[int, ...] | None) -> float:
@@ -395,11 +398,8 @@ def segment_image(
     chosen = resolve_device(device)
     # Plan the memory before allocating anything large.
     window_zyx = _window_zyx(window or card.window)
-    if card.spacing is not None and needs_resampling(image, card.spacing):
-        grid = np.maximum(np.round(np.asarray(image.GetSize()) * np.asarray(image.GetSpacing()) / np.asarray(card.spacing)), 1)
-    else:
-        grid = np.asarray(image.GetSize())
-    model_shape = tuple(int(s) for s in grid[::-1])
+    grid = resampled_size(image, card.spacing) if needs_resampling(image, card.spacing) else image.GetSize()
+    model_shape = tuple(int(s) for s in reversed(grid))
     window_zyx = _plan_window(image, model_shape, len(card.organs), model.network, window_zyx, memory_budget_bytes(memory_gb), notes)
 
     report(0.0, "preparing the volume")
@@ -418,7 +418,7 @@ def segment_image(
         report(0.05 + 0.85 * fraction, message)
 
     planned = window_zyx
-    smallest = _smallest_window(volume.shape, int(2 ** getattr(getattr(model.network, "config", None), "depth", 0)))
+    smallest = _smallest_window(volume.shape, _size_multiple(model.network))
     while True:
         try:
             output = predict_array(model.network, volume, chosen, window_zyx, overlap, network_progress, cancel)

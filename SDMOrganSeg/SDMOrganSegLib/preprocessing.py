@@ -51,14 +51,17 @@ def needs_resampling(image: sitk.Image, spacing: Sequence[float] | None, toleran
     return not np.allclose(image.GetSpacing(), spacing, rtol=tolerance, atol=0)
 
 
+def resampled_size(image: sitk.Image, spacing: Sequence[float]) -> tuple[int, ...]:
+    """Voxels per axis (``x, y, z``) of :func:`resample_to_spacing`'s grid: the same physical extent."""
+    size = np.maximum(np.round(np.asarray(image.GetSize()) * np.asarray(image.GetSpacing()) / np.asarray(spacing, dtype=float)), 1)
+    return tuple(int(s) for s in size)
+
+
 def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], interpolator: int = sitk.sitkLinear) -> sitk.Image:
     """Resample onto a grid of the given spacing covering the same physical extent, same origin and direction."""
-    old_spacing = np.asarray(image.GetSpacing())
-    new_spacing = np.asarray(spacing, dtype=float)
-    size = np.maximum(np.round(np.asarray(image.GetSize()) * old_spacing / new_spacing), 1).astype(int)
     return sitk.Resample(
-        image, [int(s) for s in size], sitk.Transform(), interpolator, image.GetOrigin(), [float(s) for s in new_spacing],
-        image.GetDirection(), 0.0, image.GetPixelID(),
+        image, list(resampled_size(image, spacing)), sitk.Transform(), interpolator, image.GetOrigin(),
+        [float(s) for s in spacing], image.GetDirection(), 0.0, image.GetPixelID(),
     )
 
 
