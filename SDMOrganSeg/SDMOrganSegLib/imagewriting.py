@@ -83,10 +83,9 @@ def _one_voxel_header(image: sitk.Image, path: Path, nifti: bool) -> bytes:
         data = probe.read_bytes()
     finally:
         probe.unlink(missing_ok=True)
-    item = data[-image.GetSizeOfPixelComponent():]
     if nifti:
         header = bytearray(data[: _NIFTI1_OFFSET])
-        if len(data) != _NIFTI1_OFFSET + len(item) or struct.unpack_from("<i", header, 0)[0] != 348:
+        if len(data) != _NIFTI1_OFFSET + image.GetSizeOfPixelComponent() or struct.unpack_from("<i", header, 0)[0] != 348:
             raise RuntimeError("ITK wrote an unexpected NIfTI header")
         if struct.unpack_from("<4h", header, 40) != (3, 1, 1, 1):
             raise RuntimeError("ITK wrote an unexpected NIfTI size")

@@ -20,8 +20,8 @@ Because no voxel has the value 0, ``heaviside(sdm)`` with k = 1500 gives back th
 wherever the nearest opposite voxel is closer than about 1/(1500/ln(1e4)) of the normalising maximum,
 i.e. always in practice (the paper reports about 99.9 % overlap with Danielsson's approximate SDM).
 
-The distance transform is the ``edt`` package (exact, anisotropic, multi-threaded), picked over
-``scipy.ndimage.distance_transform_edt`` (exact, about 10x slower) and SimpleITK's
+The distance transform is the ``edt`` package (exact, anisotropic; on one thread, see ``_THREADS``),
+picked over ``scipy.ndimage.distance_transform_edt`` (exact, about 10x slower) and SimpleITK's
 ``SignedMaurerDistanceMap`` by measurement: see ``benchmarks/bench_sdm.py`` and ``benchmarks/RESULTS.md``.
 """
 
