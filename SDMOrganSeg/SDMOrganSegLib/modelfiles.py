@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from . import MODEL_CARD_FORMAT, __version__
 from .errors import SDMOrganSegError
+from .architecture import UNetConfig
 from .files import atomic_path, check_writable, sha256_of, write_text_atomic
+from .preprocessing import DEFAULT_INTENSITY
+from .sdm import HEAVISIDE_K
 
 if TYPE_CHECKING:  # PyTorch is imported only once a model is really built: refusing a bad folder is fast
     import torch
 
     from .network import UNet3D
-from .architecture import UNetConfig
-from .preprocessing import DEFAULT_INTENSITY
-from .sdm import HEAVISIDE_K
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -93,7 +93,6 @@ class ModelCard:
                     f"{source} has format {card_format}, newer than this SDMOrganSeg ({__version__}) reads "
                     f"(format {MODEL_CARD_FORMAT}); update SDMOrganSeg"
                 )
-
             organs = [
                 Organ(str(o["name"]), int(o["label"]), tuple(float(c) for c in o.get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
                 for i, o in enumerate(values["organs"])
@@ -158,8 +157,7 @@ class LoadedModel:
 
 
 def read_card(directory: Path) -> ModelCard:
-    card_path = Path(directory) / CARD_FILE
-    return ModelCard.from_dict(_card_values(directory), str(card_path))
+    return ModelCard.from_dict(_card_values(directory), str(Path(directory) / CARD_FILE))
 
 
 def _card_values(directory: Path) -> dict[str, Any]:
