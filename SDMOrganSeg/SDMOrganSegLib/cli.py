@@ -32,6 +32,26 @@ def _levels(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _patch(text: str):
+    return None if text.strip().lower() == "whole" else _triple(int)(text)
+
+
+def _intensity(text: str) -> dict:
+    """``percentile`` / ``percentile:LOW,HIGH`` (per-case percentiles) or ``window:LOW,HIGH`` (fixed, e.g. CT HU)."""
+    method, _, values = text.partition(":")
+    try:
+        numbers = [float(v) for v in values.split(",")] if values else []
+    except ValueError:
+        numbers = None
+    if method == "percentile" and numbers is not None and len(numbers) in (0, 2):
+        lower, upper = numbers or (0.5, 99.5)
+        if 0 <= lower < upper <= 100:
+            return {"method": "percentile", "lower": lower, "upper": upper}
+    if method == "window" and numbers is not None and len(numbers) == 2 and numbers[0] < numbers[1]:
+        return {"method": "window", "low": numbers[0], "high": numbers[1]}
+    raise argparse.ArgumentTypeError(f"expected percentile[:LOW,HIGH] or window:LOW,HIGH (e.g. window:-500,1000 for CT), got {text!r}")
+
+
 def _triple(kind: type):
     def parse(text: str):
         parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
@@ -98,11 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mode", default="sdm+dice", choices=["dice", "sdm", "l1+dice", "sdm+dice"], help="training loss (default sdm+dice, Eq. 5)")
     train.add_argument("--epochs", type=int, default=200)
     train.add_argument("--batch-size", type=int, default=2)
-    train.add_argument("--patch", type=_triple(int), default=(32, 48, 32), help="training patch x,y,z voxels (default 32,48,32)")
+    train.add_argument("--patch", type=_patch, default=(32, 48, 32), help="training patch x,y,z voxels, or 'whole' for whole volumes (the largest training case) (default 32,48,32)")
     train.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4)")
     train.add_argument("--lr-decay", type=float, default=0.8, help="learning-rate factor (default 0.8)...")
     train.add_argument("--lr-step", type=int, default=25, help="...applied every this many epochs (default 25)")
     train.add_argument("--sdm-weight", type=float, default=10.0, help="lambda of Eq. 5 (default 10)")
+    train.add_argument("--sdm-normalization", default="paper", choices=["paper", "clip", "tanh"], help="ground-truth SDM: paper = each side divided by its largest distance; clip = distance/scale clipped to [-1, 1]; tanh = tanh(distance/scale) (default paper)")
+    train.add_argument("--sdm-scale", type=float, default=5.0, help="distance in mm that maps to 1 for --sdm-normalization clip/tanh (default 5)")
+    train.add_argument("--heaviside-k", type=float, default=1500.0, help="steepness k of the smooth Heaviside sigmoid(-k sdm) in the Dice term (default 1500, the paper's)")
+    train.add_argument("--depth", type=int, default=None, help="number of downsamplings (default: the preset's)")
+    train.add_argument("--base-channels", type=int, default=None, help="channels at full resolution (default: the preset's)")
+    train.add_argument("--max-channels", type=int, default=None, help="cap on the channel doubling (default: the preset's)")
+    train.add_argument("--foreground-fraction", type=float, default=0.0, help="share of patches centred on a random annotated organ voxel (default 0: uniform)")
+    train.add_argument("--sliding-window", action="store_true", help="validate, and record in the card that the model infers, in windows of the patch size")
+    train.add_argument("--intensity", type=_intensity, default=None, help="intensity normalisation: percentile[:LOW,HIGH] (per case, default 0.5,99.5) or window:LOW,HIGH (fixed, e.g. CT HU)")
+    train.add_argument("--tta", action="store_true", help="with --finalize: evaluate with mirroring test-time augmentation")
+    train.add_argument("--modality", choices=["CT", "MR"], default=None, help="imaging modality of the data, recorded in the card; segment warns when an input does not look like it")
+    train.add_argument("--field-of-view", default="", help="what the training images show, in words (e.g. 'head and neck planning CT'), for the card")
     train.add_argument("--validate-every", type=int, default=5)
     train.add_argument("--split", help="split JSON with 'train' and 'validation' case names (default: seeded 80/20 split written to OUT/split.json)")
     train.add_argument("--spacing", type=_triple(float), default=None, help="resample to x,y,z mm (default: keep the data's spacing)")
@@ -154,7 +186,7 @@ def run_segment(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     files = write_result(result, out, args.format, args.levels, args.overwrite, extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)})
     for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(note if note.startswith("warning: ") else f"note: {note}", file=sys.stderr)
     volumes = ", ".join(f"{name} {volume:.2f} ml" for name, volume in result.organ_volumes_ml().items())
     print(f"segmented {args.image} on {result.device} in {result.timings['total_s']:.2f} s: {volumes}")
     print(f"wrote {len(files)} files to {out}")
@@ -228,11 +260,15 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         lr_step=args.lr_step, sdm_weight=args.sdm_weight, validate_every=args.validate_every, seed=args.seed,
         split_file=args.split, spacing=args.spacing, flip=not args.no_flip, device=args.device,
         max_cases=args.max_cases, model_name=args.name or Path(args.data).resolve().name, threads=args.threads,
-        command="sdmorganseg " + shlex.join(argv),
+        command="sdmorganseg " + shlex.join(argv), sdm_normalization=args.sdm_normalization, sdm_scale_mm=args.sdm_scale,
+        heaviside_k=args.heaviside_k, depth=args.depth, base_channels=args.base_channels, max_channels=args.max_channels,
+        foreground_fraction=args.foreground_fraction, sliding_window=args.sliding_window,
+        modality=args.modality, field_of_view=args.field_of_view,
+        **({"intensity": args.intensity} if args.intensity else {}),
     )
     best = Trainer(config).run()
     if args.finalize:
-        summary = finalize_best_model(args.out, args.data, args.device)
+        summary = finalize_best_model(args.out, args.data, args.device, tta=args.tta)
         print(json.dumps(summary, indent=1))
     print(f"best model: {best}")
     return 0

@@ -2,7 +2,11 @@
 
 A data folder holds images and label maps with the same file names, in ``imagesTr/`` + ``labelsTr/``
 (Medical Segmentation Decathlon layout) or ``images/`` + ``labels/``, as NIfTI or NRRD. An optional
-``labels.json`` (``{"labels": {"1": "name", ...}}``) names the organs.
+``labels.json`` (``{"labels": {"1": "name", ...}}``) names the organs. An optional ``annotations.json``
+(``{"case name": ["organ name", ...], ...}``) says which organs were contoured in each case, for partially
+annotated data: an organ missing from a case's list is *unknown* there (not contoured), not absent, and
+the trainer gives that channel of that case no loss and no metric. Without the file every organ counts as
+annotated in every case.
 
 Each case is read once: checked (same geometry, whole-number labels, known label values), resampled to
 the target spacing when one is asked for, intensity-normalised, and its ground-truth SDMs computed. The
@@ -47,6 +51,7 @@ class PreparedCase:
     labels: np.ndarray  #: uint8/uint16 label map
     sdms: np.ndarray  #: float32 ``(organs, z, y, x)`` normalised SDMs
     spacing: tuple[float, float, float]  #: (x, y, z) mm
+    annotated: np.ndarray | None = None  #: bool ``(organs,)``: organs contoured in this case; None: all
 
 
 def find_cases(data_dir: str | Path) -> list[CasePaths]:
@@ -109,6 +114,36 @@ def read_label_names(data_dir: str | Path) -> dict[int, str] | None:
     return names
 
 
+def read_annotations(data_dir: str | Path, organ_names: Sequence[str], case_names: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """Per case, a bool array ``(organs,)`` of the organs contoured in it, from ``annotations.json`` in the
+    data folder; None when there is no such file (every organ annotated everywhere).
+
+    Organ names must be those of ``labels.json``; a case missing from the file is refused, since silently
+    treating it as unannotated (or as fully annotated) would both be wrong.
+    """
+    path = Path(data_dir) / "annotations.json"
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict) or not all(isinstance(v, list) for v in values.values()):
+            raise ValueError("expected an object of lists")
+    except (OSError, ValueError) as error:
+        raise SDMOrganSegError(f"{path} is not an annotations file ({error}); expected {{\"case\": [\"organ\", ...]}}") from None
+    index = {name: i for i, name in enumerate(organ_names)}
+    result = {}
+    for case in case_names:
+        if case not in values:
+            raise SDMOrganSegError(f"{path} does not list case {case}; list the organs contoured in it (an empty list if none)")
+        unknown = sorted(set(values[case]) - set(index))
+        if unknown:
+            raise SDMOrganSegError(f"{path}: case {case} names organs {unknown} that labels.json does not have; use the names of labels.json")
+        flags = np.zeros(len(organ_names), bool)
+        flags[[index[name] for name in values[case]]] = True
+        result[case] = flags
+    return result
+
+
 def _cache_key(case: CasePaths, settings: Mapping[str, Any]) -> str:
     digest = hashlib.sha256()
     for path in (case.image, case.label):
@@ -123,8 +158,13 @@ def prepare_case(
     label_values: Sequence[int],
     intensity: Mapping[str, Any],
     spacing: Sequence[float] | None = None,
+    sdm: Mapping[str, Any] | None = None,
 ) -> PreparedCase:
-    """Read, check, resample, normalise a case and compute its ground-truth SDMs."""
+    """Read, check, resample, normalise a case and compute its ground-truth SDMs.
+
+    ``sdm`` holds the SDM normalisation, ``{"normalization": "paper" | "clip" | "tanh", "scale_mm": s}``
+    (default the paper's).
+    """
     image = read_image(case.image, "training image")
     check_volume(image, "training image", case.image)
     label_image = read_image(case.label, "label map")
@@ -146,7 +186,8 @@ def prepare_case(
     labels = labels.astype(dtype)
     actual_spacing = tuple(float(s) for s in image.GetSpacing())
     normalised = normalize_intensity(sitk.GetArrayViewFromImage(image), intensity)
-    sdms = label_map_to_sdms(labels, label_values, actual_spacing)
+    sdm = dict(sdm or {})
+    sdms = label_map_to_sdms(labels, label_values, actual_spacing, sdm.get("normalization", "paper"), float(sdm.get("scale_mm", 5.0)))
     return PreparedCase(case.name, normalised, labels, sdms, actual_spacing)
 
 
@@ -156,9 +197,12 @@ def load_cases(
     intensity: Mapping[str, Any],
     spacing: Sequence[float] | None,
     cache_dir: Path | None,
+    sdm: Mapping[str, Any] | None = None,
 ) -> list[PreparedCase]:
     """:func:`prepare_case` for each case, through the on-disk cache when ``cache_dir`` is given."""
-    settings = {"labels": list(label_values), "intensity": dict(intensity), "spacing": list(spacing) if spacing else None}
+    settings: dict[str, Any] = {"labels": list(label_values), "intensity": dict(intensity), "spacing": list(spacing) if spacing else None}
+    if sdm and sdm.get("normalization", "paper") != "paper":
+        settings["sdm"] = dict(sdm)  # paper-normalised caches keep the keys they always had
     prepared = []
     for case in cases:
         cached = cache_dir / f"{safe_name(case.name)}-{_cache_key(case, settings)}.npz" if cache_dir else None
@@ -166,7 +210,7 @@ def load_cases(
             with np.load(cached) as data:
                 item = PreparedCase(case.name, data["image"], data["labels"], data["sdms"], tuple(data["spacing"].tolist()))
         else:
-            item = prepare_case(case, label_values, intensity, spacing)
+            item = prepare_case(case, label_values, intensity, spacing, sdm)
             if cached:
                 with atomic_path(cached) as temporary:
                     with open(temporary, "wb") as handle:

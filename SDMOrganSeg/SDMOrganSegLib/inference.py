@@ -27,6 +27,7 @@ from .errors import CancelledError, SDMOrganSegError
 from .files import available_memory_bytes, worker_threads
 from .imageio import check_volume, image_from_array
 from .modelfiles import LoadedModel, Organ
+from .plausibility import input_warnings, volume_warnings
 from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing, resampled_size
 from .sdm import sdms_to_label_map
 
@@ -421,6 +422,7 @@ def segment_image(
     report = progress or (lambda fraction, message: None)
 
     chosen = resolve_device(device)
+    notes.extend(input_warnings(image, card.modality, card.field_of_view, card.input_extent_mm))
     # Plan the memory before allocating anything large.
     window_zyx = _window_zyx(window or card.window)
     grid = resampled_size(image, card.spacing) if needs_resampling(image, card.spacing) else image.GetSize()
@@ -491,7 +493,9 @@ def segment_image(
     timings["postprocess_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - started
     report(1.0, "done")
-    return SegmentationResult(
+    result = SegmentationResult(
         labels=labels, sdms=sdm_images, organs=list(card.organs), device=device_description(chosen),
         model_name=card.name, timings=timings, notes=notes,
     )
+    notes.extend(volume_warnings(result.organ_volumes_ml(), {organ.name: organ.volume_ml for organ in card.organs}))
+    return result

@@ -2,7 +2,9 @@
 
 All tensors are ``(batch, organs, z, y, x)``. ``pred`` is the network output (normalised SDM, negative
 inside; or a logit with the same sign for Dice-only models), ``target_sdm`` the ground-truth normalised
-SDM and ``target_mask`` the 0/1 organ masks.
+SDM and ``target_mask`` the 0/1 organ masks. ``annotated`` (optional, ``(batch, organs)`` 0/1) marks the organs
+contoured in each case of partially annotated data: a 0 removes that organ's channel of that case from
+every term (its gradient is exactly zero); without it every organ counts, and the losses are the paper's.
 
 Modes (``--mode`` of the trainer):
 
@@ -26,19 +28,28 @@ MODES = ("dice", "sdm", "l1+dice", "sdm+dice")
 _SPATIAL = (2, 3, 4)
 
 
-def soft_dice_loss(probability: torch.Tensor, target_mask: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
+def _batch_organ_mean(per_case_organ: torch.Tensor, annotated: torch.Tensor | None) -> torch.Tensor:
+    """Sum over organs, mean over the batch, of a ``(batch, organs)`` term; unannotated entries weigh 0."""
+    if annotated is not None:
+        # where(), not a product: a masked term that is inf or NaN must not leak a NaN gradient.
+        per_case_organ = torch.where(annotated.to(per_case_organ.dtype) > 0, per_case_organ, torch.zeros_like(per_case_organ))
+    return per_case_organ.sum(1).mean()
+
+
+def soft_dice_loss(probability: torch.Tensor, target_mask: torch.Tensor, epsilon: float = 1e-5, annotated: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 1 averaged over the batch: ``N - sum_t (2 sum y p + eps) / (sum y + sum p + eps)``.
 
     Summing over organs (not averaging) follows the paper. An organ absent from both target and
-    prediction scores 1 (loss 0) thanks to ``epsilon``; gradients stay finite.
+    prediction scores 1 (loss 0) thanks to ``epsilon``; gradients stay finite. Unannotated organs
+    (``annotated`` 0) add nothing.
     """
     intersection = (probability * target_mask).sum(_SPATIAL)
     total = probability.sum(_SPATIAL) + target_mask.sum(_SPATIAL)
     dice = (2 * intersection + epsilon) / (total + epsilon)
-    return (probability.shape[1] - dice.sum(1)).mean()
+    return _batch_organ_mean(1 - dice, annotated)
 
 
-def product_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
+def product_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, epsilon: float = 1e-6, annotated: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 4: ``-sum_t y p / (y p + p^2 + y^2)``, per voxel, averaged over voxels and batch, summed over organs.
 
     Per voxel the term lies in [-1, 1/3]: it rewards a prediction with the target's sign and penalises
@@ -47,12 +58,12 @@ def product_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, epsilon: floa
     """
     product = pred_sdm * target_sdm
     ratio = product / (product + pred_sdm.square() + target_sdm.square() + epsilon)
-    return -ratio.mean(dim=(0,) + _SPATIAL).sum()
+    return _batch_organ_mean(-ratio.mean(dim=_SPATIAL), annotated)
 
 
-def l1_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor) -> torch.Tensor:
+def l1_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
     """Mean absolute SDM error, averaged over voxels and batch, summed over organs like Eq. 4."""
-    return (pred_sdm - target_sdm).abs().mean(dim=(0,) + _SPATIAL).sum()
+    return _batch_organ_mean((pred_sdm - target_sdm).abs().mean(dim=_SPATIAL), annotated)
 
 
 def smooth_heaviside(sdm: torch.Tensor, k: float = HEAVISIDE_K) -> torch.Tensor:
@@ -69,22 +80,24 @@ class SDMSegmentationLoss(nn.Module):
             raise ValueError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
         self.mode, self.sdm_weight, self.k = mode, sdm_weight, k
 
-    def forward(self, pred: torch.Tensor, target_sdm: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, pred: torch.Tensor, target_sdm: torch.Tensor, target_mask: torch.Tensor, annotated: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         pred = pred.float()  # losses in float32 under autocast
         parts: dict[str, torch.Tensor] = {}
         if self.mode == "dice":
-            parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask)
+            parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask, annotated=annotated)
             total = parts["dice"]
         else:
-            parts["l1"] = l1_loss(pred, target_sdm)
+            parts["l1"] = l1_loss(pred, target_sdm, annotated)
             sdm_term = parts["l1"]
             if self.mode in ("sdm", "sdm+dice"):
-                parts["product"] = product_loss(pred, target_sdm)
+                parts["product"] = product_loss(pred, target_sdm, annotated=annotated)
                 sdm_term = sdm_term + parts["product"]
             if self.mode == "sdm":
                 total = sdm_term
             else:
-                parts["dice"] = soft_dice_loss(smooth_heaviside(pred, self.k), target_mask)
+                parts["dice"] = soft_dice_loss(smooth_heaviside(pred, self.k), target_mask, annotated=annotated)
                 total = parts["dice"] + self.sdm_weight * sdm_term
         return total, {name: float(value.detach()) for name, value in parts.items()}
 

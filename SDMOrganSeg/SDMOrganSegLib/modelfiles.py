@@ -20,6 +20,7 @@ from .architecture import UNetConfig
 from .files import atomic_path, check_writable, sha256_of, write_text_atomic
 from .preprocessing import DEFAULT_INTENSITY
 from .sdm import HEAVISIDE_K
+from .terminology import check_terminology, default_terminology
 
 if TYPE_CHECKING:  # PyTorch is imported only once a model is really built: refusing a bad folder is fast
     import torch
@@ -39,14 +40,23 @@ DEFAULT_COLORS = [
 
 @dataclass(frozen=True)
 class Organ:
-    """One output channel: display name, value in label maps, colour (RGB in [0, 1])."""
+    """One output channel: display name, value in label maps, colour (RGB in [0, 1]), and optionally its
+    standard terminology (SNOMED CT codes, see :mod:`.terminology`) and the range of volumes (ml) the
+    training labels had, which :mod:`.plausibility` checks predictions against."""
 
     name: str
     label: int
     color: tuple[float, float, float]
+    terminology: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    volume_ml: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, "color": list(self.color)}
+        values: dict[str, Any] = {"name": self.name, "label": self.label, "color": list(self.color)}
+        if self.terminology:
+            values["terminology"] = self.terminology
+        if self.volume_ml:
+            values["volume_ml"] = list(self.volume_ml)
+        return values
 
 
 @dataclass
@@ -60,6 +70,9 @@ class ModelCard:
     intensity: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_INTENSITY))
     window: tuple[int, int, int] | None = None  #: sliding-window size (x, y, z) voxels; None: whole volume
     description: str = ""
+    modality: str | None = None  #: "CT" or "MR": what the model was trained on (checked on input)
+    field_of_view: str = ""  #: what the training images show, in words (e.g. "head and neck planning CT")
+    input_extent_mm: tuple[float, float, float] | None = None  #: largest training image extent (x, y, z) mm
     heaviside_k: float = HEAVISIDE_K
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +91,9 @@ class ModelCard:
             "spacing": list(self.spacing) if self.spacing else None,
             "intensity": self.intensity,
             "window": list(self.window) if self.window else None,
+            "modality": self.modality,
+            "field_of_view": self.field_of_view,
+            "input_extent_mm": list(self.input_extent_mm) if self.input_extent_mm else None,
             "heaviside_k": self.heaviside_k,
             "training": self.training,
             "metrics": self.metrics,
@@ -94,9 +110,16 @@ class ModelCard:
                     f"(format {MODEL_CARD_FORMAT}); update SDMOrganSeg"
                 )
             organs = [
-                Organ(str(o["name"]), int(o["label"]), tuple(float(c) for c in o.get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
+                Organ(
+                    str(o["name"]), int(o["label"]), tuple(float(c) for c in o.get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)]),
+                    check_terminology(o.get("terminology"), f"{source}, organ {o['name']!r}"),
+                    tuple(float(v) for v in o["volume_ml"]) if o.get("volume_ml") else None,
+                )
                 for i, o in enumerate(values["organs"])
             ]
+            modality = values.get("modality")
+            if modality not in (None, "CT", "MR"):
+                raise ValueError(f"modality must be 'CT', 'MR' or null, got {modality!r}")
             card = cls(
                 name=str(values["name"]),
                 architecture=UNetConfig.from_dict(values["architecture"]),
@@ -105,6 +128,9 @@ class ModelCard:
                 intensity=dict(values.get("intensity") or DEFAULT_INTENSITY),
                 window=tuple(int(s) for s in values["window"]) if values.get("window") else None,
                 description=str(values.get("description", "")),
+                modality=modality,
+                field_of_view=str(values.get("field_of_view") or ""),
+                input_extent_mm=tuple(float(v) for v in values["input_extent_mm"]) if values.get("input_extent_mm") else None,
                 heaviside_k=float(values.get("heaviside_k", HEAVISIDE_K)),
                 training=dict(values.get("training") or {}),
                 metrics=dict(values.get("metrics") or {}),
@@ -268,9 +294,13 @@ def save_model(network: torch.nn.Module, card: ModelCard, directory: str | Path,
 
 
 def organs_from_labels(names: dict[int, str], colors: Sequence[Sequence[float]] | None = None) -> list[Organ]:
-    """Organs from a ``{label value: name}`` mapping, in label order, with default colours."""
+    """Organs from a ``{label value: name}`` mapping, in label order, with default colours and, for organs
+    whose names :mod:`.terminology` knows, their SNOMED CT codes."""
     colors = list(colors) if colors else DEFAULT_COLORS
-    return [Organ(name, int(label), tuple(colors[i % len(colors)])) for i, (label, name) in enumerate(sorted(names.items()))]
+    return [
+        Organ(name, int(label), tuple(colors[i % len(colors)]), default_terminology(name))
+        for i, (label, name) in enumerate(sorted(names.items()))
+    ]
 
 
 def models_root() -> Path:

@@ -42,6 +42,7 @@ from vtk.util import numpy_support
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_color, level_tag, lps_to_ras, parse_levels, write_polydata
 from .errors import CancelledError, SDMOrganSegError
 from .files import atomic_path, safe_name
+from .terminology import slicer_terminology_entry
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool] | threading.Event
@@ -181,11 +182,13 @@ def sitk_to_volume_node(
 
 @dataclass(frozen=True)
 class OrganSpec:
-    """An organ as the outputs need it: segment name, label value, colour (RGB in [0, 1])."""
+    """An organ as the outputs need it: segment name, label value, colour (RGB in [0, 1]) and, when the
+    card has one, Slicer's terminology entry string (SNOMED CT codes; see :mod:`.terminology`)."""
 
     name: str
     label: int
     color: tuple[float, float, float]
+    terminology_entry: str = ""
 
 
 @dataclass
@@ -261,7 +264,10 @@ def compute_outputs(
     return ComputedOutputs(
         model_name=result.model_name,
         device=result.device,
-        organs=[OrganSpec(o.name, int(o.label), tuple(float(c) for c in o.color)) for o in result.organs],
+        organs=[
+            OrganSpec(o.name, int(o.label), tuple(float(c) for c in o.color), slicer_terminology_entry(o.terminology) if o.terminology else "")
+            for o in result.organs
+        ],
         labels=result.labels,
         sdms=dict(result.sdms),
         surfaces=surfaces,
@@ -509,6 +515,9 @@ class SDMSegmentationLogic:
             segment.SetName(organ.name)
             segment.SetColor(*organ.color)
             segment.SetLabelValue(organ.label)
+            if organ.terminology_entry:
+                # Slicer shows the standard name and codes, and DICOM SEG export writes them.
+                segment.SetTag("TerminologyEntry", organ.terminology_entry)
             segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
             segmentation.AddSegment(segment, segment_id)
         display = node.GetDisplayNode()
@@ -910,7 +919,7 @@ def _write_outputs(computed: ComputedOutputs, folder: Path) -> dict[str, Any]:
             surfaces[organ.name][repr(level)] = file_name
     return {
         "model_name": computed.model_name, "device": computed.device, "levels": list(computed.levels),
-        "organs": [{"name": o.name, "label": o.label, "color": list(o.color)} for o in computed.organs],
+        "organs": [{"name": o.name, "label": o.label, "color": list(o.color), "terminology_entry": o.terminology_entry} for o in computed.organs],
         "timings": computed.timings, "notes": computed.notes,
         "files": {"labels": "labels.nrrd", "sdms": sdms, "surfaces": surfaces},
     }
@@ -931,7 +940,10 @@ def _read_outputs(folder: Path) -> ComputedOutputs:
     if not values or values.get("status") != "ok":
         raise SDMOrganSegError("the segmentation process left no result")
     files = values["files"]
-    organs = [OrganSpec(o["name"], int(o["label"]), tuple(float(c) for c in o["color"])) for o in values["organs"]]
+    organs = [
+        OrganSpec(o["name"], int(o["label"]), tuple(float(c) for c in o["color"]), str(o.get("terminology_entry", "")))
+        for o in values["organs"]
+    ]
     levels = tuple(float(level) for level in values["levels"])
     return ComputedOutputs(
         model_name=values["model_name"], device=values["device"], organs=organs,

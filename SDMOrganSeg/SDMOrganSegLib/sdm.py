@@ -110,11 +110,54 @@ def normalized_sdm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     return distance
 
 
-def label_map_to_sdms(labels: np.ndarray, label_values: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
-    """Normalised SDMs of several organs, one channel each: float32 ``(organs, z, y, x)``."""
+#: Ground-truth SDM normalisations (training option ``--sdm-normalization``):
+#:
+#: * ``paper``: the paper's, per side by the largest distance (:func:`normalized_sdm`). Asymmetric next to
+#:   the surface: the outside values there are tiny (1 mm / the largest outside distance), the inside ones
+#:   large (1 mm / the organ's half-thickness).
+#: * ``clip``: the signed distance in mm divided by ``scale_mm`` and clipped to [-1, 1]: the same slope on
+#:   both sides of the surface, in every case (:func:`scaled_sdm`).
+#: * ``tanh``: ``tanh(distance / scale_mm)``: the same near the surface, smooth instead of clipped far away.
+SDM_NORMALIZATIONS = ("paper", "clip", "tanh")
+
+
+def scaled_sdm(mask: np.ndarray, spacing: Sequence[float], scale_mm: float, method: str = "clip") -> np.ndarray:
+    """Symmetric normalised SDM: ``clip(d / scale_mm, -1, 1)`` or ``tanh(d / scale_mm)``, float32 ``(z, y, x)``.
+
+    ``d`` is :func:`signed_distance_mm` (negative inside). Absent organ: +1 everywhere; organ filling the
+    image: -1 everywhere, as for :func:`normalized_sdm`.
+    """
+    if method not in ("clip", "tanh"):
+        raise ValueError(f"unknown symmetric SDM normalisation {method!r}; use 'clip' or 'tanh'")
+    if not scale_mm > 0:
+        raise ValueError(f"the SDM scale must be a positive distance in mm, got {scale_mm}")
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if not mask.any():
+        return np.ones(mask.shape, np.float32)
+    if mask.all():
+        return np.full(mask.shape, -1.0, np.float32)
+    sdm = signed_distance_mm(mask, spacing)
+    sdm *= np.float32(1.0 / scale_mm)
+    if method == "clip":
+        np.clip(sdm, -1.0, 1.0, out=sdm)
+    else:
+        np.tanh(sdm, out=sdm)
+    return sdm
+
+
+def label_map_to_sdms(
+    labels: np.ndarray, label_values: Sequence[int], spacing: Sequence[float], normalization: str = "paper", scale_mm: float = 5.0
+) -> np.ndarray:
+    """Normalised SDMs of several organs, one channel each: float32 ``(organs, z, y, x)``.
+
+    ``normalization`` is one of :data:`SDM_NORMALIZATIONS`; ``scale_mm`` applies to ``clip`` and ``tanh``.
+    """
+    if normalization not in SDM_NORMALIZATIONS:
+        raise ValueError(f"unknown SDM normalisation {normalization!r}; choose one of {', '.join(SDM_NORMALIZATIONS)}")
     out = np.empty((len(label_values),) + labels.shape, np.float32)
     for channel, value in enumerate(label_values):
-        out[channel] = normalized_sdm(labels == value, spacing)
+        mask = labels == value
+        out[channel] = normalized_sdm(mask, spacing) if normalization == "paper" else scaled_sdm(mask, spacing, scale_mm, normalization)
     return out
 
 

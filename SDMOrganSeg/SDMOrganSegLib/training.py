@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .dataset import PreparedCase, check_case_headers, find_cases, load_cases, make_split, read_label_names, read_split
+from .dataset import PreparedCase, check_case_headers, find_cases, load_cases, make_split, read_annotations, read_label_names, read_split
 from .errors import SDMOrganSegError
 from .files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device
@@ -35,7 +35,7 @@ from .losses import MODES, SDMSegmentationLoss, output_activation_for
 from .modelfiles import ModelCard, Organ, organs_from_labels, save_model
 from .network import UNet3D, preset
 from .preprocessing import DEFAULT_INTENSITY
-from .sdm import HEAVISIDE_K, sdms_to_label_map
+from .sdm import HEAVISIDE_K, SDM_NORMALIZATIONS, sdms_to_label_map
 
 
 @dataclass
@@ -48,12 +48,21 @@ class TrainingConfig:
     mode: str = "sdm+dice"
     epochs: int = 200
     batch_size: int = 2
-    patch_size: tuple[int, int, int] = (32, 48, 32)  #: (x, y, z) voxels
+    patch_size: tuple[int, int, int] | None = (32, 48, 32)  #: (x, y, z) voxels; None: whole volumes (the largest case)
     learning_rate: float = 5e-4
     lr_decay: float = 0.8  #: multiplied into the learning rate every ``lr_step`` epochs
     lr_step: int = 25
     sdm_weight: float = 10.0  #: lambda of Eq. 5
     heaviside_k: float = HEAVISIDE_K
+    sdm_normalization: str = "paper"  #: ground-truth SDM normalisation, one of sdm.SDM_NORMALIZATIONS
+    sdm_scale_mm: float = 5.0  #: distance that maps to 1 for the "clip" and "tanh" normalisations
+    depth: int | None = None  #: architecture overrides of the preset (None: the preset's)
+    base_channels: int | None = None
+    max_channels: int | None = None
+    foreground_fraction: float = 0.0  #: share of patches centred on a voxel of a random annotated organ
+    sliding_window: bool = False  #: validate (and let the model infer) in windows of the patch size
+    modality: str | None = None  #: "CT" or "MR", recorded in the card and checked on inputs
+    field_of_view: str = ""  #: what the training images show, in words, for the card and the input check
     validate_every: int = 5
     seed: int = 0
     split_file: str | None = None
@@ -68,10 +77,17 @@ class TrainingConfig:
     command: str = ""
 
 
-def _crop_or_pad(arrays: Sequence[np.ndarray], patch_zyx: Sequence[int], rng: np.random.Generator, pad_values: Sequence[float]) -> list[np.ndarray]:
-    """The same random patch of several arrays ``(..., z, y, x)``; edges padded where the case is smaller."""
+def _crop_or_pad(
+    arrays: Sequence[np.ndarray], patch_zyx: Sequence[int], rng: np.random.Generator, pad_values: Sequence[float],
+    centre: Sequence[int] | None = None,
+) -> list[np.ndarray]:
+    """The same patch of several arrays ``(..., z, y, x)``: random, or around ``centre`` (clipped to the
+    case); edges padded where the case is smaller."""
     shape = arrays[0].shape[-3:]
-    starts = [int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape, patch_zyx)]
+    if centre is None:
+        starts = [int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape, patch_zyx)]
+    else:
+        starts = [min(max(int(c) - p // 2, 0), max(s - p, 0)) for c, s, p in zip(centre, shape, patch_zyx)]
     out = []
     for array, pad_value in zip(arrays, pad_values):
         region = array[(..., *(slice(b, b + p) for b, p in zip(starts, patch_zyx)))]
@@ -84,23 +100,54 @@ def _crop_or_pad(arrays: Sequence[np.ndarray], patch_zyx: Sequence[int], rng: np
 
 
 class PatchSampler:
-    """Batches of random patches with labels and SDMs cropped and flipped together, so they stay consistent."""
+    """Batches of random patches with labels and SDMs cropped and flipped together, so they stay consistent.
 
-    def __init__(self, cases: Sequence[PreparedCase], label_values: Sequence[int], patch_xyz: Sequence[int], flip: bool) -> None:
+    Each batch is ``(images, target SDMs, target masks, annotated)``: ``(B, 1, z, y, x)``,
+    ``(B, organs, z, y, x)`` twice, and ``(B, organs)`` 0/1 flags of the organs contoured in each case.
+    With ``foreground_fraction`` f, a share f of the patches is centred on a voxel of an annotated organ
+    present in the case (organ and voxel drawn at random), so that small organs are seen often enough.
+    """
+
+    def __init__(
+        self, cases: Sequence[PreparedCase], label_values: Sequence[int], patch_xyz: Sequence[int], flip: bool,
+        foreground_fraction: float = 0.0,
+    ) -> None:
         self.cases = list(cases)
         self.label_values = np.asarray(label_values)[:, None, None, None]
         self.patch_zyx = tuple(int(p) for p in reversed(tuple(patch_xyz)))
         self.flip = flip
+        self.foreground_fraction = foreground_fraction
+        self._foreground: dict[int, list[np.ndarray]] = {}
+
+    def _organ_voxels(self, index: int) -> list[np.ndarray]:
+        """Per annotated organ present in case ``index``, the flat indices of (up to 10000 of) its voxels."""
+        if index not in self._foreground:
+            case = self.cases[index]
+            flat = case.labels.reshape(-1)
+            annotated = case.annotated if case.annotated is not None else np.ones(len(self.label_values), bool)
+            voxels = []
+            for value, known in zip(self.label_values.reshape(-1), annotated):
+                where = np.flatnonzero(flat == value) if known else np.empty(0, np.int64)
+                if where.size:
+                    voxels.append(where[:: max(1, where.size // 10000)])
+            self._foreground[index] = voxels
+        return self._foreground[index]
 
     def batches(self, batch_size: int, rng: np.random.Generator):
         order = rng.permutation(len(self.cases))
         for start in range(0, len(order), batch_size):
-            images, sdms, masks = [], [], []
+            images, sdms, masks, annotated = [], [], [], []
             for index in order[start : start + batch_size]:
                 case = self.cases[index]
+                centre = None
+                if self.foreground_fraction and rng.random() < self.foreground_fraction:
+                    organs = self._organ_voxels(int(index))
+                    if organs:
+                        voxels = organs[int(rng.integers(len(organs)))]
+                        centre = np.unravel_index(int(voxels[int(rng.integers(voxels.size))]), case.labels.shape)
                 # Padding: image with its minimum (background), SDMs with +1 (outside every organ).
                 image, labels, sdm = _crop_or_pad(
-                    [case.image, case.labels, case.sdms], self.patch_zyx, rng, [float(case.image.min()), 0, 1.0]
+                    [case.image, case.labels, case.sdms], self.patch_zyx, rng, [float(case.image.min()), 0, 1.0], centre
                 )
                 if self.flip and rng.random() < 0.5:
                     image, labels, sdm = image[..., ::-1], labels[..., ::-1], sdm[..., ::-1]
@@ -108,23 +155,39 @@ class PatchSampler:
                 images.append(image * scale + shift)
                 sdms.append(sdm)
                 masks.append(labels[None] == self.label_values)
+                annotated.append(case.annotated if case.annotated is not None else np.ones(len(self.label_values), bool))
             yield (
                 torch.from_numpy(np.ascontiguousarray(np.stack(images)[:, None], dtype=np.float32)),
                 torch.from_numpy(np.ascontiguousarray(np.stack(sdms), dtype=np.float32)),
                 torch.from_numpy(np.ascontiguousarray(np.stack(masks), dtype=np.float32)),
+                torch.from_numpy(np.stack(annotated).astype(np.float32)),
             )
 
 
+def whole_volume_patch(cases: Sequence[PreparedCase], multiple: int) -> tuple[int, int, int]:
+    """Patch ``(x, y, z)`` holding the largest case along each axis, rounded up to ``multiple``."""
+    largest = np.max([case.image.shape for case in cases], axis=0)[::-1]
+    return tuple(int(-(-int(size) // multiple) * multiple) for size in largest)
+
+
 def evaluate_cases(
-    network: torch.nn.Module, cases: Sequence[PreparedCase], organs: Sequence[Organ], device: torch.device, surface: bool = True
+    network: torch.nn.Module, cases: Sequence[PreparedCase], organs: Sequence[Organ], device: torch.device, surface: bool = True,
+    window_zyx: Sequence[int] | None = None, mirror_axes: Sequence[int] = (),
 ) -> dict[str, dict[str, list[float]]]:
-    """Per organ, lists over cases of Dice (and HD, HD95, ASD with ``surface``) on whole volumes."""
+    """Per organ, lists over cases of Dice (and HD, HD95, ASD with ``surface``) on whole volumes.
+
+    Organs not annotated in a case (partial labels) are skipped for that case: the lists hold only the
+    cases where the organ was contoured, in case order (``case_names`` of :func:`annotated_case_names`).
+    """
     network.eval()
     label_values = [organ.label for organ in organs]
     results: dict[str, dict[str, list[float]]] = {o.name: {"dice": [], "hd": [], "hd95": [], "asd": []} for o in organs}
     for case in cases:
-        prediction = sdms_to_label_map(predict_array(network, case.image, device), label_values)
-        for organ in organs:
+        output = predict_array(network, case.image, device, window=window_zyx, overlap=0.5 if window_zyx else 0.25, mirror_axes=mirror_axes)
+        prediction = sdms_to_label_map(output, label_values)
+        for index, organ in enumerate(organs):
+            if case.annotated is not None and not case.annotated[index]:
+                continue
             pred, ref = prediction == organ.label, case.labels == organ.label
             if surface:
                 from .metrics import organ_metrics
@@ -137,6 +200,14 @@ def evaluate_cases(
                 results[organ.name][metric].append(float(value))
     network.to("cpu")
     return results
+
+
+def annotated_case_names(cases: Sequence[PreparedCase], organs: Sequence[Organ]) -> dict[str, list[str]]:
+    """Per organ, the names of the cases in which it was annotated (all cases without partial labels)."""
+    return {
+        organ.name: [case.name for case in cases if case.annotated is None or case.annotated[index]]
+        for index, organ in enumerate(organs)
+    }
 
 
 def summarize(results: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -159,7 +230,7 @@ def summarize(results: dict[str, dict[str, list[float]]]) -> dict[str, dict[str,
 
 
 def _mean_dice(results: dict[str, dict[str, list[float]]]) -> float:
-    return float(np.mean([np.mean(m["dice"]) for m in results.values()]))
+    return float(np.mean([np.mean(m["dice"]) for m in results.values() if m["dice"]]))
 
 
 def _plot_curves(log_rows: list[dict[str, Any]], path: Path) -> None:
@@ -196,6 +267,11 @@ def _write_log(log_rows: list[dict[str, Any]], path: Path) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def _one_line(error: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:160] if text else 'no details'}"
@@ -210,6 +286,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = dict(state)
         state["epoch"], state["best_dice"], state["log"] = int(state["epoch"]), float(state["best_dice"]), json.loads(state["log"])
+        state["config"] = json.loads(state["config"]) if "config" in state else None
         for key in ("network", "optimizer", "scheduler"):
             if not isinstance(state[key], dict):
                 raise TypeError(f"{key} is not a state dict")
@@ -223,6 +300,24 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+#: Settings that may change when a run is resumed: how long and where it runs, not what it learns.
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "threads", "validate_every", "data_dir", "out_dir", "model_name"})
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings (other than :data:`RESUMABLE_CHANGES`) whose values differ between two config records,
+    as ``name: saved -> current``. A setting that one record lacks counts as its default."""
+    defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(TrainingConfig("", "")).items()}
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_CHANGES or key == "command":
+            continue
+        before, after = saved.get(key, defaults.get(key)), current.get(key, defaults.get(key))
+        if before != after:
+            changes.append(f"{key}: {before!r} -> {after!r}")
+    return changes
+
+
 class Trainer:
     """Runs :class:`TrainingConfig`; :meth:`run` trains (or resumes) and returns the best model folder."""
 
@@ -231,6 +326,12 @@ class Trainer:
             raise SDMOrganSegError(f"unknown training mode {config.mode!r}; choose one of {', '.join(MODES)}")
         if config.epochs < 1 or config.batch_size < 1 or config.lr_step < 1:
             raise SDMOrganSegError("epochs, batch size and lr step must be positive integers")
+        if config.sdm_normalization not in SDM_NORMALIZATIONS:
+            raise SDMOrganSegError(f"unknown SDM normalisation {config.sdm_normalization!r}; choose one of {', '.join(SDM_NORMALIZATIONS)}")
+        if not config.sdm_scale_mm > 0 or not config.heaviside_k > 0:
+            raise SDMOrganSegError("the SDM scale (mm) and the Heaviside steepness k must be positive")
+        if not 0 <= config.foreground_fraction <= 1:
+            raise SDMOrganSegError("the foreground fraction must lie in [0, 1]")
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.say = progress or (lambda text: print(text, file=sys.stderr))
@@ -257,12 +358,51 @@ class Trainer:
         self.split = split
         train_names = split["train"][: config.max_cases] if config.max_cases else split["train"]
         validation_names = split["validation"][: config.max_cases] if config.max_cases else split["validation"]
+        annotations = read_annotations(config.data_dir, [o.name for o in self.organs], train_names + validation_names)
+        self.partial_labels = annotations is not None
         cache = self.out_dir / "cache"
         tick = time.perf_counter()
-        self.train_cases = load_cases([by_name[n] for n in train_names], label_values, config.intensity, config.spacing, cache)
-        self.validation_cases = load_cases([by_name[n] for n in validation_names], label_values, config.intensity, config.spacing, cache)
+        sdm = self.sdm_settings()
+        self.train_cases = load_cases([by_name[n] for n in train_names], label_values, config.intensity, config.spacing, cache, sdm)
+        self.validation_cases = load_cases([by_name[n] for n in validation_names], label_values, config.intensity, config.spacing, cache, sdm)
+        if annotations is not None:
+            for case in self.train_cases + self.validation_cases:
+                case.annotated = annotations[case.name]
+            unannotated = sum(int((~c.annotated).sum()) for c in self.train_cases)
+            self.say(f"partial labels (annotations.json): {unannotated} organ channels of training cases are unknown and get no loss")
         self.say(f"{len(self.train_cases)} training and {len(self.validation_cases)} validation cases ready in {time.perf_counter() - tick:.1f} s")
         self.model_spacing = config.spacing or self.train_cases[0].spacing
+
+    def sdm_settings(self) -> dict[str, Any]:
+        """The ground-truth SDM normalisation, as the dataset cache and the model card record it."""
+        config = self.config
+        if config.sdm_normalization == "paper":
+            return {"normalization": "paper"}
+        return {"normalization": config.sdm_normalization, "scale_mm": float(config.sdm_scale_mm)}
+
+    def organs_with_volume_ranges(self) -> list[Organ]:
+        """The organs with the smallest and largest volume (ml) of each in the training labels where it was
+        annotated and present, for the card's plausibility check of predictions."""
+        import dataclasses
+
+        organs = []
+        for index, organ in enumerate(self.organs):
+            volumes = [
+                float(np.count_nonzero(case.labels == organ.label)) * float(np.prod(case.spacing)) / 1000.0
+                for case in self.train_cases
+                if case.annotated is None or case.annotated[index]
+            ]
+            volumes = [v for v in volumes if v > 0]
+            organs.append(dataclasses.replace(organ, volume_ml=(round(min(volumes), 3), round(max(volumes), 3)) if volumes else None))
+        return organs
+
+    def training_extent_mm(self) -> tuple[float, float, float]:
+        """Largest physical extent (x, y, z) mm of the training images."""
+        extents = [np.asarray(case.image.shape[::-1], float) * np.asarray(case.spacing, float) for case in self.train_cases]
+        return tuple(round(float(v), 1) for v in np.max(extents, axis=0))
+
+    def _config_record(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items() if k not in ("command",)}
 
     def _card(self, metrics: dict[str, Any], epoch: int) -> ModelCard:
         config = self.config
@@ -271,16 +411,22 @@ class Trainer:
             "split": self.split,
             "command": config.command,
             "epochs_trained": epoch,
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k not in ("command",)},
+            "config": self._config_record(),
+            "sdm": self.sdm_settings(),
+            "partial_labels": self.partial_labels,
             "torch": torch.__version__,
         }
         return ModelCard(
             name=config.model_name,
             description=f"UNet3D ({config.preset} preset) trained with {config.mode} by SDMOrganSeg {__version__}",
             architecture=self.network.config,
-            organs=self.organs,
+            organs=self.organs_with_volume_ranges(),
+            modality=config.modality,
+            field_of_view=config.field_of_view,
+            input_extent_mm=self.training_extent_mm(),
             spacing=tuple(float(s) for s in self.model_spacing),
             intensity=dict(config.intensity),
+            window=self.patch_size if config.sliding_window else None,
             heaviside_k=config.heaviside_k,
             training=training,
             metrics=metrics,
@@ -294,6 +440,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "log": json.dumps(log_rows),
+            "config": json.dumps(self._config_record()),
         }
         with atomic_path(self.out_dir / "checkpoint.pt") as temporary:
             torch.save(state, temporary)
@@ -309,12 +456,21 @@ class Trainer:
             stale.unlink(missing_ok=True)
         # Read the checkpoint before the data, so that a bad one is refused before any work.
         state = _read_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None
+        if state is not None and state["config"] is not None:
+            changes = changed_settings(state["config"], self._config_record())
+            if changes:
+                raise SDMOrganSegError(
+                    f"cannot resume {self.out_dir} with other settings ({'; '.join(changes)}); "
+                    "rerun with the run's settings (see its log and split.json), or use another --out"
+                )
         self._prepare()
         device = resolve_device(config.device)
         torch.manual_seed(config.seed)
+        overrides = {k: getattr(config, k) for k in ("depth", "base_channels", "max_channels") if getattr(config, k) is not None}
         self.network = UNet3D(
-            preset(config.preset, 1, len(self.organs), output_activation=output_activation_for(config.mode))
+            preset(config.preset, 1, len(self.organs), output_activation=output_activation_for(config.mode), **overrides)
         ).to(device)
+        self.patch_size = tuple(config.patch_size) if config.patch_size else whole_volume_patch(self.train_cases, self.network.size_multiple)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_decay)
         loss_function = SDMSegmentationLoss(config.mode, config.sdm_weight, config.heaviside_k)
@@ -345,8 +501,11 @@ class Trainer:
                 save_model(self.network, self._card({}, start_epoch), self.out_dir / "last", overwrite=True)
             return self.out_dir / "best"
 
-        sampler = PatchSampler(self.train_cases, [o.label for o in self.organs], config.patch_size, config.flip)
+        sampler = PatchSampler(self.train_cases, [o.label for o in self.organs], self.patch_size, config.flip, config.foreground_fraction)
         steps_per_epoch = math.ceil(len(self.train_cases) / config.batch_size)
+        validation_window = tuple(reversed(self.patch_size)) if config.sliding_window else None
+        self.say(f"patch {'x'.join(map(str, self.patch_size))} (x, y, z), {sum(p.numel() for p in self.network.parameters()):,} parameters")
+        run_started, run_first_epoch = time.perf_counter(), start_epoch + 1
         from tqdm import tqdm
 
         for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -356,16 +515,19 @@ class Trainer:
             sums: dict[str, float] = {}
             tick = time.perf_counter()
             data_time = 0.0
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
+            # The bar only on a terminal: in a log file (nohup, batch jobs) the per-epoch lines say it all.
+            bar = tqdm(
+                total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True,
+                disable=not sys.stderr.isatty(),
+            )
             batches = sampler.batches(config.batch_size, rng)
             for step in range(steps_per_epoch):
                 data_tick = time.perf_counter()
-                images, target_sdm, target_mask = next(batches)
-                images, target_sdm, target_mask = (t.to(device, non_blocking=True) for t in (images, target_sdm, target_mask))
+                images, target_sdm, target_mask, annotated = (t.to(device, non_blocking=True) for t in next(batches))
                 data_time += time.perf_counter() - data_tick
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     prediction = self.network(images)
-                loss, parts = loss_function(prediction, target_sdm, target_mask)
+                loss, parts = loss_function(prediction, target_sdm, target_mask, annotated if self.partial_labels else None)
                 self.optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(self.optimizer)
@@ -382,7 +544,7 @@ class Trainer:
             row.update({"epoch_s": round(elapsed, 3), "steps_per_s": round(steps_per_epoch / elapsed, 3), "data_share": round(data_time / elapsed, 4)})
             message = f"epoch {epoch}: loss {row['loss']:.4f}, {row['steps_per_s']:.2f} steps/s"
             if epoch % config.validate_every == 0 or epoch == config.epochs:
-                results = evaluate_cases(self.network, self.validation_cases, self.organs, device, surface=False)
+                results = evaluate_cases(self.network, self.validation_cases, self.organs, device, surface=False, window_zyx=validation_window)
                 self.network.to(device)
                 mean_dice = _mean_dice(results)
                 row["val_mean_dice"] = round(mean_dice, 5)
@@ -393,27 +555,47 @@ class Trainer:
                     best = mean_dice
                     save_model(self.network, self._card({"validation_mean_dice": round(mean_dice, 5), "epoch": epoch}, epoch), self.out_dir / "best", overwrite=True)
                     message += " (best)"
+            per_epoch = (time.perf_counter() - run_started) / (epoch - run_first_epoch + 1)
+            row["eta_s"] = round(per_epoch * (config.epochs - epoch), 1)
             log_rows.append(row)
             _write_log(log_rows, self.out_dir / "log.csv")
             self._save_checkpoint(epoch, best, log_rows)
             if "val_mean_dice" in row:
                 _plot_curves(log_rows, self.out_dir / "curves.png")
-            self.say(message)
+            self.say(f"{message}; ETA {_duration(row['eta_s'])} ({time.strftime('%H:%M', time.localtime(time.time() + row['eta_s']))})")
         save_model(self.network, self._card({}, config.epochs), self.out_dir / "last", overwrite=True)
         return self.out_dir / "best"
 
 
-def finalize_best_model(run_dir: str | Path, data_dir: str | Path, device: str = "auto") -> dict[str, Any]:
+def evaluate_model_on_split(
+    model: Any, data_dir: str | Path, cache_dir: Path | None, device: str = "auto", tta: bool = False, split_name: str = "validation"
+) -> tuple[dict[str, dict[str, list[float]]], list[PreparedCase]]:
+    """Per-organ, per-case metrics of a loaded model on the cases of its card's split (partial labels
+    honoured when the data folder has ``annotations.json``), with its card's window and, with ``tta``,
+    mirroring along the axes it was trained flipped on."""
+    card = model.card
+    cases = {c.name: c for c in find_cases(data_dir)}
+    names = card.training["split"][split_name]
+    sdm = card.training.get("sdm")
+    prepared = load_cases([cases[n] for n in names], card.label_values, card.intensity, card.spacing, cache_dir, sdm)
+    annotations = read_annotations(data_dir, card.organ_names, names)
+    if annotations is not None:
+        for case in prepared:
+            case.annotated = annotations[case.name]
+    flip = card.training.get("config", {}).get("flip", True)
+    mirror = (2,) if tta and flip else ()
+    window = tuple(reversed(card.window)) if card.window else None
+    return evaluate_cases(model.network, prepared, card.organs, resolve_device(device), window_zyx=window, mirror_axes=mirror), prepared
+
+
+def finalize_best_model(run_dir: str | Path, data_dir: str | Path, device: str = "auto", tta: bool = False) -> dict[str, Any]:
     """Evaluate ``run_dir/best`` on its validation split (Dice, HD, HD95, ASD) and store the summary in its card."""
     from .modelfiles import load_model
 
     run_dir = Path(run_dir)
     model = load_model(run_dir / "best")
     card = model.card
-    cases = {c.name: c for c in find_cases(data_dir)}
-    split = card.training["split"]
-    prepared = load_cases([cases[n] for n in split["validation"]], card.label_values, card.intensity, card.spacing, run_dir / "cache")
-    results = evaluate_cases(model.network, prepared, card.organs, resolve_device(device))
+    results, prepared = evaluate_model_on_split(model, data_dir, run_dir / "cache", device, tta)
     summary = summarize(results)
     card.metrics = {
         "split": "validation",
@@ -421,8 +603,10 @@ def finalize_best_model(run_dir: str | Path, data_dir: str | Path, device: str =
         "per_organ": summary,
         "per_case": {organ: {m: [round(v, 5) for v in values] for m, values in metrics.items()} for organ, metrics in results.items()},
         "case_names": [c.name for c in prepared],
+        "organ_case_names": annotated_case_names(prepared, card.organs),
         "epoch": card.metrics.get("epoch"),
-        "note": "metrics at the model spacing on whole validation volumes; HD/HD95/ASD in mm",
+        "tta": bool(tta),
+        "note": "metrics at the model spacing on whole validation volumes (organs only where annotated); HD/HD95/ASD in mm",
     }
     save_model(model.network, card, run_dir / "best", overwrite=True)
     return summary

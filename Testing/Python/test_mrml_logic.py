@@ -145,6 +145,12 @@ def test_segments_are_named_and_coloured_as_the_model_card(any_run):
         assert segment.GetName() == organ.name
         np.testing.assert_allclose(segment.GetColor(), organ.color, atol=1e-6)
         assert segment.GetLabelValue() == organ.label
+        if organ.terminology:  # the shipped models' organs carry SNOMED CT codes
+            import vtk
+
+            tag = vtk.reference("")
+            assert segment.GetTag("TerminologyEntry", tag)
+            assert f"SCT^{organ.terminology['type'][0]}^" in str(tag) and str(tag).startswith("Segmentation category and type")
 
 
 def test_segmentation_geometry_equals_the_volume(session, any_run):

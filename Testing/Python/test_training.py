@@ -14,13 +14,13 @@ from SDMOrganSegLib.sdm import heaviside
 from SDMOrganSegLib.training import PatchSampler, Trainer, TrainingConfig
 
 
+SETTINGS = dict(data_dir=str(HIPPOCAMPUS), batch_size=2, validate_every=4, lr_step=4, learning_rate=2e-3, max_cases=4, seed=0, command="test")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    config = TrainingConfig(
-        data_dir=str(HIPPOCAMPUS), out_dir=str(out), epochs=8, batch_size=2, validate_every=4, lr_step=4,
-        learning_rate=2e-3, max_cases=4, threads=2, seed=0, command="test",
-    )
+    config = TrainingConfig(out_dir=str(out), epochs=8, threads=2, **SETTINGS)
     best = Trainer(config, progress=lambda text: None).run()
     return out, best
 
@@ -44,9 +44,26 @@ def test_loss_falls_and_outputs_exist(trained_run):
 def test_rerun_resumes_instead_of_starting_over(trained_run):
     out, _ = trained_run
     messages = []
-    config = TrainingConfig(data_dir=str(HIPPOCAMPUS), out_dir=str(out), epochs=8, max_cases=4, command="test")
+    config = TrainingConfig(out_dir=str(out), epochs=8, **SETTINGS)
     Trainer(config, progress=messages.append).run()
     assert any("already trained for 8 epochs" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [({"mode": "dice"}, "mode: 'sdm+dice' -> 'dice'"), ({"learning_rate": 1e-4}, "learning_rate: 0.002 -> 0.0001"),
+     ({"base_channels": 16}, "base_channels: None -> 16"), ({"sdm_normalization": "clip"}, "sdm_normalization")],
+)
+def test_resuming_with_other_settings_is_refused_naming_them(trained_run, change, named):
+    from SDMOrganSegLib.errors import SDMOrganSegError
+
+    out, _ = trained_run
+    before = (out / "checkpoint.pt").read_bytes()
+    config = TrainingConfig(out_dir=str(out), epochs=10, **{**SETTINGS, **change})
+    with pytest.raises(SDMOrganSegError, match="cannot resume") as caught:
+        Trainer(config, progress=lambda text: None).run()
+    assert named in str(caught.value) and "\n" not in str(caught.value)
+    assert (out / "checkpoint.pt").read_bytes() == before  # nothing trained, nothing written
 
 
 def test_split_is_seeded_and_disjoint():
@@ -59,7 +76,8 @@ def test_split_is_seeded_and_disjoint():
 def test_patches_keep_labels_and_sdms_consistent(tmp_path):
     cases = load_cases(find_cases(HIPPOCAMPUS)[:2], [1, 2], {"method": "percentile", "lower": 0.5, "upper": 99.5}, None, tmp_path)
     sampler = PatchSampler(cases, [1, 2], (24, 40, 24), flip=True)
-    for images, sdms, masks in sampler.batches(2, np.random.default_rng(0)):
+    for images, sdms, masks, annotated in sampler.batches(2, np.random.default_rng(0)):
+        assert annotated.shape == (2, 2) and bool((annotated == 1).all())  # no annotations.json: all known
         assert images.shape == (2, 1, 24, 40, 24) and sdms.shape == masks.shape == (2, 2, 24, 40, 24)
         # After cropping, padding and flipping, the Heaviside of the SDM is still the mask.
         np.testing.assert_array_equal(heaviside(sdms.numpy()) > 0.5, masks.numpy() > 0.5)

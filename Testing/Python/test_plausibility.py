@@ -1,0 +1,83 @@
+"""Does the input fit the model? Warnings for a CT given to an MR model, an MR given to a CT model, an input
+far larger than the training crops and organ volumes far outside the training range; none for fitting inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import SimpleITK as sitk
+from conftest import CT, HIPPOCAMPUS, REPO
+
+from SDMOrganSegLib.plausibility import input_warnings, looks_like_ct, volume_warnings
+
+HIPPOCAMPUS_MODEL = REPO / "Resources" / "Models" / "hippocampus"
+CT_IMAGE = CT / "example_ct_sm.nii.gz"
+MR_IMAGE = HIPPOCAMPUS / "imagesTr" / "hippocampus_003.nii.gz"
+
+
+def _warnings(notes):
+    return [n for n in notes if n.startswith("warning: ")]
+
+
+def test_ct_and_mr_are_told_apart():
+    assert looks_like_ct(sitk.ReadImage(str(CT_IMAGE)))
+    assert not looks_like_ct(sitk.ReadImage(str(MR_IMAGE)))
+
+
+def test_ct_given_to_the_hippocampus_model_warns_and_a_hippocampus_mri_does_not():
+    pytest.importorskip("torch")
+    from SDMOrganSegLib.inference import segment_image
+    from SDMOrganSegLib.modelfiles import load_model
+
+    model = load_model(HIPPOCAMPUS_MODEL)
+    assert model.card.modality == "MR" and model.card.input_extent_mm and all(o.volume_ml for o in model.card.organs)
+    ct = sitk.ReadImage(str(CT_IMAGE))[0:32, 30:62, 5:20]  # 96 x 96 x 45 mm of body and the air beside it: quick
+    ct_notes = _warnings(segment_image(ct, model, "cpu").notes)
+    assert any("this model is for MR" in n and "looks like a CT" in n for n in ct_notes)
+    assert any("far more than the images this model was trained on" in n for n in ct_notes)
+    assert all("\n" not in n for n in ct_notes)
+    assert _warnings(segment_image(sitk.ReadImage(str(MR_IMAGE)), model, "cpu").notes) == []
+
+
+def test_mr_given_to_a_ct_model_warns_and_a_ct_does_not():
+    ct = sitk.ReadImage(str(CT_IMAGE))
+    extent = [size * spacing for size, spacing in zip(ct.GetSize(), ct.GetSpacing())]
+    mr_notes = input_warnings(sitk.ReadImage(str(MR_IMAGE)), "CT", "head and neck planning CT", extent)
+    assert len(mr_notes) == 1 and "this model is for CT (head and neck planning CT)" in mr_notes[0] and "-1000 HU" in mr_notes[0]
+    assert input_warnings(ct, "CT", "head and neck planning CT", extent) == []
+    # A CT rescaled to [0, 1] has no air in HU either.
+    rescaled = sitk.RescaleIntensity(sitk.Cast(ct, sitk.sitkFloat32), 0.0, 1.0)
+    assert "no air at about -1000 HU" in input_warnings(rescaled, "CT", "", None)[0]
+    # A card without modality or extent (older models) checks nothing.
+    assert input_warnings(sitk.ReadImage(str(MR_IMAGE)), None, "", None) == []
+
+
+def test_volume_warnings_flag_only_volumes_far_outside_the_training_range():
+    ranges = {"anterior hippocampus": (1.05, 2.48), "posterior hippocampus": (0.99, 2.17), "other": None}
+    assert volume_warnings({"anterior hippocampus": 1.5, "posterior hippocampus": 4.0, "other": 999.0}, ranges) == []
+    notes = volume_warnings({"anterior hippocampus": 154.0, "posterior hippocampus": 0.3}, ranges)
+    assert len(notes) == 2 and "anterior hippocampus volume 154 ml is far outside the 1.05-2.48 ml" in notes[0]
+    # Not found (0 ml) is no warning: the organ may lie outside the field of view.
+    assert volume_warnings({"anterior hippocampus": 0.0}, ranges) == []
+
+
+def test_the_card_keeps_volume_ranges_modality_and_terminology(tmp_path):
+    from SDMOrganSegLib.modelfiles import ModelCard, read_card
+
+    card = read_card(HIPPOCAMPUS_MODEL)
+    copy = ModelCard.from_dict(card.to_dict())
+    assert copy.modality == "MR" and copy.field_of_view == card.field_of_view and copy.input_extent_mm == card.input_extent_mm
+    assert [o.volume_ml for o in copy.organs] == [o.volume_ml for o in card.organs]
+    assert copy.organs[0].terminology["type"] == ["5366008", "SCT", "Hippocampus"]
+    bad = card.to_dict()
+    bad["modality"] = "PET"
+    from SDMOrganSegLib.errors import SDMOrganSegError
+
+    with pytest.raises(SDMOrganSegError, match="modality"):
+        ModelCard.from_dict(bad)
+    bad = card.to_dict()
+    bad["organs"][0]["terminology"] = {"type": ["1", "SCT"]}
+    with pytest.raises(SDMOrganSegError, match="terminology"):
+        ModelCard.from_dict(bad)
+    assert dataclasses.replace(card.organs[0], terminology=None) == card.organs[0]  # terminology is not identity

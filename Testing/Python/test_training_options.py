@@ -1,0 +1,203 @@
+"""Training options of the shape-aware recipe and partial labels: their definitions and their effects."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+torch = pytest.importorskip("torch")
+
+from SDMOrganSegLib.dataset import read_annotations  # noqa: E402
+from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
+from SDMOrganSegLib.losses import SDMSegmentationLoss, l1_loss, product_loss, soft_dice_loss  # noqa: E402
+from SDMOrganSegLib.sdm import heaviside, label_map_to_sdms, normalized_sdm, scaled_sdm, signed_distance_mm  # noqa: E402
+from SDMOrganSegLib.training import Trainer, TrainingConfig, changed_settings, whole_volume_patch  # noqa: E402
+
+
+def _ball(shape=(21, 23, 25), radius=5.0, centre=None):
+    centre = np.asarray(centre if centre is not None else [s // 2 for s in shape])
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    return np.linalg.norm(grid - centre, axis=-1) <= radius
+
+
+# --- SDM normalisations -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 1.3, 2.5)])
+def test_clip_normalisation_is_the_mm_distance_over_the_scale_clipped(spacing):
+    mask = _ball()
+    scale = 4.0
+    sdm = scaled_sdm(mask, spacing, scale, "clip")
+    expected = np.clip(signed_distance_mm(mask, spacing) / np.float32(scale), -1, 1)
+    np.testing.assert_allclose(sdm, expected, rtol=0, atol=1e-6)
+    assert sdm.dtype == np.float32 and -1.0 <= sdm.min() < 0 and sdm.max() == 1.0
+    assert np.array_equal(sdm < 0, mask)
+
+
+def test_symmetric_normalisations_are_symmetric_next_to_the_surface_and_the_paper_one_is_not():
+    mask = _ball(radius=4.0)
+    for method in ("clip", "tanh"):
+        sdm = scaled_sdm(mask, (1, 1, 1), 5.0, method)
+        boundary_inside = sdm[mask & (np.abs(signed_distance_mm(mask, (1, 1, 1))) == 1.0)]
+        boundary_outside = sdm[~mask & (np.abs(signed_distance_mm(mask, (1, 1, 1))) == 1.0)]
+        # Voxels one voxel from the other class: the same magnitude on both sides (1 mm / 5 mm, or its tanh).
+        value = 0.2 if method == "clip" else np.tanh(0.2)
+        np.testing.assert_allclose(-boundary_inside, value, rtol=1e-6)
+        np.testing.assert_allclose(boundary_outside, value, rtol=1e-6)
+    paper = normalized_sdm(mask, (1, 1, 1))
+    distance = np.abs(signed_distance_mm(mask, (1, 1, 1)))
+    inside, outside = -paper[mask & (distance == 1)].max(), paper[~mask & (distance == 1)].min()
+    # The paper's: 1 / (largest inside distance) inside, 1 / (largest outside distance) outside.
+    assert inside > 3 * outside
+
+
+def test_tanh_normalisation_and_degenerate_organs():
+    mask = _ball()
+    np.testing.assert_allclose(scaled_sdm(mask, (1, 1, 1), 3.0, "tanh"), np.tanh(signed_distance_mm(mask, (1, 1, 1)) / 3.0), atol=1e-6)
+    assert (scaled_sdm(np.zeros((4, 4, 4), bool), (1, 1, 1), 5.0) == 1).all()
+    assert (scaled_sdm(np.ones((4, 4, 4), bool), (1, 1, 1), 5.0, "tanh") == -1).all()
+    with pytest.raises(ValueError):
+        scaled_sdm(mask, (1, 1, 1), 0.0)
+    labels = mask.astype(np.uint8)
+    stacked = label_map_to_sdms(labels, [1], (1, 1, 1), "clip", 5.0)
+    np.testing.assert_array_equal(stacked[0], scaled_sdm(mask, (1, 1, 1), 5.0))
+    # The Heaviside still gives the mask back from a symmetric SDM, with the paper's k and a soft one.
+    assert np.array_equal(heaviside(stacked[0]) > 0.5, mask) and np.array_equal(heaviside(stacked[0], 15.0) > 0.5, mask)
+
+
+# --- The Heaviside steepness k in the Dice term ---------------------------------------------------------
+
+
+def test_a_soft_heaviside_gives_the_dice_term_a_gradient_where_k_1500_gives_none():
+    """One voxel off by 0.2 (one voxel of a 5 mm clipped SDM): its Dice gradient is sigmoid' * k."""
+    target_mask = torch.zeros(1, 1, 4, 4, 4)
+    target_mask[..., 1:3, 1:3, 1:3] = 1
+    pred = torch.where(target_mask > 0, torch.tensor(-0.2), torch.tensor(0.2))
+    pred[0, 0, 0, 0, 0] = -0.2  # one false-positive voxel, as far inside as the true organ voxels
+    gradients = {}
+    for k in (1500.0, 15.0):
+        p = pred.clone().requires_grad_(True)
+        loss, _ = SDMSegmentationLoss("sdm+dice", sdm_weight=0.0, k=k)(p, pred.detach(), target_mask)
+        loss.backward()
+        gradients[k] = float(p.grad[0, 0, 0, 0, 0])
+    # k = 1500: sigmoid'(300) underflows to 0 in float32; k = 15: sigmoid'(3) * 15 = 0.68 times the Dice slope.
+    assert gradients[1500.0] == 0.0
+    assert gradients[15.0] < -1e-3  # descent raises the false positive's SDM, toward outside
+
+
+# --- Partial labels --------------------------------------------------------------------------------------
+
+
+def test_an_unannotated_channel_gets_exactly_zero_gradient_and_all_annotated_is_the_paper_loss():
+    torch.manual_seed(0)
+    pred = (torch.rand(2, 3, 6, 6, 6) * 2 - 1).requires_grad_(True)
+    target_sdm = torch.rand(2, 3, 6, 6, 6) * 2 - 1
+    target_mask = (target_sdm < 0).float()
+    annotated = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    for mode in ("dice", "sdm", "l1+dice", "sdm+dice"):
+        loss_function = SDMSegmentationLoss(mode, k=15.0)
+        pred.grad = None
+        loss, _ = loss_function(pred, target_sdm, target_mask, annotated)
+        loss.backward()
+        assert (pred.grad[0, 1] == 0).all() and (pred.grad[1, 2] == 0).all(), mode
+        assert (pred.grad[0, 0] != 0).any() and (pred.grad[1, 1] != 0).any(), mode
+        full, _ = loss_function(pred, target_sdm, target_mask, torch.ones(2, 3))
+        plain, _ = loss_function(pred, target_sdm, target_mask)
+        assert float(full.detach()) == pytest.approx(float(plain.detach()), rel=1e-6), mode
+    # The per-term definitions with every organ annotated equal the paper's batch-averaged sums.
+    probability = torch.sigmoid(-15 * pred.detach())
+    dice = (2 * (probability * target_mask).sum((2, 3, 4)) + 1e-5) / (probability.sum((2, 3, 4)) + target_mask.sum((2, 3, 4)) + 1e-5)
+    assert float(soft_dice_loss(probability, target_mask)) == pytest.approx(float((3 - dice.sum(1)).mean()), rel=1e-6)
+    assert float(l1_loss(pred, target_sdm, annotated)) == pytest.approx(
+        float(((pred - target_sdm).abs().mean((2, 3, 4)) * annotated).sum(1).mean()), rel=1e-6
+    )
+    # A perfect prediction scores about -1/3 per organ: y p / (y p + p^2 + y^2 + eps) = y^2 / (3 y^2 + eps) at p = y.
+    y = target_sdm.double().numpy()
+    expected = -(y**2 / (3 * y**2 + 1e-6)).mean(axis=(2, 3, 4)).sum(1).mean()
+    assert float(product_loss(target_sdm, target_sdm)) == pytest.approx(expected, rel=1e-5) and expected == pytest.approx(-1.0, abs=0.01)
+
+
+def _write_case(folder, name, image, labels):
+    for sub, array in (("imagesTr", image), ("labelsTr", labels)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / sub / f"{name}.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def partially_annotated(tmp_path_factory):
+    """Eight cases that all show a bright cube (organ 1) and a dark one (organ 2); organ 1 is contoured in
+    two training cases and the validation case only. Its label map is 0 elsewhere: unknown, not absent."""
+    folder = tmp_path_factory.mktemp("partial")
+    rng = np.random.default_rng(0)
+    annotations = {}
+    for index in range(8):
+        image = rng.normal(0, 0.2, (16, 16, 16)).astype(np.float32)
+        labels = np.zeros((16, 16, 16), np.uint8)
+        a, b = rng.integers(2, 6, 3), rng.integers(9, 12, 3)
+        image[a[0] : a[0] + 4, a[1] : a[1] + 4, a[2] : a[2] + 4] += 3
+        image[b[0] : b[0] + 4, b[1] : b[1] + 4, b[2] : b[2] + 4] -= 3
+        labels[b[0] : b[0] + 4, b[1] : b[1] + 4, b[2] : b[2] + 4] = 2
+        contoured = index in (0, 1, 7)
+        if contoured:
+            labels[a[0] : a[0] + 4, a[1] : a[1] + 4, a[2] : a[2] + 4] = 1
+        annotations[f"case{index}"] = ["bright", "dark"] if contoured else ["dark"]
+        _write_case(folder, f"case{index}", image, labels)
+    (folder / "labels.json").write_text(json.dumps({"labels": {"1": "bright", "2": "dark"}}))
+    (folder / "annotations.json").write_text(json.dumps(annotations))
+    (folder / "split.json").write_text(json.dumps({"train": [f"case{i}" for i in range(7)], "validation": ["case7"]}))
+    return folder
+
+
+def _train(data, out, **settings):
+    config = TrainingConfig(
+        data_dir=str(data), out_dir=str(out), mode="sdm+dice", epochs=40, batch_size=2, patch_size=(16, 16, 16), learning_rate=5e-3,
+        lr_step=100, validate_every=40, seed=0, threads=1, flip=False, split_file=str(data / "split.json"), depth=2, **settings,
+    )
+    Trainer(config, progress=lambda text: None).run()
+    rows = (out / "log.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    return float(last[header.index("val_dice_bright")])
+
+
+def test_partial_labels_learn_the_organ_where_missing_annotations_would_teach_absent(partially_annotated, tmp_path):
+    with_annotations = _train(partially_annotated, tmp_path / "with")
+    (partially_annotated / "annotations.json").rename(tmp_path / "annotations.json")
+    try:
+        without = _train(partially_annotated, tmp_path / "without")
+    finally:
+        (tmp_path / "annotations.json").rename(partially_annotated / "annotations.json")
+    # Five of seven training cases say "no bright organ" when their missing contour is read as absence.
+    assert with_annotations > 0.5
+    assert with_annotations > without + 0.3
+
+
+def test_annotations_file_is_checked(tmp_path):
+    assert read_annotations(tmp_path, ["a", "b"], ["c1"]) is None
+    (tmp_path / "annotations.json").write_text(json.dumps({"c1": ["a"]}))
+    assert read_annotations(tmp_path, ["a", "b"], ["c1"])["c1"].tolist() == [True, False]
+    with pytest.raises(SDMOrganSegError, match="does not list case c2"):
+        read_annotations(tmp_path, ["a", "b"], ["c1", "c2"])
+    (tmp_path / "annotations.json").write_text(json.dumps({"c1": ["liver"]}))
+    with pytest.raises(SDMOrganSegError, match="labels.json does not have"):
+        read_annotations(tmp_path, ["a", "b"], ["c1"])
+
+
+# --- Run settings ----------------------------------------------------------------------------------------
+
+
+def test_changed_settings_names_what_differs_and_ignores_run_length():
+    assert changed_settings({"mode": "dice", "epochs": 10}, {"mode": "dice", "epochs": 40, "threads": 2}) == []
+    assert changed_settings({"mode": "dice"}, {"mode": "sdm+dice"}) == ["mode: 'dice' -> 'sdm+dice'"]
+    # A record without a setting (an older checkpoint) counts as the default.
+    assert changed_settings({}, {"sdm_normalization": "paper"}) == []
+
+
+def test_whole_volume_patch_holds_the_largest_case():
+    class Case:
+        def __init__(self, shape):
+            self.image = np.zeros(shape)
+
+    assert whole_volume_patch([Case((36, 50, 35)), Case((47, 40, 43))], 16) == (48, 64, 48)
