@@ -198,8 +198,10 @@ def load_cases(
     spacing: Sequence[float] | None,
     cache_dir: Path | None,
     sdm: Mapping[str, Any] | None = None,
+    sdm_dtype: Any = np.float32,
 ) -> list[PreparedCase]:
-    """:func:`prepare_case` for each case, through the on-disk cache when ``cache_dir`` is given."""
+    """:func:`prepare_case` for each case, through the on-disk cache when ``cache_dir`` is given; the SDMs
+    are kept as ``sdm_dtype`` (the cache always holds float32)."""
     settings: dict[str, Any] = {"labels": list(label_values), "intensity": dict(intensity), "spacing": list(spacing) if spacing else None}
     if sdm and sdm.get("normalization", "paper") != "paper":
         settings["sdm"] = dict(sdm)  # paper-normalised caches keep the keys they always had
@@ -215,6 +217,7 @@ def load_cases(
                 with atomic_path(cached) as temporary:
                     with open(temporary, "wb") as handle:
                         np.savez(handle, image=item.image, labels=item.labels, sdms=item.sdms, spacing=np.asarray(item.spacing))
+        item.sdms = item.sdms.astype(sdm_dtype, copy=False)
         prepared.append(item)
     return prepared
 

@@ -363,7 +363,9 @@ class Trainer:
         cache = self.out_dir / "cache"
         tick = time.perf_counter()
         sdm = self.sdm_settings()
-        self.train_cases = load_cases([by_name[n] for n in train_names], label_values, config.intensity, config.spacing, cache, sdm)
+        # Training targets in half precision: 11 bits keep every SDM's sign and its value to 5e-4 of it (far
+        # below what the network learns), and halve the largest share of memory (7 CT organs: 12 -> 7 GB).
+        self.train_cases = load_cases([by_name[n] for n in train_names], label_values, config.intensity, config.spacing, cache, sdm, np.float16)
         self.validation_cases = load_cases([by_name[n] for n in validation_names], label_values, config.intensity, config.spacing, cache, sdm)
         if annotations is not None:
             for case in self.train_cases + self.validation_cases:
