@@ -28,11 +28,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,11 +39,8 @@ import vtk
 from vtk.util import numpy_support
 
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_color, level_tag, lps_to_ras, parse_levels, write_polydata
-from .errors import CancelledError, SDMOrganSegError
+from .errors import CancelCheck, CancelledError, ProgressCallback, SDMOrganSegError, check_cancel
 from .files import atomic_path, safe_name
-
-ProgressCallback = Callable[[float, str], None]
-CancelCheck = Callable[[], bool] | threading.Event
 
 #: LPS <-> RAS: negate x and y.
 _FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -66,17 +62,6 @@ def _slicer() -> Any:
 
 def _report(progress: ProgressCallback | None) -> ProgressCallback:
     return progress or (lambda fraction, message: None)
-
-
-def _stopped(cancel: CancelCheck | None) -> bool:
-    if cancel is None:
-        return False
-    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
-
-
-def _check_cancel(cancel: CancelCheck | None) -> None:
-    if _stopped(cancel):
-        raise CancelledError()
 
 
 # --- geometry: volume nodes <-> SimpleITK images -------------------------------------------------------
@@ -234,7 +219,7 @@ def compute_outputs(
 
     ``fraction`` is the part of the progress range this step reports into.
     """
-    _check_cancel(cancel)  # before importing PyTorch, which takes seconds
+    check_cancel(cancel)  # before importing PyTorch, which takes seconds
     from .inference import segment_image  # torch: imported only when a run starts
     from .modelfiles import load_model, resolve_model
 
@@ -244,7 +229,7 @@ def compute_outputs(
     started = time.perf_counter()
     report(low, "loading the model")
     model = load_model(resolve_model(model_dir))
-    _check_cancel(cancel)
+    check_cancel(cancel)
 
     def network_progress(part: float, message: str) -> None:
         report(low + (high - low) * 0.02 + (high - low) * 0.86 * part, message)
@@ -253,7 +238,7 @@ def compute_outputs(
     surfaces: dict[str, dict[float, vtk.vtkPolyData]] = {}
     tick = time.perf_counter()
     for index, organ in enumerate(result.organs):
-        _check_cancel(cancel)
+        check_cancel(cancel)
         report(low + (high - low) * (0.88 + 0.12 * index / len(result.organs)), f"contours of {organ.name}")
         surfaces[organ.name] = iso_surfaces(result.sdms[organ.name], levels)
     timings = dict(result.timings, contours_s=time.perf_counter() - tick, compute_s=time.perf_counter() - started)
@@ -455,13 +440,13 @@ class SDMSegmentationLogic:
             segmentation = self._segmentation_node(volumeNode, computed, ijk_to_ras, base, show2D)
             nodes = [segmentation]
             _put_in_folder(scene, segmentation, folder)
-            _check_cancel(cancel)
+            check_cancel(cancel)
 
             color_table = diverging_color_table(scene)
             sdm_volumes: dict[str, Any] = {}
             contours: dict[str, dict[float, Any]] = {}
             for index, organ in enumerate(computed.organs):
-                _check_cancel(cancel)
+                check_cancel(cancel)
                 report(0.92 + 0.08 * index / len(computed.organs), f"creating the nodes of {organ.name}")
                 volume = self._sdm_node(computed.sdms[organ.name], ijk_to_ras, f"{base} SDM {organ.name}", color_table)
                 volume.SetAttribute("SDMOrganSeg.Organ", organ.name)
@@ -472,7 +457,7 @@ class SDMSegmentationLogic:
                 items.append(organ_folder)
                 contours[organ.name] = {}
                 for level in computed.levels:
-                    _check_cancel(cancel)
+                    check_cancel(cancel)
                     model = self._contour_node(
                         computed.surfaces[organ.name][level], f"{base} {organ.name} SDM {level_tag(level)}", level, show2D, show3D
                     )
@@ -484,7 +469,7 @@ class SDMSegmentationLogic:
             if transform_id:
                 for node in nodes:
                     node.SetAndObserveTransformNodeID(transform_id)
-            _check_cancel(cancel)
+            check_cancel(cancel)
             report(1.0, "done")
         return OutputNodes(folder, segmentation, sdm_volumes, contours, color_table, computed)
 
@@ -967,7 +952,7 @@ def worker_main(argv: Sequence[str]) -> int:
             image, request.get("model_dir"), request.get("device", "auto"), request.get("levels", DEFAULT_LEVELS),
             progress, cancel_file.exists,
         )
-        _check_cancel(cancel_file.exists)
+        check_cancel(cancel_file.exists)
         description = _write_outputs(computed, folder)
         progress(1.0, "done")
         _write_json_atomic(folder / _RESULT, {"status": "ok", "message": "", **description})
