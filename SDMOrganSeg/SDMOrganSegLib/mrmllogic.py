@@ -677,7 +677,11 @@ def _fill_metrics_table(table: Any, rows: Sequence[tuple[str, Any]]) -> None:
             column.InsertNextValue(float(value))
     for column in columns:
         vtk_table.AddColumn(column)
-    table.SetUseColumnTitleAsColumnHeader(True)
+    # Slicer 5.8 and later call it UseColumnTitleAsColumnHeader; Slicer 5.6 has only the older name.
+    if hasattr(table, "SetUseColumnTitleAsColumnHeader"):
+        table.SetUseColumnTitleAsColumnHeader(True)
+    else:
+        table.SetUseColumnNameAsColumnHeader(True)
     for title in METRICS_COLUMNS[1:]:
         table.SetColumnUnitLabel(title, "mm" if "mm" in title else "")
     table.Modified()

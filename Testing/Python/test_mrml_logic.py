@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 from SDMOrganSegLib import headless, modelfiles, mrmllogic  # noqa: E402
 from SDMOrganSegLib.contours import LEVEL_COLORS  # noqa: E402
 from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError  # noqa: E402
-from SDMOrganSegLib.metrics import evaluate_label_maps  # noqa: E402
+from SDMOrganSegLib.metrics import evaluate_label_maps, organ_metrics  # noqa: E402
 from SDMOrganSegLib.modelfiles import Organ  # noqa: E402
 from conftest import calibrated_model, needs_torch  # noqa: E402
 
@@ -376,6 +376,49 @@ def test_metrics_table_equals_the_core_metrics(session, hippocampus_run, tmp_pat
         written = list(csv.DictReader(handle))
     assert [row["Organ"] for row in written] == [row["Organ"] for row in rows]
     assert float(written[0]["HD95 (mm)"]) == rows[0]["HD95 (mm)"]
+
+
+def test_metrics_of_a_reference_against_itself_without_pytorch(session):
+    scene = session.scene
+    first, second = headless.load_segmentation(HIPPOCAMPUS_LABELS), headless.load_segmentation(HIPPOCAMPUS_LABELS)
+    table = mrmllogic.compute_metrics(first, second, matching=mrmllogic.MATCH_BY_ORDER, scene=scene)
+    rows = mrmllogic.table_rows(table)
+    assert len(rows) == first.GetSegmentation().GetNumberOfSegments() == 2
+    for row in rows:
+        assert (row["Dice"], row["HD (mm)"], row["HD95 (mm)"], row["ASD (mm)"]) == (1.0, 0.0, 0.0, 0.0)
+    assert table.GetUseColumnTitleAsColumnHeader()
+    assert table.GetColumnUnitLabel("HD95 (mm)") == "mm"
+    for node in (table, first, second):
+        scene.RemoveNode(node)
+
+
+class _TableNodeOfSlicer56:
+    """A table node as Slicer 5.6 has it: without SetUseColumnTitleAsColumnHeader (added in 5.8), only
+    the older SetUseColumnNameAsColumnHeader."""
+
+    def __init__(self, node) -> None:
+        self.node, self.old_name_calls = node, []
+
+    def __getattr__(self, name: str):
+        if "ColumnTitleAsColumnHeader" in name:
+            raise AttributeError(name)
+        return getattr(self.node, name)
+
+    def SetUseColumnNameAsColumnHeader(self, use: bool) -> None:
+        self.old_name_calls.append(use)
+        self.node.SetUseColumnTitleAsColumnHeader(use)  # same flag; the old name only logs a deprecation here
+
+
+def test_metrics_table_on_slicer_5_6_uses_the_older_header_method(session):
+    node = session.scene.AddNewNodeByClass("vtkMRMLTableNode")
+    empty, full = np.zeros((4, 4, 4), bool), np.ones((4, 4, 4), bool)
+    table = _TableNodeOfSlicer56(node)
+    mrmllogic._fill_metrics_table(table, [("liver", organ_metrics(full, full, (1.0, 1.0, 1.0))), ("spleen", organ_metrics(empty, full, (1.0, 1.0, 1.0)))])
+    assert table.old_name_calls == [True]
+    assert node.GetUseColumnTitleAsColumnHeader()
+    assert [row["Organ"] for row in mrmllogic.table_rows(node)] == ["liver", "spleen"]
+    assert mrmllogic.table_rows(node)[1]["HD (mm)"] == float("inf")
+    session.scene.RemoveNode(node)
 
 
 def test_metrics_refuse_unmatched_names(session, hippocampus_run):
