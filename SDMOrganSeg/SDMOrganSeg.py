@@ -198,6 +198,8 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # Slicer may quit without closing the module first: the background worker must not outlive it.
+        slicer.app.connect("aboutToQuit()", self.stopBackgroundProcesses)
 
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -216,13 +218,18 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QTimer.singleShot(0, self._startDevicesProbe)
 
     def cleanup(self) -> None:
+        self.stopBackgroundProcesses()
+        self.removeObservers()
+
+    def stopBackgroundProcesses(self) -> None:
+        """Kill the segmentation worker and the GPU probe, each with every process it started."""
         self._pollTimer.stop()
         if self._run is not None:
             self._run.cleanup()
             self._run = None
-        if self._devicesProbe is not None and self._devicesProbe.poll() is None:
-            self._devicesProbe.kill()
-        self.removeObservers()
+        if self._devicesProbe is not None:
+            _lib().kill_process_tree(self._devicesProbe)
+            self._devicesProbe = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -337,11 +344,14 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if importlib.util.find_spec("torch") is None:
             self.ui.gpuLabel.text = _("PyTorch is not installed yet: it will be offered when you first click Apply.")
             return
+        if self._devicesProbe is not None:  # a probe from before an install: it would report the old state
+            _lib().kill_process_tree(self._devicesProbe)
+            self._devicesProbe = None
         try:
             command = _lib().probe_devices_command(_lib().python_executable())
-            self._devicesProbe = subprocess.Popen(
+            self._devicesProbe = _lib().start_process(
                 command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-                env=slicer.util.startupEnvironment(), creationflags=subprocess.CREATE_NO_WINDOW if os.name == "nt" else 0,
+                env=slicer.util.startupEnvironment(),
             )
         except (OSError, SDMOrganSegError) as error:
             self.ui.gpuLabel.text = _("Could not check for a GPU: {error}").format(error=error)

@@ -18,6 +18,7 @@ count is what it was before the run.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import io
@@ -25,10 +26,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -745,6 +748,48 @@ def _lib_parent() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
+def start_process(command: Sequence[str], **popen_arguments: Any) -> subprocess.Popen:
+    """Start ``command`` as the leader of a process group of its own, without a console window.
+
+    In Slicer the command is ``PythonSlicer``, which is CTK's launcher: it sets up the environment and
+    runs the real interpreter (``python-real``) as its child. Killing only the launcher would leave that
+    child running (and holding the GPU); :func:`kill_process_tree` stops the whole group instead.
+    """
+    if os.name == "nt":
+        popen_arguments["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+    else:
+        popen_arguments["start_new_session"] = True  # a new session and process group, whose id is the pid
+    return subprocess.Popen(list(command), **popen_arguments)
+
+
+def kill_process_tree(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Kill a process started by :func:`start_process` and every process it started, then reap it."""
+    if process.poll() is None:
+        if os.name == "nt":
+            # /T: the process and its children (the launcher's python-real), /F: at once.
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout,
+                               creationflags=subprocess.CREATE_NO_WINDOW)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # the group still exists: its leader is not reaped yet
+        with contextlib.suppress(OSError):
+            process.kill()  # in case taskkill could not run
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout)
+
+
+#: Background runs whose worker may still be running; stopped when this Python exits.
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_workers() -> None:
+    for run in list(_RUNNING):
+        run.cleanup()
+
+
 class BackgroundRun:
     """Runs :func:`compute_outputs` in a separate Python process, polled from the caller's timer.
 
@@ -752,7 +797,10 @@ class BackgroundRun:
     of Python, and in Slicer a Python thread only gets the GIL when the main thread runs Python, so a
     thread would either freeze the GUI or crawl. A process (as MONAIAuto3DSeg and SlicerNNUnet run
     theirs) also frees all GPU memory when it ends, and a cancel that the worker does not honour in
-    time (one huge tile) can kill it.
+    time (one huge tile) can kill it. The worker runs in a process group of its own (:func:`start_process`),
+    and killing it kills the group: in Slicer the process started is CTK's launcher and the worker its child.
+    :meth:`cleanup` (the module calls it when it is closed and when Slicer quits) does the same, and so
+    does this Python's exit for runs not cleaned up.
 
     Protocol, all files in a private temporary folder: the caller writes ``input.nrrd`` and
     ``request.json``; the worker (:func:`worker_main`) writes ``progress.json`` as it goes and, at the
@@ -795,11 +843,10 @@ class BackgroundRun:
         _write_json_atomic(self.workdir / _REQUEST, {"model_dir": self.model_dir, "device": self.device, "levels": list(self.levels)})
         code = f"import sys; sys.path.insert(0, {_lib_parent()!r}); from SDMOrganSegLib.mrmllogic import worker_main; sys.exit(worker_main(sys.argv[1:]))"
         self._log = open(self.workdir / _LOG, "wb")
-        flags = subprocess.CREATE_NO_WINDOW if os.name == "nt" else 0
-        self._process = subprocess.Popen(
-            [self.python, "-c", code, str(self.workdir)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, creationflags=flags,
+        self._process = start_process(
+            [self.python, "-c", code, str(self.workdir)], stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
         )
+        _RUNNING.add(self)
         self.started_at = time.monotonic()
         self.state = "running"
 
@@ -823,8 +870,7 @@ class BackgroundRun:
         code = self._process.poll()
         if code is None:
             if self._cancel_requested_at is not None and time.monotonic() - self._cancel_requested_at > CANCEL_GRACE_S:
-                self._process.kill()
-                self._process.wait()
+                kill_process_tree(self._process)
                 self._finish("cancelled", "cancelled by the user; nothing was added")
             return self.state
         result = _read_json(self.workdir / _RESULT)
@@ -874,10 +920,10 @@ class BackgroundRun:
         return _read_outputs(self.workdir)
 
     def cleanup(self) -> None:
-        """Stop the worker if it still runs and delete the temporary folder."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
+        """Stop the worker (and its children) if it still runs and delete the temporary folder."""
+        if self._process is not None:
+            kill_process_tree(self._process)
+        _RUNNING.discard(self)
         if self._log is not None:
             self._log.close()
             self._log = None
