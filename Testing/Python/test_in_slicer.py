@@ -238,3 +238,49 @@ def test_closing_the_module_or_slicer_kills_the_worker_behind_the_launcher(tmp_p
         _kill_leftovers(launcher_pid, worker_pid, probe_pid)
     # The panel connects this to Slicer's aboutToQuit() signal in setup().
     assert 'slicer.app.connect("aboutToQuit()", self.stopBackgroundProcesses)' in MODULE_FILE.read_text(encoding="utf-8")
+
+
+# --- batch.py under Slicer --no-main-window --python-script --------------------------------------------------
+
+#: Runs batch.py as Slicer's --python-script does: in __main__, with slicer.app present (no main window),
+#: so the script must end the application itself through slicer.util.exit(code).
+SIMULATED_SLICER = r"""
+import importlib.machinery, runpy, sys, types
+
+batch, broken, arguments = sys.argv[1], sys.argv[2], sys.argv[3:]
+exits = []
+slicer = types.ModuleType("slicer")
+slicer.__spec__ = importlib.machinery.ModuleSpec("slicer", None)
+slicer.app = object()
+slicer.util = types.SimpleNamespace(exit=lambda status=0: exits.append(status))
+sys.modules["slicer"] = slicer
+if broken:
+    sys.modules["SDMOrganSegLib." + broken] = None  # importing it raises ImportError: an unexpected exception
+sys.argv = [batch, *arguments]
+runpy.run_path(batch, run_name="__main__")
+print("slicer.util.exit called with", exits)
+"""
+
+
+def _run_in_simulated_slicer(broken: str, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", SIMULATED_SLICER, str(BATCH), broken, *arguments],
+        capture_output=True, text=True, timeout=300, cwd=str(REPO),
+    )
+
+
+def test_batch_in_slicer_exits_non_zero_on_an_unexpected_exception(tmp_path):
+    process = _run_in_simulated_slicer("headless", "--input", str(tmp_path), "--output", str(tmp_path / "out"))
+    assert process.returncode == 0, process.stderr  # the script returned to Slicer instead of raising
+    assert "slicer.util.exit called with [2]" in process.stdout
+    assert "Traceback" not in process.stderr
+    [line] = process.stderr.strip().splitlines()
+    assert line.startswith("error: internal error (ModuleNotFoundError: ")
+
+
+@pytest.mark.parametrize(("arguments", "code"), [(["--help"], 0), (["--no-such-option"], 2)])
+def test_batch_in_slicer_exits_on_usage_errors_and_help(arguments, code):
+    process = _run_in_simulated_slicer("", *arguments)
+    assert process.returncode == 0, process.stderr
+    assert f"slicer.util.exit called with [{code}]" in process.stdout
+    assert "Traceback" not in process.stderr
