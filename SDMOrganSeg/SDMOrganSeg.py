@@ -446,7 +446,9 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         pn = self._parameterNode
         try:
-            if state == "done":
+            if state == "done" and pn is None:  # the scene was closed after the run had finished
+                self.ui.statusLabel.text = _("The scene was closed during the segmentation; nothing was added.")
+            elif state == "done":
                 self.ui.statusLabel.text = _("Adding the results to the scene...")
                 slicer.app.processEvents()
                 outputs = self.logic.createOutputNodes(self._runVolume, run.result(), pn.show2D, pn.show3D)

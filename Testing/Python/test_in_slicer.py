@@ -145,6 +145,29 @@ def test_module_imports_without_pytorch_on_this_python(module):
     assert module.SDMOrganSegLogic().readModelCard("hippocampus")["organs"]
 
 
+def test_a_run_that_ends_after_the_scene_was_closed_adds_nothing_and_shows_no_error(module, slicer_python):
+    class FinishedRun:
+        progress, started_at, cancel_requested, message, cleaned = (1.0, "done"), time.monotonic(), False, "", False
+
+        def poll(self):
+            return "done"
+
+        def result(self):
+            raise AssertionError("nothing may be read once the scene is closed")
+
+        def cleanup(self):
+            self.cleaned = True
+
+    widget = module.SDMOrganSegWidget()
+    widget.ui = _Ui()
+    run = widget._run = FinishedRun()
+    widget._parameterNode = None  # onSceneStartClose sets it to None
+    widget._onPollRun()
+    assert slicer_python.errors == []
+    assert "nothing was added" in widget.ui.statusLabel.text
+    assert run.cleaned and widget._run is None
+
+
 # --- the background worker, started as Slicer starts it -------------------------------------------------------
 
 #: A stand-in for CTK's launcher (PythonSlicer): it starts the real interpreter as its child and waits.
