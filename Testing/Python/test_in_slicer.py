@@ -35,7 +35,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib import mrmllogic  # noqa: E402
+from SDMOrganSegLib import dependencies, mrmllogic  # noqa: E402
 
 MODULE_FILE = REPO / "SDMOrganSeg" / "SDMOrganSeg.py"
 BATCH = REPO / "SDMOrganSeg" / "Scripts" / "batch.py"
@@ -138,6 +138,34 @@ def module(slicer_python, monkeypatch):
     return loaded
 
 
+@pytest.fixture()
+def packages(monkeypatch, slicer_python) -> dict[str, str]:
+    """Installed versions by pip name (all missing at first); the stand-in pip_install adds what it installs,
+    except the names in ``packages["fail"]`` (comma separated), for which pip fails."""
+    versions: dict[str, str] = {"fail": ""}
+
+    def installed_version(requirement):
+        return versions.get(requirement.distribution)
+
+    def pip_install(requirements):
+        slicer_python.pip.append(list(requirements))
+        for requirement in requirements:
+            name = requirement.split(">=")[0]
+            if name in versions["fail"].split(","):
+                raise subprocess.CalledProcessError(1, ["python-real", "-m", "pip", "install", requirement])
+        for requirement in requirements:
+            versions[requirement.split(">=")[0]] = "99.0"
+
+    monkeypatch.setattr(dependencies, "installed_version", installed_version)
+    sys.modules["slicer.util"].pip_install = pip_install
+    return versions
+
+
+def _all_installed(versions: dict[str, str]) -> None:
+    for requirement in (dependencies.TORCH, *dependencies.REQUIRED, *dependencies.OPTIONAL):
+        versions[requirement.distribution] = "99.0"
+
+
 # --- the module -----------------------------------------------------------------------------------------------
 
 
@@ -166,6 +194,106 @@ def test_a_run_that_ends_after_the_scene_was_closed_adds_nothing_and_shows_no_er
     assert slicer_python.errors == []
     assert "nothing was added" in widget.ui.statusLabel.text
     assert run.cleaned and widget._run is None
+
+
+def test_missing_and_outdated_packages_are_installed_after_asking(module, packages, slicer_python):
+    _all_installed(packages)
+    packages["torch"], packages["edt"] = "1.13.1", "2.4.0"  # too old
+    del packages["safetensors"], packages["isal"]
+    logic = module.SDMOrganSegLogic()
+    assert logic.ensureDependencies(askConfirmation=True)
+    [question] = slicer_python.confirmations
+    assert "torch>=2.2" in question and "version 1.13.1 is older than the 2.2 needed" in question
+    assert "edt>=3.0" in question and "safetensors>=0.4" in question and "isal>=1.6" in question
+    # PyTorch first (no PyTorch extension: pip), then the other required packages at once, then the optional one.
+    assert slicer_python.pip == [["torch>=2.2"], ["safetensors>=0.4", "edt>=3.0"], ["isal>=1.6"]]
+    assert logic.installedPackages == ["torch>=2.2", "safetensors>=0.4", "edt>=3.0", "isal>=1.6"]
+    assert any("PyTorch extension" in note for note in logic.installNotes)
+    assert logic.missingPackages() == []
+
+
+def test_nothing_is_installed_when_the_user_declines(module, packages, slicer_python):
+    slicer_python.answer = False
+    assert not module.SDMOrganSegLogic().ensureDependencies(askConfirmation=True)
+    assert slicer_python.pip == []
+
+
+def test_optional_package_that_fails_is_skipped_with_a_note(module, packages, slicer_python):
+    _all_installed(packages)
+    del packages["edt"], packages["isal"]
+    packages["fail"] = "isal"  # e.g. no wheel for this platform
+    logic = module.SDMOrganSegLogic()
+    assert logic.ensureDependencies(askConfirmation=False)
+    assert slicer_python.pip == [["edt>=3.0"], ["isal>=1.6"]]
+    assert logic.installedPackages == ["edt>=3.0"]
+    assert logic.installNotes == [
+        "Optional package isal was not installed (pip stopped with exit code 1): it only gzips the saved volumes "
+        "5-6x faster (zlib is used without it)."
+    ]
+    # Offered once per session: the next run does not ask again.
+    slicer_python.pip.clear()
+    assert logic.ensureDependencies(askConfirmation=True)
+    assert slicer_python.pip == [] and slicer_python.confirmations == []
+
+
+def test_required_package_that_fails_gives_one_line_and_no_calledprocesserror(module, packages, slicer_python):
+    _all_installed(packages)
+    del packages["scipy"]
+    packages["fail"] = "scipy"
+    with pytest.raises(module.SDMOrganSegError) as raised:
+        module.SDMOrganSegLogic().ensureDependencies(askConfirmation=False, forMetricsOnly=True)
+    message = str(raised.value)
+    assert message.startswith("could not install scipy>=1.11 (pip stopped with exit code 1); check the network connection")
+    assert "\n" not in message and "CalledProcessError" not in message
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
+def test_pytorch_comes_from_the_pytorch_extension_when_it_is_installed(module, packages, slicer_python, monkeypatch):
+    _all_installed(packages)
+    del packages["torch"]
+    calls = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
+            calls.append((askConfirmation, torchVersionRequirement))
+            packages["torch"] = "2.6.0+cu124"
+            return SimpleNamespace(__version__="2.6.0+cu124")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    logic = module.SDMOrganSegLogic()
+    assert logic.ensureDependencies(askConfirmation=True)
+    assert calls == [(False, ">=2.2")]  # the user was asked once, by this module
+    assert slicer_python.pip == [] and logic.installedPackages == ["torch>=2.2"]
+
+
+def test_declining_in_the_pytorch_extension_stops_the_run(module, packages, slicer_python, monkeypatch):
+    _all_installed(packages)
+    del packages["torch"]
+    utils = SimpleNamespace(PyTorchUtilsLogic=lambda: SimpleNamespace(installTorch=lambda **kwargs: None))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", utils)
+    assert not module.SDMOrganSegLogic().ensureDependencies(askConfirmation=False)
+
+
+def test_the_gpu_label_is_refreshed_after_an_install(module, packages, slicer_python, monkeypatch):
+    _all_installed(packages)
+    del packages["torch"]
+    widget = module.SDMOrganSegWidget()
+    widget.ui, widget.logic = _Ui(), module.SDMOrganSegLogic()
+    probes = []
+    monkeypatch.setattr(widget, "_startDevicesProbe", lambda: probes.append("probe"))
+    assert widget._ensureDependencies()
+    assert probes == ["probe"]
+    assert any("PyTorch extension" in message for message in slicer_python.status)
+    probes.clear()
+    assert widget._ensureDependencies()  # nothing to install: no new probe
+    assert probes == []
+
+
+def test_version_numbers_compare_as_numbers():
+    assert dependencies.version_tuple("2.13.0+cpu") == (2, 13, 0)
+    assert dependencies.version_tuple("2.10.0") > dependencies.version_tuple("2.9")
+    assert dependencies.version_tuple("1.26.4.dev0") >= dependencies.version_tuple("1.26")
+    assert dependencies.version_tuple("unknown") == ()
 
 
 # --- the background worker, started as Slicer starts it -------------------------------------------------------
