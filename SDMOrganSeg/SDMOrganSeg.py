@@ -34,13 +34,10 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 # Only the dependency-free part of the library is imported here: Slicer imports every module at start-up.
-from SDMOrganSegLib import modelfiles  # reads model folders without PyTorch
+from SDMOrganSegLib import dependencies, modelfiles  # package checks and model folders, without PyTorch
 from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError
 from SDMOrganSegLib.modelfiles import CARD_FILE as MODEL_CARD_FILE, DEFAULT_MODEL
 
-#: Python packages the core library needs beyond what Slicer bundles: import name -> pip requirement.
-PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "edt": "edt>=3.0", "scipy": "scipy>=1.11", "isal": "isal>=1.6"}
-TORCH_REQUIREMENT = ">=2.2"
 #: File names of a model folder (see SDMOrganSegLib.modelfiles); read here without importing PyTorch.
 #: Marker item data of the "Load model folder..." entry of the model combo box.
 LOAD_MODEL_FOLDER = "<load-model-folder>"
@@ -198,6 +195,8 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # Slicer may quit without closing the module first: the background worker must not outlive it.
+        slicer.app.connect("aboutToQuit()", self.stopBackgroundProcesses)
 
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -216,13 +215,18 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QTimer.singleShot(0, self._startDevicesProbe)
 
     def cleanup(self) -> None:
+        self.stopBackgroundProcesses()
+        self.removeObservers()
+
+    def stopBackgroundProcesses(self) -> None:
+        """Kill the segmentation worker and the GPU probe, each with every process it started."""
         self._pollTimer.stop()
         if self._run is not None:
             self._run.cleanup()
             self._run = None
-        if self._devicesProbe is not None and self._devicesProbe.poll() is None:
-            self._devicesProbe.kill()
-        self.removeObservers()
+        if self._devicesProbe is not None:
+            _lib().kill_process_tree(self._devicesProbe)
+            self._devicesProbe = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -337,11 +341,14 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if importlib.util.find_spec("torch") is None:
             self.ui.gpuLabel.text = _("PyTorch is not installed yet: it will be offered when you first click Apply.")
             return
+        if self._devicesProbe is not None:  # a probe from before an install: it would report the old state
+            _lib().kill_process_tree(self._devicesProbe)
+            self._devicesProbe = None
         try:
             command = _lib().probe_devices_command(_lib().python_executable())
-            self._devicesProbe = subprocess.Popen(
+            self._devicesProbe = _lib().start_process(
                 command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-                env=slicer.util.startupEnvironment(), creationflags=subprocess.CREATE_NO_WINDOW if os.name == "nt" else 0,
+                env=slicer.util.startupEnvironment(),
             )
         except (OSError, SDMOrganSegError) as error:
             self.ui.gpuLabel.text = _("Could not check for a GPU: {error}").format(error=error)
@@ -400,7 +407,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         pn = self._parameterNode
         try:
-            if not self.logic.ensureDependencies(askConfirmation=True):
+            if not self._ensureDependencies():
                 self.ui.statusLabel.text = _("The required Python packages are not installed; nothing was done.")
                 return
             self.ui.statusLabel.text = _("Starting...")
@@ -436,7 +443,9 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         pn = self._parameterNode
         try:
-            if state == "done":
+            if state == "done" and pn is None:  # the scene was closed after the run had finished
+                self.ui.statusLabel.text = _("The scene was closed during the segmentation; nothing was added.")
+            elif state == "done":
                 self.ui.statusLabel.text = _("Adding the results to the scene...")
                 slicer.app.processEvents()
                 outputs = self.logic.createOutputNodes(self._runVolume, run.result(), pn.show2D, pn.show3D)
@@ -485,7 +494,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onComputeMetrics(self) -> None:
         pn = self._parameterNode
         try:
-            if not self.logic.ensureDependencies(askConfirmation=True, forMetricsOnly=True):
+            if not self._ensureDependencies(forMetricsOnly=True):
                 return
             with slicer.util.WaitCursor():
                 table = self.logic.computeMetrics(pn.evaluatedSegmentation, pn.referenceSegmentation, pn.segmentMatching.value)
@@ -513,6 +522,16 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.statusLabel.text = _("Saved {path}").format(path=path)
 
+    def _ensureDependencies(self, forMetricsOnly: bool = False) -> bool:
+        """Install missing Python packages (the Logic asks first); notes in the status bar, GPU label refreshed."""
+        ready = self.logic.ensureDependencies(askConfirmation=True, forMetricsOnly=forMetricsOnly)
+        for note in self.logic.installNotes:
+            logging.warning(note)
+            slicer.util.showStatusMessage(note, 15000)
+        if self.logic.installedPackages:
+            self._startDevicesProbe()  # PyTorch may be new or replaced: ask again which GPU it sees
+        return ready
+
     def _showError(self, message: str) -> None:
         """A user-facing problem: one plain sentence in the status line and a message box, no traceback."""
         self.ui.statusLabel.text = message
@@ -529,6 +548,9 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        #: What the last ensureDependencies call installed (pip requirements), and its notes for the user.
+        self.installedPackages: list[str] = []
+        self.installNotes: list[str] = []
 
     def getParameterNode(self) -> SDMOrganSegParameterNode:
         return SDMOrganSegParameterNode(super().getParameterNode())
@@ -559,38 +581,93 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingPackages(forMetricsOnly: bool = False) -> list[str]:
-        """pip requirements of the packages that cannot be imported (PyTorch not included)."""
-        wanted = {"scipy": PIP_REQUIREMENTS["scipy"]} if forMetricsOnly else PIP_REQUIREMENTS
-        return [requirement for module, requirement in wanted.items() if importlib.util.find_spec(module) is None]
+        """pip requirements of the required packages that are missing or too old (PyTorch not included)."""
+        wanted = [r for r in dependencies.REQUIRED if not forMetricsOnly or r.module in dependencies.FOR_METRICS]
+        return [requirement.pip for requirement, _reason in dependencies.unmet(wanted)]
 
     def ensureDependencies(self, askConfirmation: bool = True, forMetricsOnly: bool = False) -> bool:
-        """Install what is missing, after the user agrees; False if the user declined.
+        """Install the packages that are missing or too old, after the user agrees; False if the user declined.
 
-        PyTorch comes from the PyTorch extension's PyTorchUtils when it is installed (it picks the build
-        that matches the GPU driver), otherwise from pip, as do the other packages.
+        PyTorch comes from the PyTorch extension's PyTorchUtils when it is installed (light-the-torch picks the
+        build that matches the NVIDIA driver), otherwise from pip. The other required packages are installed
+        with pip in one go; each optional one (``isal``) on its own, and skipped with a note if that fails.
+        A failed install raises SDMOrganSegError with one line.
         """
-        missing = self.missingPackages(forMetricsOnly)
-        if not forMetricsOnly and importlib.util.find_spec("torch") is None:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                missing.insert(0, f"torch{TORCH_REQUIREMENT}")
-            else:
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                if not torchLogic.torchInstalled():
-                    if torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT) is None:
-                        return False
-        if not missing:
+        self.installedPackages, self.installNotes = [], []
+        required = [dependencies.TORCH] if not forMetricsOnly else []
+        required += [r for r in dependencies.REQUIRED if not forMetricsOnly or r.module in dependencies.FOR_METRICS]
+        unmetRequired = dependencies.unmet(required)
+        # Optional packages are offered once per session: one without a wheel for this platform would
+        # otherwise be asked for again at every run.
+        unmetOptional = [] if forMetricsOnly or SDMOrganSegLogic._optionalOffered else dependencies.unmet(dependencies.OPTIONAL)
+        if not unmetRequired and not unmetOptional:
             return True
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            _("SDM Organ Segmentation needs these Python packages, which are not installed yet:\n\n{packages}\n\n"
-              "Install them now? This needs a network connection and can take several minutes.").format(packages="\n".join(missing)),
-            windowTitle=_("Install Python packages"),
-        ):
-            return False
+        SDMOrganSegLogic._optionalOffered = True
+        if askConfirmation:
+            text = _("SDM Organ Segmentation needs these Python packages:\n\n{packages}\n\n").format(
+                packages=dependencies.describe(unmetRequired)) if unmetRequired else ""
+            if unmetOptional:
+                text += _("Optional (skipped if they cannot be installed):\n\n{packages}\n\n").format(packages=dependencies.describe(unmetOptional))
+            if any(requirement is dependencies.TORCH for requirement, _reason in unmetRequired):
+                text += _("PyTorch is large: about 0.2 GB to download for computers without an NVIDIA GPU, 2-3 GB with one "
+                          "(1-6 GB on disk); the installation can take 5-20 minutes.\n\n")
+            text += _("Install them now? This needs a network connection.")
+            if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Install Python packages")):
+                return not unmetRequired  # without the optional ones the module works, more slowly
         with slicer.util.WaitCursor():
-            slicer.util.pip_install(missing)
+            others = [requirement for requirement, _reason in unmetRequired if requirement is not dependencies.TORCH]
+            if len(others) < len(unmetRequired) and not self._installTorch():
+                return False
+            if others:
+                self._pipInstall([requirement.pip for requirement in others])
+            for requirement, _reason in unmetOptional:
+                try:
+                    slicer.util.pip_install([requirement.pip])
+                except Exception as error:  # e.g. no wheel for this platform: the module works without it
+                    logging.exception("pip install %s failed", requirement.pip)
+                    self.installNotes.append(_("Optional package {name} was not installed ({detail}): it only {purpose}.").format(
+                        name=requirement.distribution, detail=dependencies.failure_detail(error), purpose=requirement.purpose))
+                else:
+                    self.installedPackages.append(requirement.pip)
         importlib.invalidate_caches()
+        stillUnmet = dependencies.unmet(required)
+        if stillUnmet:
+            raise SDMOrganSegError(_("after the installation {packages} still does not meet the requirement ({reason}); restart Slicer and try again").format(
+                packages=stillUnmet[0][0].distribution, reason=stillUnmet[0][1]))
+        return True
+
+    #: Whether the optional packages were offered in this Slicer session.
+    _optionalOffered = False
+
+    def _pipInstall(self, requirements: list[str]) -> None:
+        """slicer.util.pip_install, with a failure turned into one line (pip's output is in the Python console)."""
+        try:
+            slicer.util.pip_install(requirements)
+        except Exception as error:  # CalledProcessError, OSError, ...: pip's details are in the console already
+            logging.exception("pip install %s failed", " ".join(requirements))
+            raise SDMOrganSegError(dependencies.install_failure(error, " ".join(requirements))) from None
+        self.installedPackages.extend(requirements)
+
+    def _installTorch(self) -> bool:
+        """Install or upgrade PyTorch (the user has agreed already); False if PyTorchUtils was declined."""
+        requirement = dependencies.TORCH
+        try:
+            import PyTorchUtils  # the PyTorch extension
+        except ImportError:
+            PyTorchUtils = None
+        if PyTorchUtils is None:
+            self.installNotes.append(_("PyTorch was installed with pip; for the build that matches your GPU driver, "
+                                       "install the PyTorch extension from the Extensions Manager."))
+            self._pipInstall([requirement.pip])
+        else:
+            try:
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=f">={requirement.minimum}")
+            except Exception as error:  # light-the-torch or pip failed
+                logging.exception("PyTorchUtils could not install PyTorch")
+                raise SDMOrganSegError(dependencies.install_failure(error, requirement.pip)) from None
+            if torch is None:
+                return False
+            self.installedPackages.append(requirement.pip)
         return True
 
     # --- segmentation ---

@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import math
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,16 +22,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import CancelledError, SDMOrganSegError
+from .errors import CancelCheck, ProgressCallback, SDMOrganSegError, check_cancel
 from .files import available_memory_bytes, worker_threads
 from .imageio import check_volume, image_from_array
 from .modelfiles import LoadedModel, Organ
 from .plausibility import input_warnings, volume_warnings
 from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing, resampled_size
 from .sdm import sdms_to_label_map
-
-ProgressCallback = Callable[[float, str], None]
-CancelCheck = Callable[[], bool] | threading.Event
 
 
 @dataclass
@@ -75,12 +71,6 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def _should_stop(cancel: CancelCheck | None) -> bool:
-    if cancel is None:
-        return False
-    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
 
 
 def _tile_starts(size: int, window: int, step: int) -> list[int]:
@@ -216,8 +206,7 @@ def predict_array(
     weights = None
     with torch.inference_mode(), _autocast(device), _cpu_convolutions(network, device):
         for index, region in enumerate(windows):
-            if _should_stop(cancel):
-                raise CancelledError()
+            check_cancel(cancel)
             tile = torch.from_numpy(np.ascontiguousarray(volume[region]))[None, None].to(device, non_blocking=True)
             prediction = _mirrored_prediction(network, tile, mirror_axes)
             if single:
@@ -436,8 +425,7 @@ def segment_image(
         working = resample_to_spacing(working, card.spacing)
     volume = normalize_intensity(sitk.GetArrayViewFromImage(working), card.intensity)
     timings["preprocess_s"] = time.perf_counter() - started
-    if _should_stop(cancel):
-        raise CancelledError()
+    check_cancel(cancel)
 
     tick = time.perf_counter()
 
@@ -477,8 +465,7 @@ def segment_image(
     report(0.9, "mapping the SDMs back to the input grid")
 
     def to_input_grid(channel: np.ndarray) -> sitk.Image:
-        if _should_stop(cancel):
-            raise CancelledError()
+        check_cancel(cancel)
         sdm = image_from_array(channel, working)
         # Outside the model grid's extent the organ is absent: +1, the farthest outside value.
         return resample_like(sdm, image, sitk.sitkLinear, default=1.0) if resampled else sdm

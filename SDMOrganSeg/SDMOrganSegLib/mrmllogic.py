@@ -18,6 +18,7 @@ count is what it was before the run.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import io
@@ -25,14 +26,15 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,12 +42,9 @@ import vtk
 from vtk.util import numpy_support
 
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_color, level_tag, lps_to_ras, parse_levels, write_polydata
-from .errors import CancelledError, SDMOrganSegError
+from .errors import CancelCheck, CancelledError, ProgressCallback, SDMOrganSegError, check_cancel
 from .files import atomic_path, safe_name
 from .terminology import slicer_terminology_entry
-
-ProgressCallback = Callable[[float, str], None]
-CancelCheck = Callable[[], bool] | threading.Event
 
 #: LPS <-> RAS: negate x and y.
 _FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -67,17 +66,6 @@ def _slicer() -> Any:
 
 def _report(progress: ProgressCallback | None) -> ProgressCallback:
     return progress or (lambda fraction, message: None)
-
-
-def _stopped(cancel: CancelCheck | None) -> bool:
-    if cancel is None:
-        return False
-    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
-
-
-def _check_cancel(cancel: CancelCheck | None) -> None:
-    if _stopped(cancel):
-        raise CancelledError()
 
 
 # --- geometry: volume nodes <-> SimpleITK images -------------------------------------------------------
@@ -237,7 +225,7 @@ def compute_outputs(
 
     ``fraction`` is the part of the progress range this step reports into.
     """
-    _check_cancel(cancel)  # before importing PyTorch, which takes seconds
+    check_cancel(cancel)  # before importing PyTorch, which takes seconds
     from .inference import segment_image  # torch: imported only when a run starts
     from .modelfiles import load_model, resolve_model
 
@@ -247,7 +235,7 @@ def compute_outputs(
     started = time.perf_counter()
     report(low, "loading the model")
     model = load_model(resolve_model(model_dir))
-    _check_cancel(cancel)
+    check_cancel(cancel)
 
     def network_progress(part: float, message: str) -> None:
         report(low + (high - low) * 0.02 + (high - low) * 0.86 * part, message)
@@ -256,7 +244,7 @@ def compute_outputs(
     surfaces: dict[str, dict[float, vtk.vtkPolyData]] = {}
     tick = time.perf_counter()
     for index, organ in enumerate(result.organs):
-        _check_cancel(cancel)
+        check_cancel(cancel)
         report(low + (high - low) * (0.88 + 0.12 * index / len(result.organs)), f"contours of {organ.name}")
         surfaces[organ.name] = iso_surfaces(result.sdms[organ.name], levels)
     timings = dict(result.timings, contours_s=time.perf_counter() - tick, compute_s=time.perf_counter() - started)
@@ -461,13 +449,13 @@ class SDMSegmentationLogic:
             segmentation = self._segmentation_node(volumeNode, computed, ijk_to_ras, base, show2D)
             nodes = [segmentation]
             _put_in_folder(scene, segmentation, folder)
-            _check_cancel(cancel)
+            check_cancel(cancel)
 
             color_table = diverging_color_table(scene)
             sdm_volumes: dict[str, Any] = {}
             contours: dict[str, dict[float, Any]] = {}
             for index, organ in enumerate(computed.organs):
-                _check_cancel(cancel)
+                check_cancel(cancel)
                 report(0.92 + 0.08 * index / len(computed.organs), f"creating the nodes of {organ.name}")
                 volume = self._sdm_node(computed.sdms[organ.name], ijk_to_ras, f"{base} SDM {organ.name}", color_table)
                 volume.SetAttribute("SDMOrganSeg.Organ", organ.name)
@@ -478,7 +466,7 @@ class SDMSegmentationLogic:
                 items.append(organ_folder)
                 contours[organ.name] = {}
                 for level in computed.levels:
-                    _check_cancel(cancel)
+                    check_cancel(cancel)
                     model = self._contour_node(
                         computed.surfaces[organ.name][level], f"{base} {organ.name} SDM {level_tag(level)}", level, show2D, show3D
                     )
@@ -490,7 +478,7 @@ class SDMSegmentationLogic:
             if transform_id:
                 for node in nodes:
                     node.SetAndObserveTransformNodeID(transform_id)
-            _check_cancel(cancel)
+            check_cancel(cancel)
             report(1.0, "done")
         return OutputNodes(folder, segmentation, sdm_volumes, contours, color_table, computed)
 
@@ -701,7 +689,11 @@ def _fill_metrics_table(table: Any, rows: Sequence[tuple[str, Any]]) -> None:
             column.InsertNextValue(float(value))
     for column in columns:
         vtk_table.AddColumn(column)
-    table.SetUseColumnTitleAsColumnHeader(True)
+    # Slicer 5.8 and later call it UseColumnTitleAsColumnHeader; Slicer 5.6 has only the older name.
+    if hasattr(table, "SetUseColumnTitleAsColumnHeader"):
+        table.SetUseColumnTitleAsColumnHeader(True)
+    else:
+        table.SetUseColumnNameAsColumnHeader(True)
     for title in METRICS_COLUMNS[1:]:
         table.SetColumnUnitLabel(title, "mm" if "mm" in title else "")
     table.Modified()
@@ -765,6 +757,48 @@ def _lib_parent() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
+def start_process(command: Sequence[str], **popen_arguments: Any) -> subprocess.Popen:
+    """Start ``command`` as the leader of a process group of its own, without a console window.
+
+    In Slicer the command is ``PythonSlicer``, which is CTK's launcher: it sets up the environment and
+    runs the real interpreter (``python-real``) as its child. Killing only the launcher would leave that
+    child running (and holding the GPU); :func:`kill_process_tree` stops the whole group instead.
+    """
+    if os.name == "nt":
+        popen_arguments["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+    else:
+        popen_arguments["start_new_session"] = True  # a new session and process group, whose id is the pid
+    return subprocess.Popen(list(command), **popen_arguments)
+
+
+def kill_process_tree(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Kill a process started by :func:`start_process` and every process it started, then reap it."""
+    if process.poll() is None:
+        if os.name == "nt":
+            # /T: the process and its children (the launcher's python-real), /F: at once.
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout,
+                               creationflags=subprocess.CREATE_NO_WINDOW)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # the group still exists: its leader is not reaped yet
+        with contextlib.suppress(OSError):
+            process.kill()  # in case taskkill could not run
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout)
+
+
+#: Background runs whose worker may still be running; stopped when this Python exits.
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_workers() -> None:
+    for run in list(_RUNNING):
+        run.cleanup()
+
+
 class BackgroundRun:
     """Runs :func:`compute_outputs` in a separate Python process, polled from the caller's timer.
 
@@ -772,7 +806,10 @@ class BackgroundRun:
     of Python, and in Slicer a Python thread only gets the GIL when the main thread runs Python, so a
     thread would either freeze the GUI or crawl. A process (as MONAIAuto3DSeg and SlicerNNUnet run
     theirs) also frees all GPU memory when it ends, and a cancel that the worker does not honour in
-    time (one huge tile) can kill it.
+    time (one huge tile) can kill it. The worker runs in a process group of its own (:func:`start_process`),
+    and killing it kills the group: in Slicer the process started is CTK's launcher and the worker its child.
+    :meth:`cleanup` (the module calls it when it is closed and when Slicer quits) does the same, and so
+    does this Python's exit for runs not cleaned up.
 
     Protocol, all files in a private temporary folder: the caller writes ``input.nrrd`` and
     ``request.json``; the worker (:func:`worker_main`) writes ``progress.json`` as it goes and, at the
@@ -815,11 +852,10 @@ class BackgroundRun:
         _write_json_atomic(self.workdir / _REQUEST, {"model_dir": self.model_dir, "device": self.device, "levels": list(self.levels)})
         code = f"import sys; sys.path.insert(0, {_lib_parent()!r}); from SDMOrganSegLib.mrmllogic import worker_main; sys.exit(worker_main(sys.argv[1:]))"
         self._log = open(self.workdir / _LOG, "wb")
-        flags = subprocess.CREATE_NO_WINDOW if os.name == "nt" else 0
-        self._process = subprocess.Popen(
-            [self.python, "-c", code, str(self.workdir)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, creationflags=flags,
+        self._process = start_process(
+            [self.python, "-c", code, str(self.workdir)], stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
         )
+        _RUNNING.add(self)
         self.started_at = time.monotonic()
         self.state = "running"
 
@@ -843,8 +879,7 @@ class BackgroundRun:
         code = self._process.poll()
         if code is None:
             if self._cancel_requested_at is not None and time.monotonic() - self._cancel_requested_at > CANCEL_GRACE_S:
-                self._process.kill()
-                self._process.wait()
+                kill_process_tree(self._process)
                 self._finish("cancelled", "cancelled by the user; nothing was added")
             return self.state
         result = _read_json(self.workdir / _RESULT)
@@ -894,10 +929,10 @@ class BackgroundRun:
         return _read_outputs(self.workdir)
 
     def cleanup(self) -> None:
-        """Stop the worker if it still runs and delete the temporary folder."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
+        """Stop the worker (and its children) if it still runs and delete the temporary folder."""
+        if self._process is not None:
+            kill_process_tree(self._process)
+        _RUNNING.discard(self)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -979,7 +1014,7 @@ def worker_main(argv: Sequence[str]) -> int:
             image, request.get("model_dir"), request.get("device", "auto"), request.get("levels", DEFAULT_LEVELS),
             progress, cancel_file.exists,
         )
-        _check_cancel(cancel_file.exists)
+        check_cancel(cancel_file.exists)
         description = _write_outputs(computed, folder)
         progress(1.0, "done")
         _write_json_atomic(folder / _RESULT, {"status": "ok", "message": "", **description})

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterable
 
 from . import __version__
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
-from .errors import CancelledError, SDMOrganSegError
+from .errors import CancelCheck, SDMOrganSegError, check_cancel
 from .files import check_writable, inside, safe_name, worker_threads
 from .imageio import error_line
 from .imagewriting import write_image
-from .inference import CancelCheck, SegmentationResult, _should_stop
+from .inference import SegmentationResult
 from .modelfiles import Organ
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
@@ -129,8 +129,7 @@ def write_result(
     committed = False
 
     def check(name: str) -> Path:
-        if _should_stop(cancel):
-            raise CancelledError()
+        check_cancel(cancel)
         return staging / name
 
     def write_sdm(organ: Organ) -> None:
@@ -182,8 +181,7 @@ def write_result(
         }
         text = json.dumps(summary, indent=2) + "\n"
         _named("summary.json", lambda: check("summary.json").write_text(text, encoding="utf-8"))
-        if _should_stop(cancel):
-            raise CancelledError()
+        check_cancel(cancel)
         # All files exist: move them into place (renames within one folder are atomic).
         _commit(staging, names, targets, out_dir, overwrite)
         committed = True

@@ -14,7 +14,8 @@ card says), ``sdm_<organ>.nrrd``, ``contours/<organ>_<level>.vtk`` (LPS), ``metr
 ``--reference``, ``<case>.png`` with ``--pictures``. At the top, ``summary.csv``: one row per case with its
 status (ok/failed), the reason of a failure, per-organ volumes (ml), Dice/HD/HD95/ASD when references are
 given, and the seconds it took. A case that fails is reported on one line and skipped; the exit code is 0
-only when every case succeeded (1: some failed, 2: nothing could be run).
+only when every case succeeded (1: some failed, 2: nothing could be run, including any unexpected error:
+inside Slicer the application always exits with the code, so no window-less Slicer is left running).
 
 Files are written under temporary names and renamed when complete; existing files are never replaced
 without ``--overwrite``; case names are sanitised so nothing is written outside ``OUT``.
@@ -343,6 +344,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK if succeeded == len(results) else EXIT_SOME_FAILED
 
 
+def run(argv: Sequence[str]) -> int:
+    """:func:`main` that always comes back with an exit code: for usage errors and ``--help`` (argparse's
+    SystemExit), Ctrl+C and any unexpected exception (one line on stderr; the traceback only with
+    ``SDMORGANSEG_DEBUG=1``). Under ``Slicer --no-main-window`` an exception escaping the script would
+    leave a window-less Slicer running for ever."""
+    try:
+        return main(argv)
+    except SystemExit as request:
+        code = request.code
+        return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_SETUP)
+    except BaseException as error:  # KeyboardInterrupt too: the application must still exit
+        if os.environ.get("SDMORGANSEG_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else _one_line(error)
+        print(f"error: {reason}", file=sys.stderr, flush=True)
+        return EXIT_SETUP
+
+
 def _exit(code: int) -> None:
     import slicer
 
@@ -358,4 +379,4 @@ if __name__ == "__main__":
     if importlib.util.find_spec("slicer") is None:
         print("error: batch.py needs Slicer or the slicer-core package (pip install slicer-core)", file=sys.stderr)
         sys.exit(EXIT_SETUP)
-    _exit(main(sys.argv[1:]))
+    _exit(run(sys.argv[1:]))

@@ -2,7 +2,8 @@
 
 Runs on a real hippocampus case and on the CT example with small random-weight models whose output
 offsets are calibrated on the test image so that every organ has an inside and an outside (a random
-network alone often predicts "inside everywhere", which has no surface to check).
+network alone often predicts "inside everywhere", which has no surface to check). The geometry, file and
+metrics-table tests need no PyTorch and also run in CI's Python 3.12 check (Slicer 5.10's Python).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module found is not slicer-core (no vtkMRMLScene)", allow_module_level=True)
-torch = pytest.importorskip("torch", reason="PyTorch is not installed")
-
 import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
@@ -27,13 +26,12 @@ from vtk.util import numpy_support  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib import headless, modelfiles, mrmllogic, network  # noqa: E402
+from SDMOrganSegLib import headless, modelfiles, mrmllogic  # noqa: E402
 from SDMOrganSegLib.contours import LEVEL_COLORS  # noqa: E402
 from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError  # noqa: E402
-from SDMOrganSegLib.inference import segment_image  # noqa: E402
-from SDMOrganSegLib.metrics import evaluate_label_maps  # noqa: E402
+from SDMOrganSegLib.metrics import evaluate_label_maps, organ_metrics  # noqa: E402
 from SDMOrganSegLib.modelfiles import Organ  # noqa: E402
-from conftest import calibrated_model  # noqa: E402
+from conftest import calibrated_model, needs_torch  # noqa: E402
 
 DATA = REPO / "Testing" / "Data"
 HIPPOCAMPUS = DATA / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
@@ -43,6 +41,7 @@ CT = DATA / "ct-abdomen" / "example_ct_sm.nii.gz"
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
+    needs_torch()
     root = tmp_path_factory.mktemp("mrml_models")
     return {
         "hippocampus": calibrated_model(
@@ -181,6 +180,8 @@ def test_segmentation_geometry_equals_the_volume(session, any_run):
 
 
 def test_sdm_volumes_equal_the_core_library_output(any_run):
+    from SDMOrganSegLib.inference import segment_image
+
     volume, outputs, model_dir, image_path = any_run
     expected = segment_image(sitk.ReadImage(str(image_path)), modelfiles.load_model(model_dir), "cpu")
     for organ in expected.organs:
@@ -292,6 +293,8 @@ def test_failure_while_nodes_are_created_removes_them_all(session, hippocampus_r
 
 
 def test_model_that_raises_adds_nothing(session, models, monkeypatch, tmp_path):
+    from SDMOrganSegLib import network
+
     volume = headless.load_volume(HIPPOCAMPUS)
     logic = mrmllogic.SDMSegmentationLogic(session.scene)
     before = _counts(session.scene)
@@ -379,6 +382,49 @@ def test_metrics_table_equals_the_core_metrics(session, hippocampus_run, tmp_pat
         written = list(csv.DictReader(handle))
     assert [row["Organ"] for row in written] == [row["Organ"] for row in rows]
     assert float(written[0]["HD95 (mm)"]) == rows[0]["HD95 (mm)"]
+
+
+def test_metrics_of_a_reference_against_itself_without_pytorch(session):
+    scene = session.scene
+    first, second = headless.load_segmentation(HIPPOCAMPUS_LABELS), headless.load_segmentation(HIPPOCAMPUS_LABELS)
+    table = mrmllogic.compute_metrics(first, second, matching=mrmllogic.MATCH_BY_ORDER, scene=scene)
+    rows = mrmllogic.table_rows(table)
+    assert len(rows) == first.GetSegmentation().GetNumberOfSegments() == 2
+    for row in rows:
+        assert (row["Dice"], row["HD (mm)"], row["HD95 (mm)"], row["ASD (mm)"]) == (1.0, 0.0, 0.0, 0.0)
+    assert table.GetUseColumnTitleAsColumnHeader()
+    assert table.GetColumnUnitLabel("HD95 (mm)") == "mm"
+    for node in (table, first, second):
+        scene.RemoveNode(node)
+
+
+class _TableNodeOfSlicer56:
+    """A table node as Slicer 5.6 has it: without SetUseColumnTitleAsColumnHeader (added in 5.8), only
+    the older SetUseColumnNameAsColumnHeader."""
+
+    def __init__(self, node) -> None:
+        self.node, self.old_name_calls = node, []
+
+    def __getattr__(self, name: str):
+        if "ColumnTitleAsColumnHeader" in name:
+            raise AttributeError(name)
+        return getattr(self.node, name)
+
+    def SetUseColumnNameAsColumnHeader(self, use: bool) -> None:
+        self.old_name_calls.append(use)
+        self.node.SetUseColumnTitleAsColumnHeader(use)  # same flag; the old name only logs a deprecation here
+
+
+def test_metrics_table_on_slicer_5_6_uses_the_older_header_method(session):
+    node = session.scene.AddNewNodeByClass("vtkMRMLTableNode")
+    empty, full = np.zeros((4, 4, 4), bool), np.ones((4, 4, 4), bool)
+    table = _TableNodeOfSlicer56(node)
+    mrmllogic._fill_metrics_table(table, [("liver", organ_metrics(full, full, (1.0, 1.0, 1.0))), ("spleen", organ_metrics(empty, full, (1.0, 1.0, 1.0)))])
+    assert table.old_name_calls == [True]
+    assert node.GetUseColumnTitleAsColumnHeader()
+    assert [row["Organ"] for row in mrmllogic.table_rows(node)] == ["liver", "spleen"]
+    assert mrmllogic.table_rows(node)[1]["HD (mm)"] == float("inf")
+    session.scene.RemoveNode(node)
 
 
 def test_metrics_refuse_unmatched_names(session, hippocampus_run):

@@ -17,6 +17,7 @@ from scipy import ndimage
 from vtk.util import numpy_support
 
 from SDMOrganSegLib import contours, inference, sdm
+from SDMOrganSegLib.errors import CancelledError
 from SDMOrganSegLib.network import UNet3D, preset
 
 
@@ -197,7 +198,7 @@ def test_onednn_routing_is_undone_when_a_run_is_cancelled():
         calls.append(1)
         return len(calls) > 1
 
-    with pytest.raises(inference.CancelledError):
+    with pytest.raises(CancelledError):
         inference.predict_array(network, volume, torch.device("cpu"), (32, 32, 32), 0.25, cancel=cancel_after_first_tile)
     assert len(calls) == 2 and not any("forward" in vars(m) for m in network.modules())
 

@@ -14,7 +14,6 @@ from vtk.util import numpy_support
 
 from SDMOrganSegLib.contours import iso_surface
 from SDMOrganSegLib.files import safe_name
-from SDMOrganSegLib.inference import segment_image
 from SDMOrganSegLib.modelfiles import load_model, shipped_models
 from SDMOrganSegLib.sdm import normalized_sdm
 
@@ -102,6 +101,8 @@ def test_sdm_command_matches_library(tmp_path):
 
 
 def test_ct_volume_through_sliding_window_keeps_geometry(tiny_model_dir):
+    from SDMOrganSegLib.inference import segment_image
+
     image = sitk.ReadImage(str(CT / "example_ct_sm.nii.gz"))
     model = load_model(tiny_model_dir)
     model.card.spacing = None  # run at the CT's own 3 mm grid: plumbing, not accuracy

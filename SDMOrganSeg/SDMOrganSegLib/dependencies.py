@@ -1,0 +1,97 @@
+"""The Python packages SDMOrganSeg needs beyond what 3D Slicer bundles, and whether the installed ones do.
+
+Checked from the packages' metadata, without importing them: importing PyTorch takes seconds, and on
+Windows an imported package's files are locked, so an upgrade would fail. The Slicer module installs what
+:func:`unmet` reports (after the user agrees); the required packages in one go, each optional one on its
+own so that one without a wheel for the platform is skipped with a note instead of failing the install.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A package: import name, pip name, lowest version that works, and what it is for."""
+
+    module: str
+    distribution: str
+    minimum: str
+    purpose: str
+
+    @property
+    def pip(self) -> str:
+        """The pip requirement, e.g. ``torch>=2.2``."""
+        return f"{self.distribution}>={self.minimum}"
+
+
+TORCH = Requirement("torch", "torch", "2.2", "runs the network")
+#: Installed with pip along with PyTorch (Slicer bundles numpy, SimpleITK and VTK; 5.6 and later also scipy).
+REQUIRED = (
+    Requirement("safetensors", "safetensors", "0.4", "reads the model weights"),
+    Requirement("edt", "edt", "3.0", "computes distance maps"),
+    Requirement("scipy", "scipy", "1.11", "computes the surface metrics"),
+)
+#: Each tried on its own; without them the module still works, more slowly.
+OPTIONAL = (Requirement("isal", "isal", "1.6", "gzips the saved volumes 5-6x faster (zlib is used without it)"),)
+#: What the metrics need (no network).
+FOR_METRICS = ("scipy",)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string: ``"2.13.0+cu128"`` -> ``(2, 13, 0)``."""
+    match = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def installed_version(requirement: Requirement) -> str | None:
+    """The installed version; None when the package cannot be imported, ``""`` when it has no metadata."""
+    if importlib.util.find_spec(requirement.module) is None:
+        return None
+    try:
+        return importlib.metadata.version(requirement.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""  # importable without metadata (a source tree on the path): taken as it is
+
+
+def problem(requirement: Requirement) -> str | None:
+    """Why the installed package will not do (``not installed``, ``version X is older than Y``), or None."""
+    version = installed_version(requirement)
+    if version is None:
+        return "not installed"
+    if version and version_tuple(version) < version_tuple(requirement.minimum):
+        return f"version {version} is older than the {requirement.minimum} needed"
+    return None
+
+
+def unmet(requirements: Iterable[Requirement]) -> list[tuple[Requirement, str]]:
+    """(requirement, problem) for each requirement the installed packages do not meet."""
+    found = [(requirement, problem(requirement)) for requirement in requirements]
+    return [(requirement, reason) for requirement, reason in found if reason is not None]
+
+
+def describe(found: Sequence[tuple[Requirement, str]]) -> str:
+    """One line per package: ``torch>=2.2 (runs the network): not installed``."""
+    return "\n".join(f"{requirement.pip} ({requirement.purpose}): {reason}" for requirement, reason in found)
+
+
+def failure_detail(error: BaseException) -> str:
+    """What went wrong in an install, in a few words: pip's exit code (and last line, when known)."""
+    code = getattr(error, "returncode", None)
+    output = getattr(error, "output", None) or getattr(error, "stderr", None)
+    lines = [line.strip() for line in output.splitlines() if line.strip()] if isinstance(output, str) else []
+    detail = f"pip stopped with exit code {code}" if code is not None else " ".join(str(error).split()) or type(error).__name__
+    return f"{detail}: {lines[-1]}" if lines else detail
+
+
+def install_failure(error: BaseException, what: str) -> str:
+    """A one-line message for an install of ``what`` that failed with ``error`` (e.g. CalledProcessError)."""
+    return (
+        f"could not install {what} ({failure_detail(error)}); check the network connection and try again "
+        "(pip's messages are in the Python console)"
+    )
