@@ -55,6 +55,14 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each option's default to its ``--help`` text, unless the text names it already or there is none."""
+    for action in parser._actions:
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) or "default" in (action.help or ""):
+            continue
+        action.help = f"{action.help} (default %(default)s)" if action.help else "default %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sdmorganseg",
@@ -113,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-cases", type=int, default=None, help="use only the first N training and validation cases")
     train.add_argument("--name", default=None, help="model name in the card (default: the data folder's name)")
     train.add_argument("--finalize", action="store_true", help="after training, evaluate best/ on the validation split with all metrics and store them in its card")
+    _show_defaults(train)
     return parser
 
 
@@ -194,10 +203,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_sdm(args: argparse.Namespace) -> int:
     from .files import atomic_path
-    from .imageio import error_line, image_from_array, label_array, read_image
+    from .imageio import IMAGE_SUFFIXES, error_line, image_from_array, label_array, read_image
     from .imagewriting import write_image
     from .sdm import normalized_sdm
 
+    fix = "use a .nii.gz, .nrrd or .mha name in a writable folder"
+    if not args.out.lower().endswith(IMAGE_SUFFIXES):
+        raise SDMOrganSegError(f"cannot write {args.out}: not an image file name SDMOrganSeg writes; {fix}")
     image = read_image(args.labels, "label map")
     labels = label_array(image, args.labels)
     mask = labels > 0 if args.label is None else labels == args.label
@@ -209,7 +221,8 @@ def run_sdm(args: argparse.Namespace) -> int:
         try:
             write_image(sdm, temporary)
         except (RuntimeError, OSError) as error:
-            raise SDMOrganSegError(f"cannot write {args.out}: {error_line(error)}; use a .nii.gz, .nrrd or .mha name in a writable folder") from None
+            # ITK names the temporary file it was given; the user knows the file they asked for.
+            raise SDMOrganSegError(f"cannot write {args.out}: {error_line(error).replace(str(temporary), args.out)}; {fix}") from None
     print(f"wrote {args.out}")
     return 0
 

@@ -68,9 +68,6 @@ def atomic_path(path: Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-        # mkstemp makes the file private (0600); give it the permissions an ordinary new file would get.
-        if hasattr(os, "fchmod"):
-            os.fchmod(handle, 0o666 & ~_UMASK)
         os.close(handle)
     except OSError as error:
         raise SDMOrganSegError(f"cannot write {path}: {error.strerror or error}; check the folder exists and is writable") from None
@@ -78,6 +75,9 @@ def atomic_path(path: Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield temporary_path
         try:
+            # mkstemp makes the file private (0600), and some writers (safetensors) replace it with another
+            # private file: give the result the permissions an ordinary new file gets (0644 under umask 022).
+            os.chmod(temporary_path, 0o666 & ~_UMASK)
             os.replace(temporary_path, path)
         except OSError as error:
             raise SDMOrganSegError(f"cannot write {path}: {error.strerror or error}; check that nothing else holds that name") from None

@@ -160,9 +160,21 @@ def read_card(directory: Path) -> ModelCard:
     return ModelCard.from_dict(_card_values(directory), str(Path(directory) / CARD_FILE))
 
 
+def _refuse_run_folder(directory: Path) -> None:
+    """A training run folder (``sdmorganseg train --out RUN``) holds its models in ``best/`` and ``last/``
+    beside a resume checkpoint: say which folder to use instead of refusing the checkpoint as a pickle."""
+    best = Path(directory) / "best"
+    if (best / CARD_FILE).is_file() and not (Path(directory) / CARD_FILE).is_file():
+        raise SDMOrganSegError(
+            f"{directory} is a training run folder, not a model folder; use {best} (the best validation model) "
+            f"or {Path(directory) / 'last'} (the last epoch's)"
+        )
+
+
 def _card_values(directory: Path) -> dict[str, Any]:
     """The card's JSON object, unchecked."""
     card_path = Path(directory) / CARD_FILE
+    _refuse_run_folder(directory)
     if not card_path.is_file():
         raise SDMOrganSegError(f"model folder {directory} has no {CARD_FILE} (the model card); it is not an SDMOrganSeg model")
     try:
@@ -201,6 +213,7 @@ def load_model(directory: str | Path) -> LoadedModel:
     if not directory.is_dir():
         raise SDMOrganSegError(f"model folder {directory} does not exist; pass a folder holding {WEIGHTS_FILE} and {CARD_FILE}")
     weights = directory / WEIGHTS_FILE
+    _refuse_run_folder(directory)
     if not weights.is_file():
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
         if pickles:
@@ -305,9 +318,16 @@ def resolve_model(name_or_path: str | Path | None) -> Path:
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     shipped = shipped_models()
-    if str(name_or_path) in shipped:
-        return shipped[str(name_or_path)]
     path = Path(name_or_path)
+    if str(name_or_path) in shipped:
+        chosen = shipped[str(name_or_path)]
+        # A model folder (or training run) of the same name in the current folder would be shadowed silently.
+        if any((path / sub / CARD_FILE).is_file() for sub in (".", "best")) and path.resolve() != chosen.resolve():
+            raise SDMOrganSegError(
+                f"model {name_or_path!s} is both a shipped model and the folder {path.resolve()}; "
+                f"pass ./{name_or_path!s} for the folder or {chosen} for the shipped model"
+            )
+        return chosen
     if path.exists():
         return path
     known = ", ".join(shipped) or "none installed"

@@ -32,7 +32,7 @@ from .errors import SDMOrganSegError
 from .files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device
 from .losses import MODES, SDMSegmentationLoss, output_activation_for
-from .modelfiles import ModelCard, Organ, organs_from_labels, save_model
+from .modelfiles import ModelCard, Organ, organs_from_labels, save_model, shipped_models
 from .network import UNet3D, preset
 from .preprocessing import DEFAULT_INTENSITY
 from .sdm import HEAVISIDE_K, sdms_to_label_map
@@ -234,6 +234,11 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.say = progress or (lambda text: print(text, file=sys.stderr))
+        if config.model_name in shipped_models():
+            self.say(
+                f"note: this model is named {config.model_name!r} like a shipped model, and --model {config.model_name} "
+                f"picks the shipped one: use this run's folder ({self.out_dir / 'best'}), or another name (--name)"
+            )
 
     def _prepare(self) -> None:
         config = self.config

@@ -16,6 +16,26 @@ CT = DATA / "ct-abdomen"
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
 
+def float32_tolerance(network, magnitude: float = 1.0) -> float:
+    """How far two float32 runs of ``network`` that sum in different orders (oneDNN or PyTorch's own kernel,
+    AVX-512 or AVX2 blocking, a mirrored input) may differ, from float32 arithmetic rather than one machine.
+
+    A sum of K products rounded in float32, in any order, lies within K * eps/2 * sum|terms| of the exact sum
+    (Higham, *Accuracy and Stability of Numerical Algorithms*, 3.1), so two orders differ by at most
+    K * eps * sum|terms|. K is the longest sum in the network (input channels x kernel voxels of its widest
+    convolution: 3456 for the cpu preset, a bound of 4.1e-4 for outputs of size 1); group norm brings every
+    layer's activations back to size 1, so ``magnitude`` (the size of the outputs compared) scales it.
+    Measured differences are 1e-6 to 1.04e-5; a wrong kernel or layout differs by 1e-2 and more.
+    """
+    import numpy as np
+    import torch
+
+    longest = max(
+        m.in_channels // m.groups * int(np.prod(m.kernel_size)) for m in network.modules() if isinstance(m, torch.nn.Conv3d)
+    )
+    return longest * float(np.finfo(np.float32).eps) * max(1.0, float(magnitude))
+
+
 def hippocampus_cases() -> list[str]:
     return sorted(p.name[: -len(".nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))
 

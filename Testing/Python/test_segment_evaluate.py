@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -119,3 +120,24 @@ def test_help_for_every_command():
     for command in ("segment", "evaluate", "sdm", "train"):
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "usage: sdmorganseg" in result.stdout
+
+
+def test_train_help_shows_every_default():
+    from SDMOrganSegLib.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    text = " ".join(train.format_help().split())
+    for action in train._actions:
+        if action.option_strings and action.default not in (None, False) and action.default is not argparse.SUPPRESS:
+            shown = {"--patch": "32,48,32", "--lr": "5e-4", "--sdm-weight": "10"}.get(action.option_strings[0], str(action.default))
+            assert f"default {shown}" in text, action.option_strings
+
+
+def test_unwritable_output_name_is_the_users_file(tmp_path):
+    label_path = HIPPOCAMPUS / "labelsTr" / "hippocampus_001.nii.gz"
+    for name in ("sdm.xyz", "sdm.png"):
+        result = run_cli("sdm", str(label_path), str(tmp_path / name))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"cannot write {tmp_path / name}:" in result.stderr and ".part" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
