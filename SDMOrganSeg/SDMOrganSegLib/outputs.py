@@ -177,6 +177,7 @@ def write_result(
             },
             "timings_s": {k.removesuffix("_s"): round(v, 4) for k, v in timings.items()},
             "notes": result.notes,
+            **getattr(result, "settings", {}),
             "outputs": names,
             **(extra_summary or {}),
         }
