@@ -89,10 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="Dice, HD, HD95, ASD of a label map against a reference", description="Compare label map PRED with REF per organ: Dice, Hausdorff, HD95 and average symmetric surface distance in mm.")
     evaluate.add_argument("pred", help="predicted label map")
     evaluate.add_argument("ref", help="reference label map (same grid)")
-    evaluate.add_argument("--labels", help="labels.json naming the label values (default: values as names; or the names in a model's card with --model)")
+    evaluate.add_argument("--labels", help="labels.json naming the label values (default: the organs in the summary.json beside PRED, else the values as names)")
     evaluate.add_argument("--model", help="take organ names from this model's card")
-    evaluate.add_argument("--csv", help="also write the table as CSV")
-    evaluate.add_argument("--json", help="also write JSON: organ -> {dice, hd, hd95, asd}")
+    evaluate.add_argument("--ignore-unannotated", metavar="ANNOTATIONS", help="annotations.json, {\"CASE\": [\"organ\", ...]}: score only the organs listed for REF's case (its file name)")
+    evaluate.add_argument("--csv", help="also write the table as CSV, with a mean row")
+    evaluate.add_argument("--json", help="also write JSON: organ -> {dice, hd, hd95, asd}, and \"mean\" -> {dice, hd, hd95, asd, organs}")
     evaluate.add_argument("--overwrite", action="store_true", help="replace existing CSV/JSON files")
 
     sdm = commands.add_parser("sdm", help="normalised signed distance map of a label map", description="Write the normalised SDM ([-1, 1], negative inside, mm-based) of one organ of a label map.")
@@ -174,6 +175,9 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def _organ_names(args: argparse.Namespace) -> dict[int, str] | None:
+    """Label value -> organ name from --model, --labels, or the summary.json a segment run wrote beside PRED."""
+    if args.model and args.labels:
+        raise SDMOrganSegError("--model and --labels both name the organs; give one of them")
     if args.model:
         from .modelfiles import read_card, resolve_model
 
@@ -187,15 +191,27 @@ def _organ_names(args: argparse.Namespace) -> dict[int, str] | None:
         if names is None:
             raise SDMOrganSegError(f"--labels {path} must be a labels.json file")
         return names
-    return None
+    return _summary_organs(Path(args.pred).parent / "summary.json")
+
+
+def _summary_organs(path: Path) -> dict[int, str] | None:
+    """The organs of a ``segment`` run's summary.json, None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        organs = json.loads(path.read_text(encoding="utf-8"))["organs"]
+        return {int(values["label"]): str(name) for name, values in organs.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SDMOrganSegError(f"{path} beside the prediction is not a segment run's summary ({type(error).__name__}: {error}); name the organs with --model or --labels") from None
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .imageio import read_image
-    from .metrics import evaluate_images, format_metrics_table, write_metrics_csv, write_metrics_json
+    from .imageio import case_name, read_image
+    from .metrics import annotated_organs, evaluate_images, format_metrics_table, write_metrics_csv, write_metrics_json
 
     organs = _organ_names(args)
-    results = evaluate_images(read_image(args.pred, "prediction"), read_image(args.ref, "reference"), organs)
+    annotated = annotated_organs(args.ignore_unannotated, case_name(Path(args.ref))) if args.ignore_unannotated else None
+    results = evaluate_images(read_image(args.pred, "prediction"), read_image(args.ref, "reference"), organs, annotated=annotated)
     print(format_metrics_table(results))
     if args.csv:
         write_metrics_csv(results, args.csv, overwrite=args.overwrite)
