@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sdm.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     train = commands.add_parser("train", help="train a model on a folder of images and label maps", description="Train the SDM UNet (paper schedule by default) on DATA (imagesTr/ + labelsTr/ + labels.json). Rerunning with the same OUT resumes.")
-    train.add_argument("data", help="data folder: imagesTr/ and labelsTr/ (same file names) and labels.json")
+    train.add_argument("data", help="data folder: imagesTr/ and labelsTr/ (same file names) and labels.json, or an nnU-Net v2 raw dataset or MSD task folder (dataset.json)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, curves.png, best/ model")
     train.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="architecture (default cpu; paper = 6 downsamplings, 24-384 channels)")
     train.add_argument("--mode", default="sdm+dice", choices=["dice", "sdm", "l1+dice", "sdm+dice"], help="training loss (default sdm+dice, Eq. 5)")
