@@ -7,6 +7,7 @@ a cancelled run (Ctrl-C) exits with 130 and leaves no partial output.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import signal
@@ -28,6 +29,15 @@ def _levels(text: str) -> tuple[float, ...]:
 
     try:
         return parse_levels(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _formats(text: str) -> tuple[str, tuple[str, ...]]:
+    from .outputs import parse_formats
+
+    try:
+        return parse_formats(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -76,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", default=None, help="model folder or shipped model name (default: the shipped hippocampus model)")
     segment.add_argument("--out", required=True, help="output folder (created if needed)")
     segment.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default: auto = CUDA if present)")
-    segment.add_argument("--format", default="nifti", choices=["nifti", "nrrd"], help="image output format (default nifti: .nii.gz)")
+    segment.add_argument("--format", default=("nifti", ()), type=_formats, metavar="nifti|nrrd[,dicom-seg][,rtstruct]", help="image output format (default nifti: .nii.gz); for a DICOM series input, dicom-seg adds OUT/seg.dcm (DICOM Segmentation) and rtstruct OUT/rtstruct.dcm (RT Structure Set)")
     segment.add_argument("--levels", type=_levels, default=(0.0, 0.1, 0.2, 0.3), help="SDM iso-contour levels (default 0,0.1,0.2,0.3)")
     segment.add_argument("--window", type=_triple(int), default=None, help="sliding-window size x,y,z in voxels at the model spacing (default: the model card's)")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction in [0, 0.9] (default 0.25)")
@@ -142,8 +152,15 @@ def run_segment(args: argparse.Namespace) -> int:
 
     if not 0 <= args.overlap <= 0.9:
         raise SDMOrganSegError("--overlap must lie in [0, 0.9]")
+    volume_format, dicom_formats = args.format
+    if dicom_formats and not Path(args.image).is_dir():
+        raise SDMOrganSegError(
+            f"--format {','.join(dicom_formats)} writes DICOM that refers to the input's slices, but {args.image} is not a DICOM series folder; "
+            "give the folder of the DICOM series, or use --format nifti or nrrd"
+        )
     # The image first: its checks are cheap and need neither PyTorch nor the model.
     image = read_volume(args.image)
+    series = _dicom_series(args.image, image) if dicom_formats else None
 
     from .modelfiles import load_model, resolve_model
 
@@ -151,11 +168,12 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from .files import check_writable, inside
     from .inference import segment_image
-    from .outputs import output_names, write_result
+    from .outputs import DICOM_FILES, output_names, write_result
 
     out = Path(args.out)
+    extra_files = {DICOM_FILES[f]: _dicom_writer(f, series, model) for f in dicom_formats}
     # Refuse before any work rather than after minutes of inference.
-    for name in output_names(model.card.organ_names, args.levels, args.format):
+    for name in output_names(model.card.organ_names, args.levels, volume_format) + list(extra_files):
         check_writable(inside(out, name), args.overwrite)
     started = time.perf_counter()
     result = segment_image(
@@ -165,13 +183,37 @@ def run_segment(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(file=sys.stderr)
-    files = write_result(result, out, args.format, args.levels, args.overwrite, extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)})
+    files = write_result(
+        result, out, volume_format, args.levels, args.overwrite,
+        extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)},
+        extra_files={name: functools.partial(write, result.labels) for name, write in extra_files.items()},
+    )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     volumes = ", ".join(f"{name} {volume:.2f} ml" for name, volume in result.organ_volumes_ml().items())
     print(f"segmented {args.image} on {result.device} in {result.timings['total_s']:.2f} s: {volumes}")
     print(f"wrote {len(files)} files to {out}")
     return 0
+
+
+def _dicom_series(folder: str, image) -> list:
+    import importlib.util
+
+    missing = [name for name in ("highdicom", "pydicom") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SDMOrganSegError(f"the DICOM outputs need {' and '.join(missing)}; install them: pip install 'sdmorganseg[dicom]'")
+    from .dicomout import read_series
+    from .imageio import dicom_series_files
+
+    return read_series(dicom_series_files(folder), image)
+
+
+def _dicom_writer(fmt: str, series: list, model):
+    """``write(labels, path)`` for a DICOM output format, with the model card's organs."""
+    from . import dicomout
+
+    write = dicomout.write_dicom_seg if fmt == "dicom-seg" else dicomout.write_rtstruct
+    return lambda labels, path: write(labels, model.card.organs, series, path, model.card.name)
 
 
 def _organ_names(args: argparse.Namespace) -> dict[int, str] | None:

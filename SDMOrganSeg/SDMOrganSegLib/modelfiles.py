@@ -39,14 +39,20 @@ DEFAULT_COLORS = [
 
 @dataclass(frozen=True)
 class Organ:
-    """One output channel: display name, value in label maps, colour (RGB in [0, 1])."""
+    """One output channel: display name, value in label maps, colour (RGB in [0, 1]) and, when the card
+    gives them, terminology codes: ``{"category": [code, scheme, meaning], "type": [code, scheme, meaning]}``
+    (e.g. ``["91723000", "SCT", "Anatomical Structure"]``), used by the DICOM outputs."""
 
     name: str
     label: int
     color: tuple[float, float, float]
+    terminology: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, "color": list(self.color)}
+        values: dict[str, Any] = {"name": self.name, "label": self.label, "color": list(self.color)}
+        if self.terminology:
+            values["terminology"] = self.terminology
+        return values
 
 
 @dataclass
@@ -94,7 +100,10 @@ class ModelCard:
                     f"(format {MODEL_CARD_FORMAT}); update SDMOrganSeg"
                 )
             organs = [
-                Organ(str(o["name"]), int(o["label"]), tuple(float(c) for c in o.get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
+                Organ(
+                    str(o["name"]), int(o["label"]), tuple(float(c) for c in o.get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)]),
+                    dict(o["terminology"]) if o.get("terminology") else None,
+                )
                 for i, o in enumerate(values["organs"])
             ]
             card = cls(

@@ -82,3 +82,45 @@ def calibrated_model(folder: Path, name: str, organs: list, image_path: Path, fr
             net.head.bias[channel] -= math.atanh(min(max(value, -0.999), 0.999))
     modelfiles.save_model(net, card, folder, overwrite=True)
     return folder
+
+
+def write_dicom_series(image_path: Path, folder: Path, modality: str = "MR") -> list[Path]:
+    """A DICOM series made from a NIfTI fixture with pydicom (one file per slice, whole-number voxels), so
+    that the repository holds no DICOM files: same size, spacing, origin and direction."""
+    import numpy as np
+    import pydicom
+    import SimpleITK as sitk
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    image = sitk.ReadImage(str(image_path))
+    voxels = np.rint(sitk.GetArrayFromImage(image)).astype(np.int16)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index in range(voxels.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.FileDataset(None, Dataset(), file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality = modality
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Fixture", image_path.name.split(".")[0], "", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+        ds.SeriesNumber, ds.InstanceNumber, ds.PositionReferenceIndicator = 1, index + 1, ""
+        ds.ImagePositionPatient = [float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, index))]
+        ds.ImageOrientationPatient = [float(v) for v in (*direction[:, 0], *direction[:, 1])]
+        ds.PixelSpacing = [float(image.GetSpacing()[1]), float(image.GetSpacing()[0])]
+        ds.SliceThickness = float(image.GetSpacing()[2])
+        ds.Rows, ds.Columns = voxels.shape[1], voxels.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = voxels[index].tobytes()
+        path = folder / f"slice_{index:03d}.dcm"
+        ds.save_as(str(path), enforce_file_format=True)
+        files.append(path)
+    return files
