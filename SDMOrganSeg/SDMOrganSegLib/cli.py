@@ -202,18 +202,16 @@ def _dicom_series(folder: str, image) -> list:
     missing = [name for name in ("highdicom", "pydicom") if importlib.util.find_spec(name) is None]
     if missing:
         raise SDMOrganSegError(f"the DICOM outputs need {' and '.join(missing)}; install them: pip install 'sdmorganseg[dicom]'")
-    from .dicomout import read_series
-    from .imageio import dicom_series_files
+    from .dicomout import series_of
 
-    return read_series(dicom_series_files(folder), image)
+    return series_of(folder, image)
 
 
 def _dicom_writer(fmt: str, series: list, model):
     """``write(labels, path)`` for a DICOM output format, with the model card's organs."""
-    from . import dicomout
+    from .dicomout import WRITERS
 
-    write = dicomout.write_dicom_seg if fmt == "dicom-seg" else dicomout.write_rtstruct
-    return lambda labels, path: write(labels, model.card.organs, series, path, model.card.name)
+    return lambda labels, path: WRITERS[fmt](labels, model.card.organs, series, path, model.card.name)
 
 
 def _organ_names(args: argparse.Namespace) -> dict[int, str] | None:

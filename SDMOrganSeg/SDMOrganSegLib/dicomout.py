@@ -289,3 +289,14 @@ def _slice_contours(mask: np.ndarray, series: Sequence[Any], images: Sequence[An
             item.ContourData = [round(float(v), 4) for v in points.ravel()]
             items.append(item)
     return items
+
+
+def series_of(folder: str | Path, image: sitk.Image) -> list[Any]:
+    """The headers of the DICOM series in ``folder``, which ``image`` was read from, in its slice order."""
+    from .imageio import dicom_series_files
+
+    return read_series(dicom_series_files(folder), image)
+
+
+#: ``--format`` value -> ``write(labels, organs, series, path, model_name)``.
+WRITERS = {"dicom-seg": write_dicom_seg, "rtstruct": write_rtstruct}
