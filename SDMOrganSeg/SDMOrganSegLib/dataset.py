@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import SDMOrganSegError
-from .files import atomic_path, safe_name
+from .files import atomic_path, read_json_object, safe_name
 from .imageio import case_name, check_volume, geometry_mismatch, is_image_file, label_array, read_image
 from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing
 from .sdm import label_map_to_sdms
@@ -129,12 +129,7 @@ def _dataset_json(data_dir: Path) -> dict[str, Any] | None:
     path = data_dir / DATASET_JSON
     if not path.is_file():
         return None
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SDMOrganSegError(f"{path} is not valid JSON ({error}); fix it or remove it") from None
-    if not isinstance(values, dict):
-        raise SDMOrganSegError(f"{path} must be a JSON object (nnU-Net v2 or Medical Segmentation Decathlon dataset.json)")
+    values = read_json_object(path, str(path), "it must be an nnU-Net v2 or Medical Segmentation Decathlon dataset.json")
     channels = values.get("channel_names", values.get("modality"))
     if isinstance(channels, dict) and len(channels) > 1:
         listed = ", ".join(f"{key}: {name}" for key, name in channels.items())

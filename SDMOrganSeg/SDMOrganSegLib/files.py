@@ -85,6 +85,20 @@ def atomic_path(path: Path, overwrite: bool = True) -> Iterator[Path]:
         temporary_path.unlink(missing_ok=True)
 
 
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """The JSON object in ``path``; an unreadable file, invalid JSON or another JSON value is an
+    SDMOrganSegError naming ``what`` (e.g. "model card x/model.json") and ending with ``fix``."""
+    import json
+
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SDMOrganSegError(f"{what} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(values, dict):
+        raise SDMOrganSegError(f"{what} must be a JSON object; {fix}")
+    return values
+
+
 def write_text_atomic(path: Path, text: str, overwrite: bool = True) -> None:
     with atomic_path(path, overwrite) as temporary:
         temporary.write_text(text, encoding="utf-8")

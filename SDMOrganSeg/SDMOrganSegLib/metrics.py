@@ -72,7 +72,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .errors import SDMOrganSegError
-from .files import write_text_atomic
+from .files import read_json_object, write_text_atomic
 from .imageio import geometry_mismatch, label_array
 
 #: Percentile used for ``hd95``.
@@ -524,11 +524,8 @@ def annotated_organs(path: str | Path, case: str) -> list[str]:
     """The organs contoured in ``case`` according to an annotations file, ``{"CASE": ["organ name", ...]}``
     (the format of partially annotated data sets such as OpenKBP's)."""
     path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SDMOrganSegError(f"cannot read the annotations {path} ({error}); it must be JSON like {{\"CASE\": [\"organ\", ...]}}") from None
-    if not isinstance(document, dict) or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in document.values()):
+    document = read_json_object(path, f"the annotations {path}", 'it must be JSON like {"CASE": ["organ", ...]}')
+    if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in document.values()):
         raise SDMOrganSegError(f"the annotations {path} must map case names to lists of organ names, like {{\"CASE\": [\"organ\", ...]}}")
     if case not in document:
         raise SDMOrganSegError(f"the annotations {path} have no entry for case {case!r} (the reference's file name); add it or leave out --ignore-unannotated")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from . import MODEL_CARD_FORMAT, __version__
 from .errors import SDMOrganSegError
 from .architecture import UNetConfig
-from .files import atomic_path, check_writable, sha256_of, write_text_atomic
+from .files import atomic_path, check_writable, read_json_object, sha256_of, write_text_atomic
 from .preprocessing import DEFAULT_INTENSITY
 from .sdm import HEAVISIDE_K
 
@@ -186,13 +186,7 @@ def _card_values(directory: Path) -> dict[str, Any]:
     _refuse_run_folder(directory)
     if not card_path.is_file():
         raise SDMOrganSegError(f"model folder {directory} has no {CARD_FILE} (the model card); it is not an SDMOrganSeg model")
-    try:
-        values = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SDMOrganSegError(f"model card {card_path} is not valid JSON ({error}); re-export the model") from None
-    if not isinstance(values, dict):
-        raise SDMOrganSegError(f"model card {card_path} must be a JSON object; re-export the model")
-    return values
+    return read_json_object(card_path, f"model card {card_path}", "re-export the model")
 
 
 def _refuse_non_safetensors(weights: Path) -> None:

@@ -234,11 +234,6 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.say = progress or (lambda text: print(text, file=sys.stderr))
-        if config.model_name in shipped_models():
-            self.say(
-                f"note: this model is named {config.model_name!r} like a shipped model, and --model {config.model_name} "
-                f"picks the shipped one: use this run's folder ({self.out_dir / 'best'}), or another name (--name)"
-            )
 
     def _prepare(self) -> None:
         config = self.config
@@ -350,6 +345,11 @@ class Trainer:
                 save_model(self.network, self._card({}, start_epoch), self.out_dir / "last", overwrite=True)
             return self.out_dir / "best"
 
+        if config.model_name in shipped_models():
+            self.say(
+                f"note: this model is named {config.model_name!r} like a shipped model, and --model {config.model_name} "
+                f"picks the shipped one: use this run's folder ({self.out_dir / 'best'}), or another name (--name)"
+            )
         sampler = PatchSampler(self.train_cases, [o.label for o in self.organs], config.patch_size, config.flip)
         steps_per_epoch = math.ceil(len(self.train_cases) / config.batch_size)
         from tqdm import tqdm

@@ -14,6 +14,7 @@ from conftest import HIPPOCAMPUS, REPO, hippocampus_cases
 
 from SDMOrganSegLib.dataset import find_cases, read_label_names
 from SDMOrganSegLib.errors import SDMOrganSegError
+from SDMOrganSegLib.modelfiles import shipped_models
 
 
 def nnunet_dataset(root: Path, channels: dict[str, str] | None = None) -> Path:
@@ -96,12 +97,14 @@ def test_train_command_runs_on_an_nnunet_dataset(tmp_path):
     run = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "SDMOrganSegLib.cli", "train", str(folder), "--out", str(run), "--epochs", "1",
-         "--max-cases", "1", "--patch", "16,16,16", "--threads", "1", "--device", "cpu"],
+         "--max-cases", "1", "--patch", "16,16,16", "--threads", "1", "--device", "cpu", "--name", "hippocampus"],
         capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO / "SDMOrganSeg"), "PATH": "/usr/bin:/bin"}, timeout=600,
     )
     assert done.returncode == 0, done.stderr
     card = json.loads((run / "best" / "model.json").read_text())
-    assert [o["name"] for o in card["organs"]] == ["Anterior", "Posterior"] and card["name"] == "Dataset004_Hippocampus"
+    assert [o["name"] for o in card["organs"]] == ["Anterior", "Posterior"] and card["name"] == "hippocampus"
+    if "hippocampus" in shipped_models():  # named like the shipped model: the trainer says how to pick this one
+        assert f"like a shipped model, and --model hippocampus picks the shipped one: use this run's folder ({run / 'best'})" in done.stderr
     split = json.loads((run / "split.json").read_text())
     assert sorted(split["train"] + split["validation"]) == hippocampus_cases()
 

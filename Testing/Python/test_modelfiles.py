@@ -102,16 +102,3 @@ def test_model_folder_named_like_a_shipped_model_is_not_shadowed_silently(tiny_m
     with pytest.raises(SDMOrganSegError, match=r"both a shipped model and the folder .*pass \./hippocampus"):
         resolve_model("hippocampus")
     assert resolve_model("./hippocampus").resolve() == (tmp_path / "hippocampus").resolve()
-
-
-def test_training_a_model_named_like_a_shipped_one_says_so(tmp_path):
-    from SDMOrganSegLib.training import Trainer, TrainingConfig
-
-    if "hippocampus" not in shipped_models():
-        pytest.skip("the shipped hippocampus model is not installed")
-    said: list[str] = []
-    Trainer(TrainingConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run"), model_name="hippocampus"), said.append)
-    assert any("like a shipped model" in line and str(tmp_path / "run" / "best") in line for line in said), said
-    said.clear()
-    Trainer(TrainingConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run"), model_name="my-hippocampus"), said.append)
-    assert said == []
