@@ -161,6 +161,8 @@ def run_segment(args: argparse.Namespace) -> int:
     # The image first: its checks are cheap and need neither PyTorch nor the model.
     image = read_volume(args.image)
     series = _dicom_series(args.image, image) if dicom_formats else None
+    if dicom_formats:
+        from .dicomout import WRITERS
 
     from .modelfiles import load_model, resolve_model
 
@@ -171,9 +173,8 @@ def run_segment(args: argparse.Namespace) -> int:
     from .outputs import DICOM_FILES, output_names, write_result
 
     out = Path(args.out)
-    extra_files = {DICOM_FILES[f]: _dicom_writer(f, series, model) for f in dicom_formats}
     # Refuse before any work rather than after minutes of inference.
-    for name in output_names(model.card.organ_names, args.levels, volume_format) + list(extra_files):
+    for name in output_names(model.card.organ_names, args.levels, volume_format) + [DICOM_FILES[f] for f in dicom_formats]:
         check_writable(inside(out, name), args.overwrite)
     started = time.perf_counter()
     result = segment_image(
@@ -186,7 +187,10 @@ def run_segment(args: argparse.Namespace) -> int:
     files = write_result(
         result, out, volume_format, args.levels, args.overwrite,
         extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)},
-        extra_files={name: functools.partial(write, result.labels) for name, write in extra_files.items()},
+        extra_files={
+            DICOM_FILES[f]: functools.partial(WRITERS[f], result.labels, model.card.organs, series, model_name=model.card.name)
+            for f in dicom_formats
+        },
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -205,13 +209,6 @@ def _dicom_series(folder: str, image) -> list:
     from .dicomout import series_of
 
     return series_of(folder, image)
-
-
-def _dicom_writer(fmt: str, series: list, model):
-    """``write(labels, path)`` for a DICOM output format, with the model card's organs."""
-    from .dicomout import WRITERS
-
-    return lambda labels, path: WRITERS[fmt](labels, model.card.organs, series, path, model.card.name)
 
 
 def _organ_names(args: argparse.Namespace) -> dict[int, str] | None:
