@@ -7,6 +7,7 @@ a cancelled run (Ctrl-C) exits with 130 and leaves no partial output.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import signal
@@ -50,6 +51,13 @@ def _intensity(text: str) -> dict:
     if method == "window" and numbers is not None and len(numbers) == 2 and numbers[0] < numbers[1]:
         return {"method": "window", "low": numbers[0], "high": numbers[1]}
     raise argparse.ArgumentTypeError(f"expected percentile[:LOW,HIGH] or window:LOW,HIGH (e.g. window:-500,1000 for CT), got {text!r}")
+def _formats(text: str) -> tuple[str, tuple[str, ...]]:
+    from .outputs import parse_formats
+
+    try:
+        return parse_formats(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _triple(kind: type):
@@ -75,6 +83,14 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each option's default to its ``--help`` text, unless the text names it already or there is none."""
+    for action in parser._actions:
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) or "default" in (action.help or ""):
+            continue
+        action.help = f"{action.help} (default %(default)s)" if action.help else "default %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sdmorganseg",
@@ -88,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", default=None, help="model folder or shipped model name (default: the shipped hippocampus model)")
     segment.add_argument("--out", required=True, help="output folder (created if needed)")
     segment.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default: auto = CUDA if present)")
-    segment.add_argument("--format", default="nifti", choices=["nifti", "nrrd"], help="image output format (default nifti: .nii.gz)")
+    segment.add_argument("--format", default=("nifti", ()), type=_formats, metavar="nifti|nrrd[,dicom-seg][,rtstruct]", help="image output format (default nifti: .nii.gz); for a DICOM series input, dicom-seg adds OUT/seg.dcm (DICOM Segmentation) and rtstruct OUT/rtstruct.dcm (RT Structure Set)")
     segment.add_argument("--levels", type=_levels, default=(0.0, 0.1, 0.2, 0.3), help="SDM iso-contour levels (default 0,0.1,0.2,0.3)")
     segment.add_argument("--window", type=_triple(int), default=None, help="sliding-window size x,y,z in voxels at the model spacing (default: the model card's)")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction in [0, 0.9] (default 0.25)")
+    segment.add_argument("--tta", action="store_true", help="mirroring test-time augmentation: also predict the left-right mirrored volume and average (twice the network time)")
+    segment.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each organ in the label map")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
     segment.add_argument("--memory-gb", type=float, default=None, help="memory budget in GB: above it the volume is processed in tiles, or refused if even tiles don't fit (default: $SDMORGANSEG_MEMORY_GB, else 80%% of the available RAM)")
     segment.add_argument("--quiet", action="store_true", help="no progress output")
@@ -99,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="Dice, HD, HD95, ASD of a label map against a reference", description="Compare label map PRED with REF per organ: Dice, Hausdorff, HD95 and average symmetric surface distance in mm.")
     evaluate.add_argument("pred", help="predicted label map")
     evaluate.add_argument("ref", help="reference label map (same grid)")
-    evaluate.add_argument("--labels", help="labels.json naming the label values (default: values as names; or the names in a model's card with --model)")
+    evaluate.add_argument("--labels", help="labels.json naming the label values (default: the organs in the summary.json beside PRED, else the values as names)")
     evaluate.add_argument("--model", help="take organ names from this model's card")
-    evaluate.add_argument("--csv", help="also write the table as CSV")
-    evaluate.add_argument("--json", help="also write JSON: organ -> {dice, hd, hd95, asd}")
+    evaluate.add_argument("--ignore-unannotated", metavar="ANNOTATIONS", help="annotations.json, {\"CASE\": [\"organ\", ...]}: score only the organs listed for REF's case (its file name)")
+    evaluate.add_argument("--csv", help="also write the table as CSV, with a mean row")
+    evaluate.add_argument("--json", help="also write JSON: organ -> {dice, hd, hd95, asd}, and \"mean\" -> {dice, hd, hd95, asd, organs}")
     evaluate.add_argument("--overwrite", action="store_true", help="replace existing CSV/JSON files")
 
     sdm = commands.add_parser("sdm", help="normalised signed distance map of a label map", description="Write the normalised SDM ([-1, 1], negative inside, mm-based) of one organ of a label map.")
@@ -112,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sdm.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     train = commands.add_parser("train", help="train a model on a folder of images and label maps", description="Train the SDM UNet (paper schedule by default) on DATA (imagesTr/ + labelsTr/ + labels.json). Rerunning with the same OUT resumes.")
-    train.add_argument("data", help="data folder: imagesTr/ and labelsTr/ (same file names) and labels.json")
+    train.add_argument("data", help="data folder: imagesTr/ and labelsTr/ (same file names) and labels.json, or an nnU-Net v2 raw dataset or MSD task folder (dataset.json)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, curves.png, best/ model")
     train.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="architecture (default cpu; paper = 6 downsamplings, 24-384 channels)")
     train.add_argument("--mode", default="sdm+dice", choices=["dice", "sdm", "l1+dice", "sdm+dice"], help="training loss (default sdm+dice, Eq. 5)")
@@ -145,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-cases", type=int, default=None, help="use only the first N training and validation cases")
     train.add_argument("--name", default=None, help="model name in the card (default: the data folder's name)")
     train.add_argument("--finalize", action="store_true", help="after training, evaluate best/ on the validation split with all metrics and store them in its card")
+    _show_defaults(train)
     return parser
 
 
@@ -162,8 +182,17 @@ def run_segment(args: argparse.Namespace) -> int:
 
     if not 0 <= args.overlap <= 0.9:
         raise SDMOrganSegError("--overlap must lie in [0, 0.9]")
+    volume_format, dicom_formats = args.format
+    if dicom_formats and not Path(args.image).is_dir():
+        raise SDMOrganSegError(
+            f"--format {','.join(dicom_formats)} writes DICOM that refers to the input's slices, but {args.image} is not a DICOM series folder; "
+            "give the folder of the DICOM series, or use --format nifti or nrrd"
+        )
     # The image first: its checks are cheap and need neither PyTorch nor the model.
     image = read_volume(args.image)
+    series = _dicom_series(args.image, image) if dicom_formats else None
+    if dicom_formats:
+        from .dicomout import WRITERS
 
     from .modelfiles import load_model, resolve_model
 
@@ -171,20 +200,28 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from .files import check_writable, inside
     from .inference import segment_image
-    from .outputs import output_names, write_result
+    from .outputs import DICOM_FILES, output_names, write_result
 
     out = Path(args.out)
     # Refuse before any work rather than after minutes of inference.
-    for name in output_names(model.card.organ_names, args.levels, args.format):
+    for name in output_names(model.card.organ_names, args.levels, volume_format) + [DICOM_FILES[f] for f in dicom_formats]:
         check_writable(inside(out, name), args.overwrite)
     started = time.perf_counter()
     result = segment_image(
         image, model, args.device, window=args.window, overlap=args.overlap,
-        progress=None if args.quiet else _print_progress, memory_gb=args.memory_gb,
+        progress=None if args.quiet else _print_progress, memory_gb=args.memory_gb, tta=args.tta,
+        largest_component=args.largest_component,
     )
     if not args.quiet:
         print(file=sys.stderr)
-    files = write_result(result, out, args.format, args.levels, args.overwrite, extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)})
+    files = write_result(
+        result, out, volume_format, args.levels, args.overwrite,
+        extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)},
+        extra_files={
+            DICOM_FILES[f]: functools.partial(WRITERS[f], result.labels, model.card.organs, series, model_name=model.card.name)
+            for f in dicom_formats
+        },
+    )
     for note in result.notes:
         print(note if note.startswith("warning: ") else f"note: {note}", file=sys.stderr)
     volumes = ", ".join(f"{name} {volume:.2f} ml" for name, volume in result.organ_volumes_ml().items())
@@ -193,7 +230,21 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dicom_series(folder: str, image) -> list:
+    import importlib.util
+
+    missing = [name for name in ("highdicom", "pydicom") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SDMOrganSegError(f"the DICOM outputs need {' and '.join(missing)}; install them: pip install 'sdmorganseg[dicom]'")
+    from .dicomout import series_of
+
+    return series_of(folder, image)
+
+
 def _organ_names(args: argparse.Namespace) -> dict[int, str] | None:
+    """Label value -> organ name from --model, --labels, or the summary.json a segment run wrote beside PRED."""
+    if args.model and args.labels:
+        raise SDMOrganSegError("--model and --labels both name the organs; give one of them")
     if args.model:
         from .modelfiles import read_card, resolve_model
 
@@ -207,15 +258,27 @@ def _organ_names(args: argparse.Namespace) -> dict[int, str] | None:
         if names is None:
             raise SDMOrganSegError(f"--labels {path} must be a labels.json file")
         return names
-    return None
+    return _summary_organs(Path(args.pred).parent / "summary.json")
+
+
+def _summary_organs(path: Path) -> dict[int, str] | None:
+    """The organs of a ``segment`` run's summary.json, None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        organs = json.loads(path.read_text(encoding="utf-8"))["organs"]
+        return {int(values["label"]): str(name) for name, values in organs.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SDMOrganSegError(f"{path} beside the prediction is not a segment run's summary ({type(error).__name__}: {error}); name the organs with --model or --labels") from None
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .imageio import read_image
-    from .metrics import evaluate_images, format_metrics_table, write_metrics_csv, write_metrics_json
+    from .imageio import case_name, read_image
+    from .metrics import annotated_organs, evaluate_images, format_metrics_table, write_metrics_csv, write_metrics_json
 
     organs = _organ_names(args)
-    results = evaluate_images(read_image(args.pred, "prediction"), read_image(args.ref, "reference"), organs)
+    annotated = annotated_organs(args.ignore_unannotated, case_name(Path(args.ref))) if args.ignore_unannotated else None
+    results = evaluate_images(read_image(args.pred, "prediction"), read_image(args.ref, "reference"), organs, annotated=annotated)
     print(format_metrics_table(results))
     if args.csv:
         write_metrics_csv(results, args.csv, overwrite=args.overwrite)
@@ -226,10 +289,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_sdm(args: argparse.Namespace) -> int:
     from .files import atomic_path
-    from .imageio import error_line, image_from_array, label_array, read_image
+    from .imageio import IMAGE_SUFFIXES, error_line, image_from_array, label_array, read_image
     from .imagewriting import write_image
     from .sdm import normalized_sdm
 
+    fix = "use a .nii.gz, .nrrd or .mha name in a writable folder"
+    if not args.out.lower().endswith(IMAGE_SUFFIXES):
+        raise SDMOrganSegError(f"cannot write {args.out}: not an image file name SDMOrganSeg writes; {fix}")
     image = read_image(args.labels, "label map")
     labels = label_array(image, args.labels)
     mask = labels > 0 if args.label is None else labels == args.label
@@ -241,7 +307,8 @@ def run_sdm(args: argparse.Namespace) -> int:
         try:
             write_image(sdm, temporary)
         except (RuntimeError, OSError) as error:
-            raise SDMOrganSegError(f"cannot write {args.out}: {error_line(error)}; use a .nii.gz, .nrrd or .mha name in a writable folder") from None
+            # ITK names the temporary file it was given; the user knows the file they asked for.
+            raise SDMOrganSegError(f"cannot write {args.out}: {error_line(error).replace(str(temporary), args.out)}; {fix}") from None
     print(f"wrote {args.out}")
     return 0
 

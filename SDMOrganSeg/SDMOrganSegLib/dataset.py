@@ -8,6 +8,14 @@ annotated data: an organ missing from a case's list is *unknown* there (not cont
 the trainer gives that channel of that case no loss and no metric. Without the file every organ counts as
 annotated in every case.
 
+Two other layouts are read through their ``dataset.json`` (:func:`dataset_json_cases`,
+:func:`dataset_json_label_names`): an nnU-Net v2 raw dataset (``channel_names``, ``labels`` as
+``{"name": value}``, ``file_ending``; images ``imagesTr/CASE_0000.nii.gz``, label maps
+``labelsTr/CASE.nii.gz``) and a Medical Segmentation Decathlon task folder (``training``: a list of
+``{"image": ..., "label": ...}`` pairs; ``labels`` as ``{"value": "name"}``). SDMOrganSeg's network takes
+one input channel, so a dataset with several (``channel_names`` or ``modality`` with more than one entry)
+is refused.
+
 Each case is read once: checked (same geometry, whole-number labels, known label values), resampled to
 the target spacing when one is asked for, intensity-normalised, and its ground-truth SDMs computed. The
 result is kept in a ``.npz`` cache keyed by the source files and the settings, so later runs and resumed
@@ -26,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import SDMOrganSegError
-from .files import atomic_path, safe_name
+from .files import atomic_path, read_json_object, safe_name
 from .imageio import case_name, check_volume, geometry_mismatch, is_image_file, label_array, read_image
 from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing
 from .sdm import label_map_to_sdms
@@ -59,6 +67,9 @@ def find_cases(data_dir: str | Path) -> list[CasePaths]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise SDMOrganSegError(f"training data folder {data_dir} does not exist")
+    listed = dataset_json_cases(data_dir)
+    if listed is not None:
+        return listed
     for images_name, labels_name in _LAYOUTS:
         images, labels = data_dir / images_name, data_dir / labels_name
         if images.is_dir() and labels.is_dir():
@@ -101,10 +112,11 @@ def check_case_headers(cases: Sequence[CasePaths]) -> None:
 
 
 def read_label_names(data_dir: str | Path) -> dict[int, str] | None:
-    """``{label value: name}`` from ``labels.json`` in the data folder, if present."""
+    """``{label value: name}`` from ``labels.json`` in the data folder, else from its nnU-Net/MSD
+    ``dataset.json``; None when there is neither."""
     path = Path(data_dir) / "labels.json"
     if not path.is_file():
-        return None
+        return dataset_json_label_names(data_dir)
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
         mapping = values.get("labels", values)
@@ -142,6 +154,98 @@ def read_annotations(data_dir: str | Path, organ_names: Sequence[str], case_name
         flags[[index[name] for name in values[case]]] = True
         result[case] = flags
     return result
+DATASET_JSON = "dataset.json"
+
+
+def _dataset_json(data_dir: Path) -> dict[str, Any] | None:
+    """The data folder's ``dataset.json`` (nnU-Net v2 or MSD), checked to describe one input channel."""
+    path = data_dir / DATASET_JSON
+    if not path.is_file():
+        return None
+    values = read_json_object(path, str(path), "it must be an nnU-Net v2 or Medical Segmentation Decathlon dataset.json")
+    channels = values.get("channel_names", values.get("modality"))
+    if isinstance(channels, dict) and len(channels) > 1:
+        listed = ", ".join(f"{key}: {name}" for key, name in channels.items())
+        raise SDMOrganSegError(
+            f"{path} describes {len(channels)} input channels ({listed}); SDMOrganSeg trains on single-channel images: "
+            "make a dataset with one channel"
+        )
+    return values
+
+
+def dataset_json_cases(data_dir: str | Path) -> list[CasePaths] | None:
+    """Image/label pairs listed by an nnU-Net v2 or MSD ``dataset.json``; None when the folder has none.
+
+    MSD: the ``training`` pairs (paths relative to the folder). nnU-Net v2: its ``dataset`` entries when
+    given, else ``imagesTr/CASE_0000<file_ending>`` with ``labelsTr/CASE<file_ending>``.
+    """
+    data_dir = Path(data_dir)
+    values = _dataset_json(data_dir)
+    if values is None:
+        return None
+    source = data_dir / DATASET_JSON
+    pairs: list[tuple[str, Path, Path]] = []
+    try:
+        if isinstance(values.get("training"), list):  # MSD
+            for entry in values["training"]:
+                image, label = data_dir / entry["image"], data_dir / entry["label"]
+                pairs.append((case_name(image), image, label))
+        elif isinstance(values.get("dataset"), dict):  # nnU-Net v2 with explicit file lists
+            for name, entry in values["dataset"].items():
+                images = entry["images"]
+                if len(images) != 1:
+                    raise SDMOrganSegError(f"{source}: case {name} has {len(images)} images; SDMOrganSeg trains on single-channel images")
+                pairs.append((str(name), data_dir / images[0], data_dir / entry["label"]))
+        elif "channel_names" in values:  # nnU-Net v2 raw dataset
+            ending = str(values.get("file_ending", ".nii.gz"))
+            images_dir, labels_dir = data_dir / "imagesTr", data_dir / "labelsTr"
+            if not images_dir.is_dir() or not labels_dir.is_dir():
+                raise SDMOrganSegError(f"{data_dir} has an nnU-Net dataset.json but no imagesTr/ and labelsTr/ folders")
+            suffix = "_0000" + ending
+            for image in sorted(p for p in images_dir.iterdir() if p.name.endswith(suffix) and not p.name.startswith(".")):
+                name = image.name[: -len(suffix)]
+                pairs.append((name, image, labels_dir / f"{name}{ending}"))
+            if not pairs:
+                raise SDMOrganSegError(f"no images named CASE_0000{ending} in {images_dir} (nnU-Net v2 naming)")
+        else:
+            raise SDMOrganSegError(f"{source} has neither 'training' pairs (MSD) nor 'channel_names' (nnU-Net v2); it is not a dataset description SDMOrganSeg reads")
+    except (KeyError, TypeError, AttributeError) as error:
+        raise SDMOrganSegError(f"{source} is malformed ({type(error).__name__}: {error}); fix it or remove it") from None
+    cases = []
+    for name, image, label in pairs:
+        for path, what in ((image, "image"), (label, "label map")):
+            if not path.is_file():
+                raise SDMOrganSegError(f"case {name}: the {what} {path} listed by {source} does not exist; add it or fix dataset.json")
+        cases.append(CasePaths(name, image, label))
+    if not cases:
+        raise SDMOrganSegError(f"{source} lists no training cases")
+    return sorted(cases, key=lambda case: case.name)
+
+
+def dataset_json_label_names(data_dir: str | Path) -> dict[int, str] | None:
+    """``{label value: name}`` from an nnU-Net v2 (``{"name": value}``) or MSD (``{"value": "name"}``)
+    ``dataset.json``, background left out; None when the folder has none."""
+    values = _dataset_json(Path(data_dir))
+    if values is None:
+        return None
+    source = Path(data_dir) / DATASET_JSON
+    labels = values.get("labels")
+    if not isinstance(labels, dict):
+        raise SDMOrganSegError(f"{source} has no 'labels' object naming the label values")
+    names: dict[int, str] = {}
+    for key, value in labels.items():
+        if isinstance(value, (list, dict)):
+            raise SDMOrganSegError(f"{source} has region-based label {key!r} ({value}); SDMOrganSeg needs one value per organ")
+        try:
+            # nnU-Net v2 maps names to values, MSD values (as text) to names.
+            number, name = (int(value), str(key)) if "channel_names" in values else (int(key), str(value))
+        except (TypeError, ValueError):
+            raise SDMOrganSegError(f"{source} has label {key!r}: {value!r}, not a whole-number value and a name") from None
+        if "channel_names" in values and name == "ignore":
+            raise SDMOrganSegError(f"{source} has nnU-Net's 'ignore' label ({number}) for unannotated voxels; SDMOrganSeg does not train with it")
+        if number != 0:
+            names[number] = name
+    return names
 
 
 def _cache_key(case: CasePaths, settings: Mapping[str, Any]) -> str:

@@ -68,9 +68,6 @@ def atomic_path(path: Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-        # mkstemp makes the file private (0600); give it the permissions an ordinary new file would get.
-        if hasattr(os, "fchmod"):
-            os.fchmod(handle, 0o666 & ~_UMASK)
         os.close(handle)
     except OSError as error:
         raise SDMOrganSegError(f"cannot write {path}: {error.strerror or error}; check the folder exists and is writable") from None
@@ -78,11 +75,28 @@ def atomic_path(path: Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield temporary_path
         try:
+            # mkstemp makes the file private (0600), and some writers (safetensors) replace it with another
+            # private file: give the result the permissions an ordinary new file gets (0644 under umask 022).
+            os.chmod(temporary_path, 0o666 & ~_UMASK)
             os.replace(temporary_path, path)
         except OSError as error:
             raise SDMOrganSegError(f"cannot write {path}: {error.strerror or error}; check that nothing else holds that name") from None
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """The JSON object in ``path``; an unreadable file, invalid JSON or another JSON value is an
+    SDMOrganSegError naming ``what`` (e.g. "model card x/model.json") and ending with ``fix``."""
+    import json
+
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SDMOrganSegError(f"{what} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(values, dict):
+        raise SDMOrganSegError(f"{what} must be a JSON object; {fix}")
+    return values
 
 
 def write_text_atomic(path: Path, text: str, overwrite: bool = True) -> None:

@@ -84,16 +84,23 @@ def _native_messages() -> Iterator[list[str]]:
             collected += [line.strip() for line in sink.read().decode("utf-8", "replace").splitlines() if line.strip()]
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+def dicom_series_files(folder: str | Path) -> list[Path]:
+    """The files of the one DICOM series in ``folder``, in the order ITK stacks them: file ``k`` is slice ``k``
+    (z index) of the volume :func:`read_image` reads from the folder."""
+    folder = Path(folder)
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise SDMOrganSegError(f"{folder} is a folder without a DICOM series; give a NIfTI/NRRD file or a folder holding one DICOM series")
     if len(series) > 1:
         raise SDMOrganSegError(
             f"{folder} holds {len(series)} DICOM series ({', '.join(series[:3])}...); put the one to segment in a folder of its own"
         )
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return [Path(name) for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])]
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(name) for name in dicom_series_files(folder)])
     return reader.Execute()
 
 

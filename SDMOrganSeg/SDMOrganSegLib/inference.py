@@ -16,7 +16,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,8 +25,9 @@ import torch
 from .errors import CancelCheck, ProgressCallback, SDMOrganSegError, check_cancel
 from .files import available_memory_bytes, worker_threads
 from .imageio import check_volume, image_from_array
-from .modelfiles import LoadedModel, Organ
+from .modelfiles import LoadedModel, ModelCard, Organ
 from .plausibility import input_warnings, volume_warnings
+from .postprocessing import keep_largest_component
 from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing, resampled_size
 from .sdm import sdms_to_label_map
 
@@ -36,7 +37,8 @@ class SegmentationResult:
     """Outputs of one run, all on the input image's grid.
 
     ``sdms`` maps organ name to a float32 image of the predicted normalised SDM (negative inside);
-    ``labels`` is the label map with the card's label values (0 background).
+    ``labels`` is the label map with the card's label values (0 background); ``settings`` the options the
+    run used that change its result (test-time augmentation, largest component), for ``summary.json``.
     """
 
     labels: sitk.Image
@@ -46,6 +48,7 @@ class SegmentationResult:
     model_name: str
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def organ_volumes_ml(self) -> dict[str, float]:
         voxel_ml = float(np.prod(self.labels.GetSpacing())) / 1000.0
@@ -247,6 +250,20 @@ def _mirrored_prediction(network: torch.nn.Module, tile: torch.Tensor, mirror_ax
     return total.cpu()
 
 
+def tta_axes(card: ModelCard) -> tuple[int, ...]:
+    """Volume axes (0 = z, 1 = y, 2 = x) that test-time augmentation mirrors: those the model saw mirrored in
+    training. ``train`` flips patches left-right (the x axis) unless ``--no-flip``, which the card records as
+    ``training.config.flip``; a card without it (trained elsewhere) is taken to have flipped."""
+    config = card.training.get("config") or {}
+    return (2,) if config.get("flip", True) else ()
+
+
+def minimum_window(network: torch.nn.Module) -> int:
+    """The smallest useful window side: the network pads its input to a multiple of this (``2 ** depth``),
+    so a smaller window is padded up to it anyway."""
+    return _size_multiple(network)
+
+
 def _window_zyx(window_xyz: Sequence[int] | None) -> tuple[int, int, int] | None:
     return tuple(int(w) for w in reversed(tuple(window_xyz))) if window_xyz else None
 
@@ -382,6 +399,8 @@ def segment_image(
     cancel: CancelCheck | None = None,
     *,
     memory_gb: float | None = None,
+    tta: bool = False,
+    largest_component: bool = False,
 ) -> SegmentationResult:
     """Segment ``image`` with ``model``.
 
@@ -399,6 +418,10 @@ def segment_image(
             When the whole volume at once would need more (:func:`estimate_memory_bytes`), the run switches to
             sliding-window tiles, saying so in ``result.notes``; when even the smallest tiles would not fit, it
             is refused with the memory needed.
+        tta: mirroring test-time augmentation over :func:`tta_axes` (twice the network time when the model was
+            trained with flips).
+        largest_component: keep only each organ's largest connected component in the label map
+            (:func:`SDMOrganSegLib.postprocessing.keep_largest_component`); the SDMs stay as predicted.
 
     Returns:
         a :class:`SegmentationResult` on the input's exact grid.
@@ -412,6 +435,16 @@ def segment_image(
 
     chosen = resolve_device(device)
     notes.extend(input_warnings(image, card.modality, card.field_of_view, card.input_extent_mm))
+    smallest_side = minimum_window(model.network)
+    if window is not None and min(window) < smallest_side:
+        raise SDMOrganSegError(
+            f"window {'x'.join(str(int(w)) for w in window)} is smaller than this network's minimum of {smallest_side} voxels a side "
+            f"(it pads its input to multiples of {smallest_side}); use a window of at least {smallest_side},{smallest_side},{smallest_side}"
+        )
+    mirror_axes = tta_axes(card) if tta else ()
+    settings = {"tta": bool(tta), "tta_mirror_axes": list(mirror_axes), "largest_component": bool(largest_component)}
+    if tta and not mirror_axes:
+        notes.append("test-time augmentation: the model was trained without flips, so there is nothing to mirror")
     # Plan the memory before allocating anything large.
     window_zyx = _window_zyx(window or card.window)
     grid = resampled_size(image, card.spacing) if needs_resampling(image, card.spacing) else image.GetSize()
@@ -436,7 +469,7 @@ def segment_image(
     smallest = _smallest_window(volume.shape, _size_multiple(model.network))
     while True:
         try:
-            output = predict_array(model.network, volume, chosen, window_zyx, overlap, network_progress, cancel)
+            output = predict_array(model.network, volume, chosen, window_zyx, overlap, network_progress, cancel, mirror_axes)
             break
         except (RuntimeError, MemoryError) as error:
             if not _is_out_of_memory(error):
@@ -476,13 +509,24 @@ def segment_image(
         sdm_images = dict(zip((organ.name for organ in card.organs), pool.map(to_input_grid, output)))
     sdm_arrays = [sitk.GetArrayViewFromImage(sdm) for sdm in sdm_images.values()]
     # The per-organ arrays as they are: stacking them would copy every SDM once more (1.9 GB for 9 CT organs).
-    labels = image_from_array(sdms_to_label_map(sdm_arrays, card.label_values), image)
+    label_map = sdms_to_label_map(sdm_arrays, card.label_values)
+    if largest_component:
+        removed = keep_largest_component(label_map, card.label_values)
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        for organ in card.organs:
+            if organ.label in removed:
+                voxels, pieces = removed[organ.label]
+                notes.append(
+                    f"largest component: {organ.name} lost {pieces} smaller component{'s' if pieces > 1 else ''} "
+                    f"({voxels} voxels, {voxels * voxel_ml:.3g} ml) in the label map"
+                )
+    labels = image_from_array(label_map, image)
     timings["postprocess_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - started
     report(1.0, "done")
     result = SegmentationResult(
         labels=labels, sdms=sdm_images, organs=list(card.organs), device=device_description(chosen),
-        model_name=card.name, timings=timings, notes=notes,
+        model_name=card.name, timings=timings, notes=notes, settings=settings,
     )
     notes.extend(volume_warnings(result.organ_volumes_ml(), {organ.name: organ.volume_ml for organ in card.organs}))
     return result

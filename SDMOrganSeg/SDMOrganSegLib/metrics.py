@@ -34,10 +34,17 @@ Metrics (``A`` = surfels of ``pred``, ``B`` = surfels of ``ref``, ``d`` = distan
 
 Empty masks (no NaN, no warnings):
 
-* both empty: ``dice = 1``, ``hd = hd95 = asd = 0`` (the two agree perfectly);
+* both empty: ``dice = 1``, ``hd = hd95 = asd = 0`` from :func:`organ_metrics` (the two masks agree);
+  :func:`evaluate_label_maps`, which scores organs, reports such an organ as ``absent`` instead (no
+  metrics, left out of the mean): an organ in neither map says nothing about the segmentation, and
+  counting it as a perfect score would flatter the mean (a wrong organ list made one read 0.99 for 0.83);
 * exactly one empty: ``dice = 0``, ``hd = hd95 = asd = inf`` (there is no surface to measure to).
   The CSV writer writes ``inf``; the JSON writer writes the string ``"inf"`` (JSON has no infinity, and
   ``null`` would read as "not computed"); ``float("inf")`` reads both back.
+
+Partial annotations: with ``annotated`` (the organs a reference case was contoured for, as in an
+``annotations.json`` of ``{"CASE": ["organ name", ...]}``), an organ not listed is ``unannotated``: its
+zero voxels in the reference mean "unknown", not "absent", so it is not scored either.
 
 Speed: both masks are cropped to their union bounding box plus one voxel first, and corner codes come
 from three shifted sums on that box. Distances are exact (float64): each surfel first tries the shortest
@@ -55,9 +62,9 @@ import io
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -65,7 +72,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .errors import SDMOrganSegError
-from .files import write_text_atomic
+from .files import read_json_object, write_text_atomic
 from .imageio import geometry_mismatch, label_array
 
 #: Percentile used for ``hd95``.
@@ -82,19 +89,35 @@ _TREE_BELOW = 256
 _MAX_FIND_OBJECTS_LABEL = 1 << 16
 
 
+_COLUMNS = ("dice", "hd", "hd95", "asd")
+#: :attr:`OrganMetrics.status` values: scored, in neither map, not contoured in the reference case.
+SCORED, ABSENT, UNANNOTATED = "scored", "absent", "unannotated"
+
+
 @dataclass(frozen=True)
 class OrganMetrics:
     """Metrics of one organ. ``dice`` in [0, 1]; ``hd``, ``hd95``, ``asd`` in mm, ``inf`` when exactly
-    one of the two masks is empty (see the module docstring)."""
+    one of the two masks is empty (see the module docstring). ``status`` is ``scored``, or ``absent`` /
+    ``unannotated`` for an organ that was not scored: its metrics are then NaN and it is left out of means."""
 
     dice: float
     hd: float
     hd95: float
     asd: float
+    status: str = SCORED
+
+    @property
+    def scored(self) -> bool:
+        return self.status == SCORED
 
     def to_dict(self) -> dict[str, float]:
         """``{"dice": .., "hd": .., "hd95": .., "asd": ..}`` as plain floats (``inf`` kept as ``inf``)."""
-        return {name: float(value) for name, value in asdict(self).items()}
+        return {name: float(getattr(self, name)) for name in _COLUMNS}
+
+
+def not_scored(status: str) -> OrganMetrics:
+    """The entry of an organ that is not scored (``absent`` or ``unannotated``): NaN metrics."""
+    return OrganMetrics(math.nan, math.nan, math.nan, math.nan, status)
 
 
 # --- surfel areas ------------------------------------------------------------------------------------
@@ -408,6 +431,8 @@ def evaluate_label_maps(
     ref_labels: np.ndarray,
     spacing: Sequence[float],
     organs: Mapping[int, str] | None = None,
+    *,
+    annotated: Collection[str] | None = None,
 ) -> dict[str, OrganMetrics]:
     """Metrics of every organ of two label maps.
 
@@ -416,7 +441,9 @@ def evaluate_label_maps(
         ref_labels: reference label map, same shape.
         spacing: voxel size ``(x, y, z)`` in mm (ITK order).
         organs: label value -> organ name. None: every nonzero value present in either map, named by
-            the value (``"1"``, ``"2"``...). An organ absent from both maps scores as two empty masks.
+            the value (``"1"``, ``"2"``...). An organ absent from both maps is reported ``absent``, unscored.
+        annotated: names of the organs the reference was contoured for; the others are ``unannotated``,
+            unscored. None: every organ was contoured. A name that is not among the organs is refused.
 
     Returns:
         Organ name -> metrics, in the order of ``organs`` (None: increasing label value).
@@ -438,6 +465,13 @@ def evaluate_label_maps(
         else:
             values = sorted(int(v) for v in np.union1d(np.unique(pred_labels), np.unique(ref_labels)) if v != 0)
         organs = {value: str(value) for value in values}
+    if annotated is not None:
+        unknown = sorted(set(annotated) - {str(name) for name in organs.values()})
+        if unknown:
+            raise SDMOrganSegError(
+                f"the annotations name {', '.join(map(repr, unknown))}, not among the organs evaluated "
+                f"({', '.join(map(str, organs.values()))}); name the organs with --model or --labels"
+            )
 
     results: dict[str, OrganMetrics] = {}
     for key, name in organs.items():
@@ -447,20 +481,26 @@ def evaluate_label_maps(
             raise SDMOrganSegError(f"organ {name!r} has label {key!r}; label values must be integers") from None
         if name in results:
             raise SDMOrganSegError(f"organ name {name!r} is given to two label values; give every organ its own name")
+        if annotated is not None and name not in annotated:
+            results[name] = not_scored(UNANNOTATED)
+            continue
         region: tuple[slice, ...] = tuple(slice(None) for _ in range(3))
         if pred_boxes is not None and ref_boxes is not None and value > 0:
             # Compare only inside the union of the two boxes: distances and Dice do not change.
             boxes = [b for b in (pred_boxes.get(value), ref_boxes.get(value)) if b is not None]
-            if not boxes:  # in neither map: two empty masks
-                results[name] = OrganMetrics(dice=1.0, hd=0.0, hd95=0.0, asd=0.0)
+            if not boxes:
+                results[name] = not_scored(ABSENT)
                 continue
             region = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
+        elif not (np.any(pred_labels == value) or np.any(ref_labels == value)):
+            results[name] = not_scored(ABSENT)
+            continue
         results[name] = organ_metrics(pred_labels[region] == value, ref_labels[region] == value, spacing)
     return results
 
 
 def evaluate_images(
-    pred: sitk.Image, ref: sitk.Image, organs: Mapping[int, str] | None = None
+    pred: sitk.Image, ref: sitk.Image, organs: Mapping[int, str] | None = None, *, annotated: Collection[str] | None = None
 ) -> dict[str, OrganMetrics]:
     """:func:`evaluate_label_maps` of two SimpleITK label maps on the same grid.
 
@@ -476,56 +516,99 @@ def evaluate_images(
             f"prediction and reference differ in {mismatch}; resample the prediction onto the reference grid before evaluating"
         )
     return evaluate_label_maps(
-        label_array(pred, "(prediction)"), label_array(ref, "(reference)"), pred.GetSpacing(), organs
+        label_array(pred, "(prediction)"), label_array(ref, "(reference)"), pred.GetSpacing(), organs, annotated=annotated
     )
+
+
+def annotated_organs(path: str | Path, case: str) -> list[str]:
+    """The organs contoured in ``case`` according to an annotations file, ``{"CASE": ["organ name", ...]}``
+    (the format of partially annotated data sets such as OpenKBP's)."""
+    path = Path(path)
+    document = read_json_object(path, f"the annotations {path}", 'it must be JSON like {"CASE": ["organ", ...]}')
+    if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in document.values()):
+        raise SDMOrganSegError(f"the annotations {path} must map case names to lists of organ names, like {{\"CASE\": [\"organ\", ...]}}")
+    if case not in document:
+        raise SDMOrganSegError(f"the annotations {path} have no entry for case {case!r} (the reference's file name); add it or leave out --ignore-unannotated")
+    return list(document[case])
 
 
 # --- output -----------------------------------------------------------------------------------------
 
-_COLUMNS = ("dice", "hd", "hd95", "asd")
+
+#: How the table and the CSV show an organ that was not scored.
+_NOT_SCORED_TEXT = {ABSENT: "absent from prediction and reference: not scored", UNANNOTATED: "not annotated in the reference: not scored"}
+#: Key of the mean entry in the JSON document and the organ column of the mean row.
+MEAN = "mean"
 
 
-def _mean(results: Mapping[str, OrganMetrics]) -> OrganMetrics:
-    """Metric-wise mean over organs; ``inf`` when any organ has ``inf``."""
-    rows = np.array([[getattr(m, c) for c in _COLUMNS] for m in results.values()], dtype=float)
-    return OrganMetrics(*(float(v) for v in rows.mean(axis=0)))
+def mean_metrics(results: Mapping[str, OrganMetrics]) -> tuple[OrganMetrics, int]:
+    """Metric-wise mean over the scored organs and their number; ``inf`` when any has ``inf``, NaN when none."""
+    rows = np.array([[getattr(m, c) for c in _COLUMNS] for m in results.values() if m.scored], dtype=float).reshape(-1, len(_COLUMNS))
+    if not len(rows):
+        return not_scored(SCORED), 0
+    return OrganMetrics(*(float(v) for v in rows.mean(axis=0))), len(rows)
+
+
+def _refuse_mean_organ(results: Mapping[str, OrganMetrics]) -> None:
+    if MEAN in results:
+        raise SDMOrganSegError(f"an organ is named {MEAN!r}, the name of the mean row; rename it in the model card or labels file")
 
 
 def format_metrics_table(results: Mapping[str, OrganMetrics]) -> str:
-    """An aligned text table: organ, Dice, HD, HD95, ASD (mm), and a ``mean`` row over the organs."""
+    """An aligned text table: organ, Dice, HD, HD95, ASD (mm), an organ not scored said so in its row, and a
+    ``mean`` row over the scored organs."""
     header = ("Organ", "Dice", "HD (mm)", "HD95 (mm)", "ASD (mm)")
-    rows = [(name, f"{m.dice:.4f}", f"{m.hd:.2f}", f"{m.hd95:.2f}", f"{m.asd:.2f}") for name, m in results.items()]
-    if results:
-        mean = _mean(results)
-        rows.append(("mean", f"{mean.dice:.4f}", f"{mean.hd:.2f}", f"{mean.hd95:.2f}", f"{mean.asd:.2f}"))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    rows: list[tuple[str, ...]] = [
+        (name, f"{m.dice:.4f}", f"{m.hd:.2f}", f"{m.hd95:.2f}", f"{m.asd:.2f}") if m.scored else (name, f"({_NOT_SCORED_TEXT[m.status]})")
+        for name, m in results.items()
+    ]
+    mean, count = mean_metrics(results)
+    rows.append(
+        (f"{MEAN} of {count} organ{'' if count == 1 else 's'}", f"{mean.dice:.4f}", f"{mean.hd:.2f}", f"{mean.hd95:.2f}", f"{mean.asd:.2f}")
+        if count else (MEAN, "(no organ scored)")
+    )
+    widths = [max(len(row[i]) for row in [header, *rows] if len(row) == len(header)) for i in range(len(header))]
+    widths[0] = max(len(row[0]) for row in [header, *rows])
 
     def line(row: Sequence[str]) -> str:
+        if len(row) < len(header):  # an explanation instead of numbers
+            return "  ".join([row[0].ljust(widths[0]), *row[1:]])
         return "  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])])
 
-    lines = [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
-    if not results:
-        lines.append("(no organs)")
-    return "\n".join(lines) + "\n"
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)]) + "\n"
 
 
 def write_metrics_csv(results: Mapping[str, OrganMetrics], path: str | Path, overwrite: bool = False) -> None:
-    """CSV with columns ``organ,dice,hd_mm,hd95_mm,asd_mm``, one row per organ, full precision,
-    ``inf`` written as ``inf``. Refuses to replace an existing file unless ``overwrite``."""
+    """CSV with columns ``organ,dice,hd_mm,hd95_mm,asd_mm,status``, one row per organ, full precision,
+    ``inf`` written as ``inf``, empty cells for an organ not scored (status ``absent`` or ``unannotated``),
+    then a ``mean`` row over the scored organs (status ``mean of N organs``). Refuses to replace an
+    existing file unless ``overwrite``."""
+    _refuse_mean_organ(results)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["organ", "dice", "hd_mm", "hd95_mm", "asd_mm"])
+    writer.writerow(["organ", "dice", "hd_mm", "hd95_mm", "asd_mm", "status"])
     for name, metrics in results.items():
-        writer.writerow([name, *(repr(float(getattr(metrics, c))) for c in _COLUMNS)])
+        cells = [repr(float(getattr(metrics, c))) if metrics.scored else "" for c in _COLUMNS]
+        writer.writerow([name, *cells, metrics.status])
+    mean, count = mean_metrics(results)
+    writer.writerow([MEAN, *(repr(float(getattr(mean, c))) if count else "" for c in _COLUMNS), f"mean of {count} organs"])
     write_text_atomic(Path(path), buffer.getvalue(), overwrite=overwrite)
 
 
 def write_metrics_json(results: Mapping[str, OrganMetrics], path: str | Path, overwrite: bool = False) -> None:
-    """JSON object: organ name -> ``{"dice", "hd", "hd95", "asd"}`` (mm); ``inf`` written as the string
-    ``"inf"`` so the file stays valid JSON. Refuses to replace an existing file unless ``overwrite``."""
+    """JSON object: organ name -> ``{"dice", "hd", "hd95", "asd"}`` (mm), or ``{"status": "absent"}`` /
+    ``{"status": "unannotated"}`` for an organ not scored; and ``"mean"`` -> ``{"dice", "hd", "hd95",
+    "asd", "organs": N}`` over the N scored organs (metrics null when N is 0). ``inf`` is written as the
+    string ``"inf"`` so the file stays valid JSON. Refuses to replace an existing file unless ``overwrite``."""
+    _refuse_mean_organ(results)
 
-    def value(number: float) -> float | str:
-        return "inf" if math.isinf(number) else number
+    def value(number: float) -> float | str | None:
+        return "inf" if math.isinf(number) else None if math.isnan(number) else number
 
-    document = {name: {c: value(v) for c, v in metrics.to_dict().items()} for name, metrics in results.items()}
+    document: dict[str, dict[str, object]] = {
+        name: {c: value(v) for c, v in metrics.to_dict().items()} if metrics.scored else {"status": metrics.status}
+        for name, metrics in results.items()
+    }
+    mean, count = mean_metrics(results)
+    document[MEAN] = {**{c: value(v) for c, v in mean.to_dict().items()}, "organs": count}
     write_text_atomic(Path(path), json.dumps(document, indent=2, allow_nan=False) + "\n", overwrite=overwrite)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from . import MODEL_CARD_FORMAT, __version__
 from .errors import SDMOrganSegError
 from .architecture import UNetConfig
-from .files import atomic_path, check_writable, sha256_of, write_text_atomic
+from .files import atomic_path, check_writable, read_json_object, sha256_of, write_text_atomic
 from .preprocessing import DEFAULT_INTENSITY
 from .sdm import HEAVISIDE_K
 from .terminology import check_terminology, default_terminology
@@ -186,18 +186,24 @@ def read_card(directory: Path) -> ModelCard:
     return ModelCard.from_dict(_card_values(directory), str(Path(directory) / CARD_FILE))
 
 
+def _refuse_run_folder(directory: Path) -> None:
+    """A training run folder (``sdmorganseg train --out RUN``) holds its models in ``best/`` and ``last/``
+    beside a resume checkpoint: say which folder to use instead of refusing the checkpoint as a pickle."""
+    best = Path(directory) / "best"
+    if (best / CARD_FILE).is_file() and not (Path(directory) / CARD_FILE).is_file():
+        raise SDMOrganSegError(
+            f"{directory} is a training run folder, not a model folder; use {best} (the best validation model) "
+            f"or {Path(directory) / 'last'} (the last epoch's)"
+        )
+
+
 def _card_values(directory: Path) -> dict[str, Any]:
     """The card's JSON object, unchecked."""
     card_path = Path(directory) / CARD_FILE
+    _refuse_run_folder(directory)
     if not card_path.is_file():
         raise SDMOrganSegError(f"model folder {directory} has no {CARD_FILE} (the model card); it is not an SDMOrganSeg model")
-    try:
-        values = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SDMOrganSegError(f"model card {card_path} is not valid JSON ({error}); re-export the model") from None
-    if not isinstance(values, dict):
-        raise SDMOrganSegError(f"model card {card_path} must be a JSON object; re-export the model")
-    return values
+    return read_json_object(card_path, f"model card {card_path}", "re-export the model")
 
 
 def _refuse_non_safetensors(weights: Path) -> None:
@@ -227,6 +233,7 @@ def load_model(directory: str | Path) -> LoadedModel:
     if not directory.is_dir():
         raise SDMOrganSegError(f"model folder {directory} does not exist; pass a folder holding {WEIGHTS_FILE} and {CARD_FILE}")
     weights = directory / WEIGHTS_FILE
+    _refuse_run_folder(directory)
     if not weights.is_file():
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
         if pickles:
@@ -335,9 +342,16 @@ def resolve_model(name_or_path: str | Path | None) -> Path:
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     shipped = shipped_models()
-    if str(name_or_path) in shipped:
-        return shipped[str(name_or_path)]
     path = Path(name_or_path)
+    if str(name_or_path) in shipped:
+        chosen = shipped[str(name_or_path)]
+        # A model folder (or training run) of the same name in the current folder would be shadowed silently.
+        if any((path / sub / CARD_FILE).is_file() for sub in (".", "best")) and path.resolve() != chosen.resolve():
+            raise SDMOrganSegError(
+                f"model {name_or_path!s} is both a shipped model and the folder {path.resolve()}; "
+                f"pass ./{name_or_path!s} for the folder or {chosen} for the shipped model"
+            )
+        return chosen
     if path.exists():
         return path
     known = ", ".join(shipped) or "none installed"

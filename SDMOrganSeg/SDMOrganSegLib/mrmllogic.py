@@ -196,6 +196,7 @@ class ComputedOutputs:
     levels: tuple[float, ...]
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  #: options that change the result (see SegmentationResult)
 
     def organ_volumes_ml(self) -> dict[str, float]:
         voxel_ml = float(np.prod(self.labels.GetSpacing())) / 1000.0
@@ -220,10 +221,14 @@ def compute_outputs(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     fraction: tuple[float, float] = (0.0, 1.0),
+    *,
+    tta: bool = False,
+    largest_component: bool = False,
 ) -> ComputedOutputs:
     """Segment ``image`` with a model folder and contour the SDMs; no MRML involved.
 
-    ``fraction`` is the part of the progress range this step reports into.
+    ``fraction`` is the part of the progress range this step reports into; ``tta`` and ``largest_component``
+    are :func:`SDMOrganSegLib.inference.segment_image`'s.
     """
     check_cancel(cancel)  # before importing PyTorch, which takes seconds
     from .inference import segment_image  # torch: imported only when a run starts
@@ -240,7 +245,7 @@ def compute_outputs(
     def network_progress(part: float, message: str) -> None:
         report(low + (high - low) * 0.02 + (high - low) * 0.86 * part, message)
 
-    result = segment_image(image, model, device, progress=network_progress, cancel=cancel)
+    result = segment_image(image, model, device, progress=network_progress, cancel=cancel, tta=tta, largest_component=largest_component)
     surfaces: dict[str, dict[float, vtk.vtkPolyData]] = {}
     tick = time.perf_counter()
     for index, organ in enumerate(result.organs):
@@ -262,6 +267,7 @@ def compute_outputs(
         levels=levels,
         timings=timings,
         notes=list(result.notes),
+        settings=dict(result.settings),
     )
 
 
@@ -403,6 +409,9 @@ class SDMSegmentationLogic:
         show3D: bool = True,
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
+        *,
+        tta: bool = False,
+        largest_component: bool = False,
     ) -> OutputNodes:
         """Segment a volume node and add the outputs to the scene (all or nothing).
 
@@ -414,10 +423,13 @@ class SDMSegmentationLogic:
             show2D, show3D: show the contours in slice views / the surfaces in 3D views.
             progress: called with (fraction, message).
             cancel: ``threading.Event`` or callable; when set the run stops and leaves no nodes.
+            tta, largest_component: see :func:`SDMOrganSegLib.inference.segment_image`.
         """
         levels = as_levels(levels)
         image = volume_node_to_sitk(volumeNode)
-        computed = compute_outputs(image, model_dir, device, levels, progress, cancel, fraction=(0.0, 0.9))
+        computed = compute_outputs(
+            image, model_dir, device, levels, progress, cancel, fraction=(0.0, 0.9), tta=tta, largest_component=largest_component
+        )
         return self.create_nodes(volumeNode, computed, show2D, show3D, progress, cancel)
 
     def create_nodes(

@@ -1,7 +1,8 @@
 """Writing a segmentation run to a folder under stable names, all-or-nothing.
 
 Names (scripts rely on them): ``labels.nii.gz`` (or ``.nrrd``), ``sdm_<organ>.nii.gz`` (or ``.nrrd``),
-``contours/<organ>_<level>.vtp`` (LPS mm), ``summary.json``. Everything is first written into a hidden
+``contours/<organ>_<level>.vtp`` (LPS mm), ``summary.json``; callers add their own files (``seg.dcm``,
+``rtstruct.dcm``, the batch script's ``<case>.seg.nrrd``...) through ``extra_files``. Everything is first written into a hidden
 staging folder inside the output folder and moved into place only when all files are complete, so a
 failed or cancelled run leaves no partial files; existing files are replaced only with ``overwrite``.
 """
@@ -16,7 +17,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from . import __version__
 from .contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
@@ -28,6 +29,22 @@ from .inference import SegmentationResult
 from .modelfiles import Organ
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
+#: ``--format`` values that add a DICOM file to the run (for a DICOM input) -> that file's name.
+DICOM_FILES = {"dicom-seg": "seg.dcm", "rtstruct": "rtstruct.dcm"}
+
+
+def parse_formats(text: str) -> tuple[str, tuple[str, ...]]:
+    """``--format`` text, e.g. ``nrrd,dicom-seg``: the volume format (``nifti`` unless ``nrrd`` is named) and the
+    DICOM outputs asked for; ValueError naming a value that is neither."""
+    volume, dicom = "nifti", []
+    for value in (v.strip().lower() for v in text.split(",") if v.strip()):
+        if value in FORMATS:
+            volume = value
+        elif value in DICOM_FILES:
+            dicom.append(value)
+        else:
+            raise ValueError(f"unknown format {value!r}; use nifti or nrrd, and/or dicom-seg, rtstruct (comma-separated)")
+    return volume, tuple(dict.fromkeys(dicom))
 
 
 def output_names(organ_names: Iterable[str], levels: Iterable[float], fmt: str = "nifti") -> list[str]:
@@ -104,8 +121,14 @@ def write_result(
     extra_summary: dict[str, Any] | None = None,
     *,
     cancel: CancelCheck | None = None,
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+    surfaces: Mapping[str, Mapping[float, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write labels, SDMs, contours and summary; returns relative name -> final path.
+
+    ``extra_files`` maps more file names (in the output folder) to functions that write such a file at the
+    path given; they run on this thread, into the same staging folder. ``surfaces`` (organ -> level ->
+    polydata) are contours computed already; by default they are computed from the SDMs here.
 
     All or nothing: on an error or a cancel (``cancel``, checked between files) the output folder is left
     as it was. Existing files are replaced only with ``overwrite``.
@@ -114,7 +137,9 @@ def write_result(
         raise SDMOrganSegError(f"unknown output format {fmt!r}; use nifti or nrrd")
     levels = tuple(levels)
     out_dir = Path(out_dir)
+    extra_files = dict(extra_files or {})
     names = output_names([o.name for o in result.organs], levels, fmt)
+    names[-1:-1] = list(extra_files)  # summary.json stays last
     if len(set(names)) != len(names):
         raise SDMOrganSegError("two organs of the model map to the same output file name; rename them in the model card")
     targets = {name: inside(out_dir, name) for name in names}
@@ -138,7 +163,8 @@ def write_result(
 
     def write_contours(organ: Organ) -> None:
         stem = safe_name(organ.name)
-        for level, surface in iso_surfaces(result.sdms[organ.name], levels).items():
+        computed = surfaces[organ.name] if surfaces is not None else iso_surfaces(result.sdms[organ.name], levels)
+        for level, surface in computed.items():
             name = f"contours/{stem}_{level_tag(level)}.vtp"
             _named(name, lambda: write_polydata(surface, str(check(name))))
 
@@ -152,6 +178,8 @@ def write_result(
             tasks = [pool.submit(_named, f"labels{suffix}", lambda: write_image(result.labels, check(f"labels{suffix}")))]
             tasks += [pool.submit(task, organ) for organ in result.organs for task in (write_sdm, write_contours)]
             try:
+                for name, writer in extra_files.items():  # here, while the pool writes the volumes
+                    _named(name, lambda: writer(check(name)))
                 for task in as_completed(tasks):
                     task.result()
             except BaseException:
@@ -176,6 +204,7 @@ def write_result(
             },
             "timings_s": {k.removesuffix("_s"): round(v, 4) for k, v in timings.items()},
             "notes": result.notes,
+            **getattr(result, "settings", {}),
             "outputs": names,
             **(extra_summary or {}),
         }
@@ -188,7 +217,7 @@ def write_result(
     except (_WriteFailed, RuntimeError, OSError) as error:
         name, cause = (error.name, error.error) if isinstance(error, _WriteFailed) else ("the outputs", error)
         raise SDMOrganSegError(
-            f"cannot write {name} in {out_dir}: {error_line(cause)}; "
+            f"cannot write {name} in {out_dir}: {error_line(cause).replace(str(staging), str(out_dir))}; "
             "check free disk space and permissions (nothing was changed there)"
         ) from None
     finally:

@@ -32,7 +32,7 @@ from .errors import SDMOrganSegError
 from .files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device
 from .losses import MODES, SDMSegmentationLoss, output_activation_for
-from .modelfiles import ModelCard, Organ, organs_from_labels, save_model
+from .modelfiles import ModelCard, Organ, organs_from_labels, save_model, shipped_models
 from .network import UNet3D, preset
 from .preprocessing import DEFAULT_INTENSITY
 from .sdm import HEAVISIDE_K, SDM_NORMALIZATIONS, sdms_to_label_map
@@ -503,6 +503,11 @@ class Trainer:
                 save_model(self.network, self._card({}, start_epoch), self.out_dir / "last", overwrite=True)
             return self.out_dir / "best"
 
+        if config.model_name in shipped_models():
+            self.say(
+                f"note: this model is named {config.model_name!r} like a shipped model, and --model {config.model_name} "
+                f"picks the shipped one: use this run's folder ({self.out_dir / 'best'}), or another name (--name)"
+            )
         sampler = PatchSampler(self.train_cases, [o.label for o in self.organs], self.patch_size, config.flip, config.foreground_fraction)
         steps_per_epoch = math.ceil(len(self.train_cases) / config.batch_size)
         validation_window = tuple(reversed(self.patch_size)) if config.sliding_window else None

@@ -9,13 +9,18 @@ or on plain Python with the ``slicer-core`` package (a headless MRML scene, see 
 
     python SDMOrganSeg/Scripts/batch.py --input IMAGES --output OUT [--model M] [--reference LABELS]
 
-Per case, in ``OUT/<case>/``: ``<case>.seg.nrrd`` (one segment per organ, named and coloured as the model
-card says), ``sdm_<organ>.nrrd``, ``contours/<organ>_<level>.vtk`` (LPS), ``metrics.csv`` with
-``--reference``, ``<case>.png`` with ``--pictures``. At the top, ``summary.csv``: one row per case with its
-status (ok/failed), the reason of a failure, per-organ volumes (ml), Dice/HD/HD95/ASD when references are
-given, and the seconds it took. A case that fails is reported on one line and skipped; the exit code is 0
-only when every case succeeded (1: some failed, 2: nothing could be run, including any unexpected error:
-inside Slicer the application always exits with the code, so no window-less Slicer is left running).
+Per case, in ``OUT/<case>/``, the files ``sdmorganseg segment`` writes, under the same names:
+``labels.nii.gz`` (``.nrrd`` with ``--format nrrd``), ``sdm_<organ>.nii.gz``, ``contours/<organ>_<level>.vtp``
+(LPS), ``summary.json``; plus ``<case>.seg.nrrd`` (a Slicer segmentation, one segment per organ, named and
+coloured as the model card says), ``seg.dcm`` / ``rtstruct.dcm`` for a DICOM series with ``--format
+dicom-seg`` / ``rtstruct``, ``metrics.csv`` when the case has a reference, ``<case>.png`` with ``--pictures``.
+At the top, ``summary.csv``: one row per case with its status (ok/failed), the reason of a failure, notes
+(e.g. a missing reference: the case is segmented, only its metrics are skipped), per-organ volumes (ml),
+Dice/HD/HD95/ASD when references are given, and the seconds it took; with ``--pictures`` also
+``overview.png``, every case's axial view sorted by its worst Dice. A case that fails is reported on one
+line (``sdmorganseg: error: ...`` on stderr, like the command line) and skipped; the exit code is 0 only when
+every case succeeded (1: some failed, 2: nothing could be run, including any unexpected error: inside Slicer
+the application always exits with the code, so no window-less Slicer is left running).
 
 Files are written under temporary names and renamed when complete; existing files are never replaced
 without ``--overwrite``; case names are sanitised so nothing is written outside ``OUT``.
@@ -28,11 +33,8 @@ import contextlib
 import csv
 import io
 import os
-import shutil
 import sys
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +46,7 @@ from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402  (after the pat
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_SETUP = 0, 1, 2
 SUMMARY = "summary.csv"
+OVERVIEW = "overview.png"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of reference label maps with the same file names as the inputs: adds metrics.csv and metrics to summary.csv")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default auto)")
     parser.add_argument("--levels", default="0,0.1,0.2,0.3", help="SDM iso-contour levels (default 0,0.1,0.2,0.3)")
+    parser.add_argument("--format", default="nifti", metavar="nifti|nrrd[,dicom-seg][,rtstruct]",
+                        help="image output format (default nifti); dicom-seg / rtstruct add seg.dcm / rtstruct.dcm for DICOM series inputs")
+    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (twice the network time)")
+    parser.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each organ in the label map")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--pictures", action="store_true", help="also save <case>.png: axial, coronal and sagittal slices with the iso-contours")
+    parser.add_argument("--pictures", action="store_true",
+                        help="also save <case>.png (slices with the outlines, SDM levels, reference and Dice) and overview.png (all cases, worst Dice first)")
     return parser
 
 
@@ -72,6 +80,8 @@ class CaseResult:
     seconds: float = 0.0
     volumes_ml: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # organ -> OrganMetrics
+    notes: list[str] = field(default_factory=list)
+    thumbnail: Any = None  # pictures.Thumbnail with --pictures
 
 
 def find_cases(inputs: Sequence[str]) -> list[Path]:
@@ -89,138 +99,81 @@ def find_cases(inputs: Sequence[str]) -> list[Path]:
     return cases
 
 
-def _case_files(case: str, organs: Sequence[Any], levels: Sequence[float], reference: bool, pictures: bool) -> list[str]:
-    """Relative output paths of one case, in writing order."""
-    from SDMOrganSegLib.contours import level_tag
-    from SDMOrganSegLib.files import safe_name
-
-    names = [f"{case}.seg.nrrd"] + [f"sdm_{safe_name(o.name)}.nrrd" for o in organs]
-    names += [f"contours/{safe_name(o.name)}_{level_tag(level)}.vtk" for o in organs for level in levels]
-    if reference:
-        names.append("metrics.csv")
-    if pictures:
-        names.append(f"{case}.png")
-    return names
-
-
-def write_picture(image: Any, computed: Any, path: Path, title: str) -> None:
-    """Axial, coronal and sagittal slices through the organs' centre, with the SDM iso-contours."""
-    import numpy as np
-    import SimpleITK as sitk
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    from SDMOrganSegLib.contours import level_color, level_tag
-
-    def oriented(img: Any) -> np.ndarray:
-        # LPS-ordered axes: rows/columns then read as radiologists expect (patient left on the right).
-        return sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS"))
-
-    volume = oriented(image).astype(np.float32)
-    labels = oriented(computed.labels)
-    sdms = {organ.name: oriented(computed.sdms[organ.name]) for organ in computed.organs}
-    spacing = sitk.DICOMOrient(image, "LPS").GetSpacing()
-    inside = np.argwhere(labels > 0)
-    centre = inside.mean(axis=0).round().astype(int) if inside.size else np.array(volume.shape) // 2
-    low, high = np.percentile(volume, [1, 99])
-    views = [  # (name, 2D slice of an array, aspect = row spacing / column spacing, origin)
-        ("axial", lambda a: a[centre[0]], spacing[1] / spacing[0], "upper"),
-        ("coronal", lambda a: a[:, centre[1], :], spacing[2] / spacing[0], "lower"),
-        ("sagittal", lambda a: a[:, :, centre[2]], spacing[2] / spacing[1], "lower"),
-    ]
-    figure = Figure(figsize=(12, 4.6), dpi=100)
-    FigureCanvasAgg(figure)
-    for index, (name, cut, aspect, origin) in enumerate(views):
-        axes = figure.add_subplot(1, 3, index + 1)
-        axes.imshow(cut(volume), cmap="gray", vmin=low, vmax=high, origin=origin, aspect=aspect, interpolation="bilinear")
-        for sdm in sdms.values():
-            plane = cut(sdm)
-            for level in computed.levels:
-                if plane.min() < level < plane.max():
-                    axes.contour(plane, levels=[level], colors=[level_color(level)], linewidths=1.3, origin=origin)
-        axes.set_title(name)
-        axes.set_axis_off()
-    handles = [Line2D([0], [0], color=level_color(level), lw=2, label=f"SDM {level_tag(level)}") for level in computed.levels]
-    figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
-    figure.suptitle(title)
-    figure.savefig(str(path), format="png")
-
-
-def _write_metrics(results: dict[str, Any], path: Path) -> None:
-    from SDMOrganSegLib.metrics import write_metrics_csv
-
-    write_metrics_csv(results, path, overwrite=True)
+def _reference_for(path: Path, args: argparse.Namespace, result: CaseResult) -> Path | None:
+    """The case's reference label map, or None (with a note) when --reference has none for it."""
+    if args.reference is None:
+        return None
+    reference = Path(args.reference) / path.name
+    if reference.is_file() or reference.is_dir():
+        return reference
+    result.notes.append(f"no reference label map {reference} (references need the input's file name): metrics skipped")
+    return None
 
 
 def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[str, Any]) -> CaseResult:
     """Segment one case and write its files; raises SDMOrganSegError with a one-line reason on failure."""
+    import functools
+
     from SDMOrganSegLib import headless, mrmllogic
     from SDMOrganSegLib.files import check_writable, inside
-    from SDMOrganSegLib.imageio import read_volume
+    from SDMOrganSegLib.imageio import read_image, read_volume
+    from SDMOrganSegLib.outputs import DICOM_FILES, output_names, write_result
 
     result = CaseResult(case)
-    output = Path(args.output)
-    case_dir = inside(output, case)
-    names = _case_files(case, context["organs"], context["levels"], args.reference is not None, args.pictures)
-    targets = {name: inside(case_dir, name) for name in names}
-    for target in targets.values():
-        check_writable(target, args.overwrite)
+    case_dir = inside(Path(args.output), case)
+    volume_format, dicom_formats = context["formats"]
+    if dicom_formats and not path.is_dir():
+        result.notes.append(f"not a DICOM series, so no {' or '.join(DICOM_FILES[f] for f in dicom_formats)}")
+        dicom_formats = ()
+    reference = _reference_for(path, args, result)
+    organs = context["organs"]
+    extra_names = [f"{case}.seg.nrrd"] + [DICOM_FILES[f] for f in dicom_formats]
+    extra_names += ["metrics.csv"] if reference is not None else []
+    extra_names += [f"{case}.png"] if args.pictures else []
+    for name in output_names([o.name for o in organs], context["levels"], volume_format) + extra_names:
+        check_writable(inside(case_dir, name), args.overwrite)
     image = read_volume(path, "image")
-    reference = None
-    if args.reference is not None:
-        reference = Path(args.reference) / path.name
-        if not reference.is_file():
-            raise SDMOrganSegError(f"no reference label map {reference} (references need the input's file name)")
+    series = None
+    if dicom_formats:
+        from SDMOrganSegLib.dicomout import series_of
+
+        series = series_of(path, image)
     scene = context["scene"]
     logic: mrmllogic.SDMSegmentationLogic = context["logic"]
     volume = mrmllogic.sitk_to_volume_node(image, case, scene)
     try:
-        outputs = logic.segment_volume(volume, context["model_dir"], args.device, context["levels"], show2D=False, show3D=False)
+        outputs = logic.segment_volume(
+            volume, context["model_dir"], args.device, context["levels"], show2D=False, show3D=False,
+            tta=args.tta, largest_component=args.largest_component,
+        )
         try:
             computed = outputs.computed
+            computed.notes.extend(result.notes)
+            result.notes = list(computed.notes)
             result.volumes_ml = outputs.organ_volumes_ml()
-            case_dir.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=case_dir))
-            try:
-                from SDMOrganSegLib.contours import level_tag
-                from SDMOrganSegLib.files import safe_name, worker_threads
-                from SDMOrganSegLib.imageio import error_line
-                from SDMOrganSegLib.imagewriting import write_image
+            reference_image = None
+            if reference is not None:
+                from SDMOrganSegLib.metrics import evaluate_images
 
-                # The SDM volumes are the computed images the nodes show, written by imagewriting (ITK's NRRD,
-                # ISA-L gzip: 0.43 s for a CT SDM against 1.9 s through Slicer's storage node) on worker
-                # threads while the segmentation and the surfaces go through Slicer's storage nodes here.
-                with ThreadPoolExecutor(worker_threads()) as pool:
-                    sdm_files = {
-                        organ.name: pool.submit(write_image, computed.sdms[organ.name], staging / f"sdm_{safe_name(organ.name)}.nrrd")
-                        for organ in computed.organs
-                    }
-                    headless.save_node(outputs.segmentation, staging / f"{case}.seg.nrrd", overwrite=True)
-                    for organ in computed.organs:
-                        for level, model in outputs.contours[organ.name].items():
-                            (staging / "contours").mkdir(exist_ok=True)
-                            headless.save_node(model, staging / "contours" / f"{safe_name(organ.name)}_{level_tag(level)}.vtk", overwrite=True)
-                    for organ_name, written in sdm_files.items():
-                        try:
-                            written.result()
-                        except (RuntimeError, OSError) as error:
-                            raise SDMOrganSegError(f"cannot write the SDM of {organ_name}: {error_line(error)}; check free disk space and permissions") from None
-                if reference is not None:
-                    from SDMOrganSegLib.imageio import read_image
-                    from SDMOrganSegLib.metrics import evaluate_images
+                reference_image = read_image(reference, "reference label map")
+                result.metrics = evaluate_images(computed.labels, reference_image, {o.label: o.name for o in organs})
+            files = {f"{case}.seg.nrrd": lambda target: headless.save_node(outputs.segmentation, target, overwrite=True)}
+            if series is not None:
+                from SDMOrganSegLib.dicomout import WRITERS
 
-                    organs = {organ.label: organ.name for organ in computed.organs}
-                    result.metrics = evaluate_images(computed.labels, read_image(reference, "reference label map"), organs)
-                    _write_metrics(result.metrics, staging / "metrics.csv")
-                if args.pictures:
-                    write_picture(image, computed, staging / f"{case}.png", f"{case} — {computed.model_name}")
-                # Everything is complete: move into place (each rename is atomic).
-                for name, target in targets.items():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staging / name, target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                for fmt in dicom_formats:
+                    files[DICOM_FILES[fmt]] = functools.partial(WRITERS[fmt], computed.labels, organs, series, model_name=computed.model_name)
+            if reference is not None:
+                from SDMOrganSegLib.metrics import write_metrics_csv
+
+                files["metrics.csv"] = lambda target: write_metrics_csv(result.metrics, target, overwrite=True)
+            if args.pictures:
+                files[f"{case}.png"] = lambda target: _picture(target, case, image, computed, reference_image, result)
+            write_result(
+                computed, case_dir, volume_format, context["levels"], args.overwrite,
+                extra_summary={"input": str(path), "model_folder": str(context["model_dir"]), "reference": str(reference) if reference else None},
+                extra_files=files, surfaces=computed.surfaces,
+            )
         finally:
             logic.remove_outputs(outputs)
     finally:
@@ -230,11 +183,21 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
     return result
 
 
+def _picture(target: Path, case: str, image: Any, computed: Any, reference: Any, result: CaseResult) -> None:
+    from SDMOrganSegLib.pictures import case_picture
+
+    dice = {name: float(metrics.dice) for name, metrics in result.metrics.items()} if reference is not None else None
+    result.thumbnail = case_picture(
+        target, case, image, computed.labels, computed.sdms, computed.organs, computed.levels, f"{case} — model {computed.model_name}",
+        reference=reference, dice=dice,
+    )
+
+
 def summary_csv(results: Sequence[CaseResult], organs: Sequence[Any], with_metrics: bool) -> str:
     """The summary table: case, status, reason, seconds, per-organ volumes and (optionally) metrics."""
     from SDMOrganSegLib.files import safe_name
 
-    header = ["case", "status", "reason", "seconds"] + [f"volume_ml_{safe_name(o.name)}" for o in organs]
+    header = ["case", "status", "reason", "notes", "seconds"] + [f"volume_ml_{safe_name(o.name)}" for o in organs]
     metric_fields = (("dice", "dice"), ("hd_mm", "hd"), ("hd95_mm", "hd95"), ("asd_mm", "asd"))
     if with_metrics:
         header += [f"{column}_{safe_name(o.name)}" for o in organs for column, _ in metric_fields]
@@ -242,17 +205,37 @@ def summary_csv(results: Sequence[CaseResult], organs: Sequence[Any], with_metri
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for result in results:
-        row = [result.case, result.status, result.reason, f"{result.seconds:.2f}"]
+        row = [result.case, result.status, result.reason, "; ".join(result.notes), f"{result.seconds:.2f}"]
         row += [f"{result.volumes_ml[o.name]:.4f}" if o.name in result.volumes_ml else "" for o in organs]
         if with_metrics:
             for organ in organs:
                 metrics = result.metrics.get(organ.name)
-                row += [repr(float(getattr(metrics, attribute))) if metrics is not None else "" for _, attribute in metric_fields]
+                scored = metrics is not None and metrics.scored  # an organ absent from both maps has no metrics
+                row += [repr(float(getattr(metrics, attribute))) if scored else "" for _, attribute in metric_fields]
         writer.writerow(row)
     return buffer.getvalue()
 
 
-def missing_packages(reference: bool, pictures: bool) -> list[str]:
+def write_overview(path: Path, results: Sequence[CaseResult]) -> None:
+    """overview.png: the cases' thumbnails, worst Dice first (written atomically)."""
+    from SDMOrganSegLib.files import atomic_path
+    from SDMOrganSegLib.pictures import overview_picture
+
+    thumbnails = [result.thumbnail for result in results if result.thumbnail is not None]
+    with atomic_path(path, overwrite=True) as temporary:
+        overview_picture(temporary, thumbnails, failed=[result.case for result in results if result.status != "ok"])
+
+
+def _formats(text: str) -> tuple[str, tuple[str, ...]]:
+    from SDMOrganSegLib.outputs import parse_formats
+
+    try:
+        return parse_formats(text)
+    except ValueError as error:
+        raise SDMOrganSegError(f"--format: {error}") from None
+
+
+def missing_packages(reference: bool, pictures: bool, dicom: bool = False) -> list[str]:
     """pip names of the packages this run needs that cannot be imported (checked before any work)."""
     import importlib.util
 
@@ -261,6 +244,8 @@ def missing_packages(reference: bool, pictures: bool) -> list[str]:
         wanted["scipy"] = "scipy"
     if pictures:
         wanted["matplotlib"] = "matplotlib"
+    if dicom:
+        wanted.update({"highdicom": "highdicom", "pydicom": "pydicom"})
     return [name for module, name in wanted.items() if importlib.util.find_spec(module) is None]
 
 
@@ -276,16 +261,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary_path = output / SUMMARY
     try:
         # Checked first, before the slow imports: refusing to overwrite should be instant.
-        if summary_path.exists() and not args.overwrite:
-            raise SDMOrganSegError(f"{summary_path} already exists (an earlier run); pass --overwrite to replace its outputs or choose another --output")
+        for earlier in (summary_path, output / OVERVIEW) if args.pictures else (summary_path,):
+            if earlier.exists() and not args.overwrite:
+                raise SDMOrganSegError(f"{earlier} already exists (an earlier run); pass --overwrite to replace its outputs or choose another --output")
         from SDMOrganSegLib import headless, mrmllogic
         from SDMOrganSegLib.files import safe_name, write_text_atomic
         from SDMOrganSegLib.imageio import case_name
 
         levels = mrmllogic.as_levels(args.levels)
+        formats = _formats(args.format)
         if args.reference is not None and not Path(args.reference).is_dir():
             raise SDMOrganSegError(f"--reference {args.reference} is not a folder")
-        missing = missing_packages(reference=args.reference is not None, pictures=args.pictures)
+        missing = missing_packages(reference=args.reference is not None, pictures=args.pictures, dicom=bool(formats[1]))
         if missing:
             raise SDMOrganSegError(
                 f"Python packages missing: {', '.join(missing)}; install them (pip install {' '.join(missing)}), "
@@ -300,14 +287,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = find_cases(args.input)
         if not cases:
             raise SDMOrganSegError("no input images found; give image files or folders holding them")
+        if formats[1] and not any(path.is_dir() for path in cases):
+            raise SDMOrganSegError(
+                f"--format {','.join(formats[1])} writes DICOM that refers to the input's slices, but no input is a DICOM series folder; "
+                "give DICOM series folders, or use --format nifti or nrrd"
+            )
         session = headless.start()
         context = {
             "scene": session.scene, "logic": mrmllogic.SDMSegmentationLogic(session.scene), "model_dir": model_dir,
-            "organs": card.organs, "levels": levels,
+            "organs": card.organs, "levels": levels, "formats": formats,
         }
         output.mkdir(parents=True, exist_ok=True)
     except SDMOrganSegError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"sdmorganseg: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_SETUP
 
     print(f"SDMOrganSeg batch: {len(cases)} case(s), model {card.name} ({model_dir}), device {args.device}", flush=True)
@@ -323,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = process_case(path, case, args, context)
         except Exception as error:  # one bad case must not stop the others
             result = CaseResult(case, "failed", _one_line(error))
+            print(f"sdmorganseg: error: {case}: {result.reason}", file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):
                 (Path(args.output) / case).rmdir()  # only if the failed case left it empty
             if os.environ.get("SDMORGANSEG_DEBUG"):
@@ -333,11 +326,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(result)
         verdict = f"ok ({result.seconds:.1f} s)" if result.status == "ok" else f"FAILED: {result.reason}"
         print(f"[{number}/{len(cases)}] {case}: {verdict}", flush=True)
+        for note in result.notes:
+            print(f"note: {case}: {note}", file=sys.stderr, flush=True)
 
     try:
         write_text_atomic(summary_path, summary_csv(results, card.organs, args.reference is not None), overwrite=True)
-    except OSError as error:
-        print(f"error: could not write {summary_path}: {error}", file=sys.stderr)
+        if args.pictures:
+            write_overview(output / OVERVIEW, results)
+    except (OSError, SDMOrganSegError) as error:
+        print(f"sdmorganseg: error: could not write the run's summary in {output}: {_one_line(error)}", file=sys.stderr)
         return EXIT_SETUP
     succeeded = sum(result.status == "ok" for result in results)
     print(f"{succeeded} of {len(results)} case(s) succeeded; summary: {summary_path}", flush=True)
@@ -377,6 +374,6 @@ if __name__ == "__main__":
     import importlib.util
 
     if importlib.util.find_spec("slicer") is None:
-        print("error: batch.py needs Slicer or the slicer-core package (pip install slicer-core)", file=sys.stderr)
+        print("sdmorganseg: error: batch.py needs Slicer or the slicer-core package; pip install slicer-core", file=sys.stderr)
         sys.exit(EXIT_SETUP)
     _exit(run(sys.argv[1:]))

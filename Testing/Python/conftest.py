@@ -39,6 +39,26 @@ def needs_torch() -> None:
     pytest.importorskip("torch", reason="PyTorch is not installed")
 
 
+def float32_tolerance(network, magnitude: float = 1.0) -> float:
+    """How far two float32 runs of ``network`` that sum in different orders (oneDNN or PyTorch's own kernel,
+    AVX-512 or AVX2 blocking, a mirrored input) may differ, from float32 arithmetic rather than one machine.
+
+    A sum of K products rounded in float32, in any order, lies within K * eps/2 * sum|terms| of the exact sum
+    (Higham, *Accuracy and Stability of Numerical Algorithms*, 3.1), so two orders differ by at most
+    K * eps * sum|terms|. K is the longest sum in the network (input channels x kernel voxels of its widest
+    convolution: 3456 for the cpu preset, a bound of 4.1e-4 for outputs of size 1); group norm brings every
+    layer's activations back to size 1, so ``magnitude`` (the size of the outputs compared) scales it.
+    Measured differences are 1e-6 to 1.04e-5; a wrong kernel or layout differs by 1e-2 and more.
+    """
+    import numpy as np
+    import torch
+
+    longest = max(
+        m.in_channels // m.groups * int(np.prod(m.kernel_size)) for m in network.modules() if isinstance(m, torch.nn.Conv3d)
+    )
+    return longest * float(np.finfo(np.float32).eps) * max(1.0, float(magnitude))
+
+
 def hippocampus_cases() -> list[str]:
     return sorted(p.name[: -len(".nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))
 
@@ -86,3 +106,45 @@ def calibrated_model(folder: Path, name: str, organs: list, image_path: Path, fr
             net.head.bias[channel] -= math.atanh(min(max(value, -0.999), 0.999))
     modelfiles.save_model(net, card, folder, overwrite=True)
     return folder
+
+
+def write_dicom_series(image_path: Path, folder: Path, modality: str = "MR") -> list[Path]:
+    """A DICOM series made from a NIfTI fixture with pydicom (one file per slice, whole-number voxels), so
+    that the repository holds no DICOM files: same size, spacing, origin and direction."""
+    import numpy as np
+    import pydicom
+    import SimpleITK as sitk
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    image = sitk.ReadImage(str(image_path))
+    voxels = np.rint(sitk.GetArrayFromImage(image)).astype(np.int16)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index in range(voxels.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.FileDataset(None, Dataset(), file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality = modality
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Fixture", image_path.name.split(".")[0], "", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+        ds.SeriesNumber, ds.InstanceNumber, ds.PositionReferenceIndicator = 1, index + 1, ""
+        ds.ImagePositionPatient = [float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, index))]
+        ds.ImageOrientationPatient = [float(v) for v in (*direction[:, 0], *direction[:, 1])]
+        ds.PixelSpacing = [float(image.GetSpacing()[1]), float(image.GetSpacing()[0])]
+        ds.SliceThickness = float(image.GetSpacing()[2])
+        ds.Rows, ds.Columns = voxels.shape[1], voxels.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = voxels[index].tobytes()
+        path = folder / f"slice_{index:03d}.dcm"
+        ds.save_as(str(path), enforce_file_format=True)
+        files.append(path)
+    return files

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import HIPPOCAMPUS
+from conftest import HIPPOCAMPUS, REPO
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -19,11 +19,16 @@ from scipy import ndimage
 
 from SDMOrganSegLib.errors import SDMOrganSegError
 from SDMOrganSegLib.metrics import (
+    ABSENT,
+    UNANNOTATED,
     OrganMetrics,
     _surfel_area_table,
+    annotated_organs,
     evaluate_images,
     evaluate_label_maps,
     format_metrics_table,
+    mean_metrics,
+    not_scored,
     organ_metrics,
     write_metrics_csv,
     write_metrics_json,
@@ -139,7 +144,9 @@ def test_label_map_evaluation_matches_per_mask_metrics():
     named = evaluate_label_maps(pred, ref, spacing, {2: "posterior", 7: "absent"})
     assert list(named) == ["posterior", "absent"]
     assert named["posterior"] == results["2"]
-    assert named["absent"] == OrganMetrics(dice=1.0, hd=0.0, hd95=0.0, asd=0.0)
+    assert named["absent"].status == "absent" and all(math.isnan(v) for v in named["absent"].to_dict().values())
+    # The same on the path without bounding boxes (label values too large for them).
+    assert evaluate_label_maps(pred.astype(np.int32) * 70000, ref.astype(np.int32) * 70000, spacing, {7: "absent"})["absent"].status == "absent"
     # Label values read from JSON arrive as strings.
     assert evaluate_label_maps(pred, ref, spacing, {"2": "posterior"})["posterior"] == results["2"]
     with pytest.raises(SDMOrganSegError, match="integers"):
@@ -299,8 +306,64 @@ def test_table_has_every_organ_and_a_mean_row():
     assert lines[0].split()[:2] == ["Organ", "Dice"]
     assert lines[2].split() == ["liver", "0.9100", "12.50", "4.25", "1.25"]
     assert lines[3].split() == ["spleen/left", "0.0000", "inf", "inf", "inf"]
-    assert lines[4].split()[:2] == ["mean", "0.4550"]
+    assert lines[4].split()[:5] == ["mean", "of", "2", "organs", "0.4550"]
     assert len({len(line) for line in lines[:5]}) == 1  # aligned columns
+
+
+def test_organs_not_scored_are_said_so_and_left_out_of_the_mean(tmp_path):
+    """An organ in neither map scored Dice 1 and HD 0 before, and a wrong organ list lifted the mean with it."""
+    results = {**RESULTS, "kidney": not_scored(ABSENT), "colon": not_scored(UNANNOTATED)}
+    mean, count = mean_metrics(results)
+    assert count == 2 and mean.dice == pytest.approx(0.455) and math.isinf(mean.hd)
+    lines = format_metrics_table(results).splitlines()
+    assert lines[4].split()[0] == "kidney" and "absent from prediction and reference: not scored" in lines[4]
+    assert lines[5].split()[0] == "colon" and "not annotated" in lines[5]
+    assert lines[6].split()[:5] == ["mean", "of", "2", "organs", "0.4550"]
+
+    write_metrics_csv(results, tmp_path / "m.csv")
+    rows = {row["organ"]: row for row in csv.DictReader((tmp_path / "m.csv").open())}
+    assert list(rows) == ["liver", "spleen/left", "kidney", "colon", "mean"]
+    assert (rows["kidney"]["dice"], rows["kidney"]["status"]) == ("", "absent")
+    assert (rows["colon"]["hd_mm"], rows["colon"]["status"]) == ("", "unannotated")
+    assert float(rows["mean"]["dice"]) == pytest.approx(0.455) and rows["mean"]["status"] == "mean of 2 organs"
+
+    write_metrics_json(results, tmp_path / "m.json")
+    document = json.loads((tmp_path / "m.json").read_text())
+    assert document["kidney"] == {"status": "absent"} and document["colon"] == {"status": "unannotated"}
+    assert document["mean"] == {"dice": pytest.approx(0.455), "hd": "inf", "hd95": "inf", "asd": "inf", "organs": 2}
+
+    nothing = {"kidney": not_scored(ABSENT)}
+    write_metrics_json(nothing, tmp_path / "none.json")
+    assert json.loads((tmp_path / "none.json").read_text())["mean"] == {"dice": None, "hd": None, "hd95": None, "asd": None, "organs": 0}
+    assert "(no organ scored)" in format_metrics_table(nothing)
+    with pytest.raises(SDMOrganSegError, match="named 'mean'"):
+        write_metrics_json({"mean": RESULTS["liver"]}, tmp_path / "bad.json")
+
+
+def test_unannotated_organs_are_skipped_and_unknown_names_refused():
+    pred = ndimage.shift(hippocampus_labels("hippocampus_001"), (0, 1, -1), order=0)
+    ref = hippocampus_labels("hippocampus_001")
+    organs = {1: "anterior", 2: "posterior"}
+    full = evaluate_label_maps(pred, ref, (1, 1, 1), organs)
+    partial = evaluate_label_maps(pred, ref, (1, 1, 1), organs, annotated=["posterior"])
+    assert partial["posterior"] == full["posterior"] and partial["anterior"].status == "unannotated"
+    assert mean_metrics(partial) == (full["posterior"], 1)
+    with pytest.raises(SDMOrganSegError, match="'brainstem', not among the organs evaluated"):
+        evaluate_label_maps(pred, ref, (1, 1, 1), organs, annotated=["posterior", "brainstem"])
+
+
+def test_annotations_file_in_the_openkbp_format(tmp_path):
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps({"hn_001": ["brainstem", "spinal cord"], "hn_002": ["larynx"]}, indent=1))
+    assert annotated_organs(path, "hn_002") == ["larynx"]
+    with pytest.raises(SDMOrganSegError, match="no entry for case 'hn_003'"):
+        annotated_organs(path, "hn_003")
+    path.write_text(json.dumps({"hn_001": "brainstem"}))
+    with pytest.raises(SDMOrganSegError, match="lists of organ names"):
+        annotated_organs(path, "hn_001")
+    shared = REPO.parent / "shared" / "data" / "openkbp-hn" / "annotations.json"
+    if shared.is_file():  # the real file, where the shared data lies beside the checkout
+        assert annotated_organs(shared, "hn_001") == ["brainstem", "spinal cord", "right parotid", "left parotid", "mandible"]
 
 
 def test_csv_and_json_are_parseable_and_not_overwritten(tmp_path):
@@ -309,7 +372,7 @@ def test_csv_and_json_are_parseable_and_not_overwritten(tmp_path):
     write_metrics_json(RESULTS, json_path)
 
     rows = list(csv.DictReader(csv_path.open()))
-    assert [row["organ"] for row in rows] == list(RESULTS)
+    assert [row["organ"] for row in rows] == [*RESULTS, "mean"]
     assert float(rows[0]["hd95_mm"]) == 4.25 and float(rows[0]["dice"]) == 0.91
     assert math.isinf(float(rows[1]["asd_mm"]))
 
@@ -317,6 +380,7 @@ def test_csv_and_json_are_parseable_and_not_overwritten(tmp_path):
     assert document["liver"] == {"dice": 0.91, "hd": 12.5, "hd95": 4.25, "asd": 1.25}
     assert document["spleen/left"] == {"dice": 0.0, "hd": "inf", "hd95": "inf", "asd": "inf"}
     assert math.isinf(float(document["spleen/left"]["hd"]))
+    assert document["mean"]["organs"] == 2 and document["mean"]["dice"] == pytest.approx(0.455)
 
     for writer, path in ((write_metrics_csv, csv_path), (write_metrics_json, json_path)):
         before = path.read_text()

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 
 from SDMOrganSegLib.errors import SDMOrganSegError
-from SDMOrganSegLib.modelfiles import CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, load_model, read_card, resolve_model
+from SDMOrganSegLib.modelfiles import CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, load_model, read_card, resolve_model, save_model, shipped_models
 
 SHIPPED = REPO / "Resources" / "Models" / DEFAULT_MODEL
 
@@ -88,3 +88,42 @@ def test_newer_card_format_is_refused(card_copy):
 def test_unknown_model_name_lists_shipped_models():
     with pytest.raises(SDMOrganSegError, match="neither a folder nor a shipped model"):
         resolve_model("no-such-model")
+
+
+def test_training_run_folder_names_the_model_folders_in_it(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "best")
+    shutil.copytree(tiny_model_dir, run / "last")
+    (run / "checkpoint.pt").write_bytes(b"\x80\x04pickled resume state")
+    for read in (load_model, read_card):
+        with pytest.raises(SDMOrganSegError, match=r"training run folder.*use .*best") as error:
+            read(run)
+        assert "pickle" not in str(error.value)
+    assert load_model(run / "best").card.name == "tiny-random"
+
+
+def test_saved_model_files_get_ordinary_permissions(tiny_model_dir, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder = tmp_path / "saved"
+    model = load_model(tiny_model_dir)
+    save_model(model.network, model.card, folder)
+    for name in (WEIGHTS_FILE, CARD_FILE):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_model_folder_named_like_a_shipped_model_is_not_shadowed_silently(tiny_model_dir, tmp_path, monkeypatch):
+    shipped = shipped_models()
+    if "hippocampus" not in shipped:
+        pytest.skip("the shipped hippocampus model is not installed")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("hippocampus") == shipped["hippocampus"]
+    (tmp_path / "hippocampus").mkdir()  # a data folder of that name does not matter
+    assert resolve_model("hippocampus") == shipped["hippocampus"]
+    shutil.rmtree(tmp_path / "hippocampus")
+    shutil.copytree(tiny_model_dir, tmp_path / "hippocampus")
+    with pytest.raises(SDMOrganSegError, match=r"both a shipped model and the folder .*pass \./hippocampus"):
+        resolve_model("hippocampus")
+    assert resolve_model("./hippocampus").resolve() == (tmp_path / "hippocampus").resolve()

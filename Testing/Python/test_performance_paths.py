@@ -19,6 +19,7 @@ from vtk.util import numpy_support
 from SDMOrganSegLib import contours, inference, sdm
 from SDMOrganSegLib.errors import CancelledError
 from SDMOrganSegLib.network import UNet3D, preset
+from conftest import float32_tolerance
 
 
 def _ellipsoid(shape, centre, radii) -> np.ndarray:
@@ -140,7 +141,9 @@ def test_prediction_keeps_float32_accuracy_on_flat_regions():
             weights = inference.gaussian_weights(prediction.shape[1:]).astype(np.float64)
             output[(slice(None),) + region] += prediction * weights
             weight_sum[region] += weights
-    assert np.abs(result - output / weight_sum).max() < 1e-3
+    expected = output / weight_sum
+    # Measured 3.8e-6 against a bound of 4.1e-4; the channels-last group norm was off by up to 0.1.
+    assert np.abs(result - expected).max() < float32_tolerance(network, np.abs(expected).max())
 
 
 def test_single_tile_prediction_matches_the_network():
@@ -151,7 +154,7 @@ def test_single_tile_prediction_matches_the_network():
         expected = network(torch.from_numpy(volume)[None, None])[0].numpy()
     result = inference.predict_array(network, volume, torch.device("cpu"))
     # oneDNN's float32 sums in another order than PyTorch's generic kernel: rounding-level differences.
-    assert result.flags.c_contiguous and np.abs(result - expected).max() < 1e-5
+    assert result.flags.c_contiguous and np.abs(result - expected).max() < float32_tolerance(network, np.abs(expected).max())
 
 
 def _convolution_kernels(run) -> list[str]:
@@ -180,7 +183,7 @@ def test_every_convolution_goes_to_onednn_on_the_cpu():
     assert plain_kernels.count("aten::convolution") == convolutions
     assert "aten::slow_conv3d_forward" not in routed and routed.count("aten::mkldnn_convolution") == convolutions - 1
     result = inference.predict_array(network, volume, torch.device("cpu"))
-    assert np.abs(result - expected).max() < 1e-5
+    assert np.abs(result - expected).max() < float32_tolerance(network, np.abs(expected).max())
     assert not any("forward" in vars(m) for m in network.modules())
     inference.ONEDNN_ON_CPU = False
     try:

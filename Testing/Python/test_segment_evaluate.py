@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -57,12 +58,51 @@ def test_segment_then_evaluate_real_case(model_dir, tmp_path):
     evaluation = run_cli("evaluate", str(out / "labels.nii.gz"), str(reference), "--model", str(model_dir), "--json", str(tmp_path / "m.json"), "--csv", str(tmp_path / "m.csv"))
     assert evaluation.returncode == 0, evaluation.stderr
     metrics = json.loads((tmp_path / "m.json").read_text())
+    mean = metrics.pop("mean")
     assert set(metrics) == set(card.organ_names)
     for values in metrics.values():
         assert set(values) == {"dice", "hd", "hd95", "asd"}
+    assert mean["organs"] == len(card.organs)
+    assert mean["dice"] == pytest.approx(np.mean([v["dice"] for v in metrics.values()]))
     if SHIPPED:
         # hippocampus_003 is a validation case: the shipped model must really segment it.
         assert min(v["dice"] for v in metrics.values()) > 0.75
+
+    # Without --model or --labels the organ names come from the summary.json beside the prediction.
+    beside = run_cli("evaluate", str(out / "labels.nii.gz"), str(reference), "--json", str(tmp_path / "beside.json"))
+    assert beside.returncode == 0, beside.stderr
+    assert json.loads((tmp_path / "beside.json").read_text()) == {**metrics, "mean": mean}
+
+    # Partially annotated reference: only the organs listed for its case (the file name) are scored.
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text(json.dumps({case: [card.organ_names[0]], "other_case": card.organ_names}))
+    partial = run_cli("evaluate", str(out / "labels.nii.gz"), str(reference), "--ignore-unannotated", str(annotations), "--json", str(tmp_path / "partial.json"))
+    assert partial.returncode == 0, partial.stderr
+    scored = json.loads((tmp_path / "partial.json").read_text())
+    assert scored[card.organ_names[0]] == metrics[card.organ_names[0]] and scored[card.organ_names[1]] == {"status": "unannotated"}
+    assert scored["mean"] == {**metrics[card.organ_names[0]], "organs": 1}
+    assert "not annotated in the reference: not scored" in partial.stdout
+
+
+def test_evaluate_leaves_organs_in_neither_map_out_of_the_mean(tmp_path):
+    """A labels file naming more organs than the maps hold: the extra organs are reported, not scored."""
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"labels": {"1": "anterior", "2": "posterior", "3": "tail", "4": "head"}}))
+    reference = HIPPOCAMPUS / "labelsTr" / "hippocampus_001.nii.gz"
+    shifted = sitk.ReadImage(str(reference))
+    array = np.roll(sitk.GetArrayFromImage(shifted), 1, axis=2)
+    moved = sitk.GetImageFromArray(array)
+    moved.CopyInformation(shifted)
+    sitk.WriteImage(moved, str(tmp_path / "pred.nii.gz"))
+    result = run_cli("evaluate", str(tmp_path / "pred.nii.gz"), str(reference), "--labels", str(labels), "--json", str(tmp_path / "m.json"), "--csv", str(tmp_path / "m.csv"))
+    assert result.returncode == 0, result.stderr
+    document = json.loads((tmp_path / "m.json").read_text())
+    assert document["tail"] == document["head"] == {"status": "absent"}
+    assert document["mean"]["organs"] == 2
+    assert document["mean"]["dice"] == pytest.approx((document["anterior"]["dice"] + document["posterior"]["dice"]) / 2)
+    assert document["mean"]["dice"] < 0.95  # it read close to 1 when the two absent organs counted as perfect
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert rows[0] == "organ,dice,hd_mm,hd95_mm,asd_mm,status" and rows[-1].startswith("mean,") and rows[-1].endswith(",mean of 2 organs")
 
 
 @pytest.mark.parametrize("spacing", [None, (0.8, 1.0, 1.7)])
@@ -120,3 +160,24 @@ def test_help_for_every_command():
     for command in ("segment", "evaluate", "sdm", "train"):
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "usage: sdmorganseg" in result.stdout
+
+
+def test_train_help_shows_every_default():
+    from SDMOrganSegLib.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    text = " ".join(train.format_help().split())
+    for action in train._actions:
+        if action.option_strings and action.default not in (None, False) and action.default is not argparse.SUPPRESS:
+            shown = {"--patch": "32,48,32", "--lr": "5e-4", "--sdm-weight": "10"}.get(action.option_strings[0], str(action.default))
+            assert f"default {shown}" in text, action.option_strings
+
+
+def test_unwritable_output_name_is_the_users_file(tmp_path):
+    label_path = HIPPOCAMPUS / "labelsTr" / "hippocampus_001.nii.gz"
+    for name in ("sdm.xyz", "sdm.png"):
+        result = run_cli("sdm", str(label_path), str(tmp_path / name))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"cannot write {tmp_path / name}:" in result.stderr and ".part" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
