@@ -30,7 +30,7 @@ from . import __version__
 from .dataset import PreparedCase, check_case_headers, find_cases, load_cases, make_split, read_annotations, read_label_names, read_split
 from .errors import SDMOrganSegError
 from .files import atomic_path, write_text_atomic
-from .inference import predict_array, resolve_device
+from .inference import predict_array, resolve_device, tta_axes
 from .losses import MODES, SDMSegmentationLoss, output_activation_for
 from .modelfiles import ModelCard, Organ, organs_from_labels, save_model, shipped_models
 from .network import UNet3D, preset
@@ -589,8 +589,7 @@ def evaluate_model_on_split(
     if annotations is not None:
         for case in prepared:
             case.annotated = annotations[case.name]
-    flip = card.training.get("config", {}).get("flip", True)
-    mirror = (2,) if tta and flip else ()
+    mirror = tta_axes(card) if tta else ()
     window = tuple(reversed(card.window)) if card.window else None
     return evaluate_cases(model.network, prepared, card.organs, resolve_device(device), window_zyx=window, mirror_axes=mirror), prepared
 
