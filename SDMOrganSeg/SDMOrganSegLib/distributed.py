@@ -111,12 +111,13 @@ def batch_slice(count: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def shard(sizes: Sequence[float], world_size: int) -> list[list[int]]:
     """Indices of items of the given sizes (e.g. bytes) dealt to ``world_size`` ranks so their totals are
-    close: largest first, each to the rank with the least so far (the lowest rank on ties). Deterministic,
-    so every rank computes the same deal without talking to the others; each rank's indices ascending."""
+    close: largest first, each to the rank with the least so far (on ties the one with fewer items, then the
+    lowest rank). Deterministic, so every rank computes the same deal without talking to the others; each
+    rank's indices ascending."""
     totals = [0.0] * world_size
     shares: list[list[int]] = [[] for _ in range(world_size)]
     for index in sorted(range(len(sizes)), key=lambda i: (-float(sizes[i]), i)):
-        rank = min(range(world_size), key=lambda r: (totals[r], r))
+        rank = min(range(world_size), key=lambda r: (totals[r], len(shares[r]), r))
         shares[rank].append(index)
         totals[rank] += float(sizes[index])
     return [sorted(share) for share in shares]
