@@ -9,6 +9,13 @@ or on plain Python with the ``slicer-core`` package (a headless MRML scene, see 
 
     python SDMOrganSeg/Scripts/batch.py --input IMAGES --output OUT [--model M] [--reference LABELS]
 
+or on several processes, one per GPU, with PyTorch's launcher (multi-node: ``--nnodes``, ``--rdzv-endpoint``)::
+
+    torchrun --standalone --nproc-per-node=8 SDMOrganSeg/Scripts/batch.py --input IMAGES --output OUT --device cuda
+
+Each rank segments its share of the cases (:func:`SDMOrganSegLib.distributed.shard`, by input size) on
+``cuda:LOCAL_RANK``, exactly as one process would; rank 0 gathers the rows and writes the summary files.
+
 Per case, in ``OUT/<case>/``, the files ``sdmorganseg segment`` writes, under the same names:
 ``labels.nii.gz`` (``.nrrd`` with ``--format nrrd``), ``sdm_<organ>.nii.gz``, ``contours/<organ>_<level>.vtp``
 (LPS), ``summary.json``; plus ``<case>.seg.nrrd`` (a Slicer segmentation, one segment per organ, named and
@@ -23,7 +30,9 @@ every case succeeded (1: some failed, 2: nothing could be run, including any une
 the application always exits with the code, so no window-less Slicer is left running).
 
 Files are written under temporary names and renamed when complete; existing files are never replaced
-without ``--overwrite``; case names are sanitised so nothing is written outside ``OUT``.
+without ``--overwrite``; case names are sanitised so nothing is written outside ``OUT``. A rerun after a
+crash (no ``summary.csv`` yet) keeps the cases an earlier run with the same settings completed
+(:func:`done_earlier`) and does the others.
 """
 
 from __future__ import annotations
