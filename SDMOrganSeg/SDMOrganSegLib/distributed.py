@@ -84,6 +84,12 @@ def from_environment(environ: Mapping[str, str] | None = None) -> Ranks:
     return ranks
 
 
+def processes_on_this_machine(environ: Mapping[str, str] | None = None) -> int:
+    """``LOCAL_WORLD_SIZE`` as torchrun sets it, else 1 (never an error: it only divides a default budget)."""
+    text = (os.environ if environ is None else environ).get("LOCAL_WORLD_SIZE", "1")
+    return int(text) if text.isdigit() and int(text) > 0 else 1
+
+
 def timeout_minutes(environ: Mapping[str, str] | None = None) -> float:
     """How long a rank waits for the others at a collective before the run stops."""
     text = (os.environ if environ is None else environ).get(TIMEOUT_ENV, "").strip()

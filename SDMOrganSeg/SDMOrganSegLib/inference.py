@@ -299,7 +299,7 @@ def memory_budget_bytes(memory_gb: float | None = None) -> float | None:
             raise SDMOrganSegError(f"the memory budget must be a positive number of GB, not {memory_gb}")
         return float(memory_gb) * 1e9
     available = available_memory_bytes()
-    return MEMORY_SHARE * available / distributed.from_environment().local_world_size if available else None
+    return MEMORY_SHARE * available / distributed.processes_on_this_machine() if available else None
 
 
 def _padded(shape: Sequence[int], multiple: int) -> int:

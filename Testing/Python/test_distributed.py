@@ -31,6 +31,21 @@ def test_ranks_come_from_torchruns_variables():
         assert "\n" not in str(caught.value)
 
 
+def test_the_default_memory_budget_is_shared_by_the_processes_of_a_machine(monkeypatch):
+    assert [distributed.processes_on_this_machine(e) for e in ({}, {"LOCAL_WORLD_SIZE": "8"}, {"LOCAL_WORLD_SIZE": "x"})] == [1, 8, 1]
+    needs_torch()
+    from SDMOrganSegLib.inference import MEMORY_ENV, memory_budget_bytes
+
+    monkeypatch.delenv(MEMORY_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = memory_budget_bytes()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert memory_budget_bytes() == pytest.approx(alone / 4, rel=0.2)  # available memory moves a little meanwhile
+    assert memory_budget_bytes(3.0) == 3e9  # a given budget is each process's
+    monkeypatch.setenv(MEMORY_ENV, "5")
+    assert memory_budget_bytes() == 5e9
+
+
 def test_timeout_is_minutes_from_the_environment():
     assert distributed.timeout_minutes({}) == distributed.DEFAULT_TIMEOUT_MINUTES
     assert distributed.timeout_minutes({distributed.TIMEOUT_ENV: "90"}) == 90
