@@ -65,7 +65,7 @@ SINGLE = Ranks()
 def from_environment(environ: Mapping[str, str] | None = None) -> Ranks:
     """The ranks torchrun's variables describe; :data:`SINGLE` without them."""
     environ = os.environ if environ is None else environ
-    if "WORLD_SIZE" not in environ:
+    if environ.get("WORLD_SIZE", "1").strip() == "1":
         return SINGLE
     values = {}
     for name, default in (("RANK", None), ("WORLD_SIZE", None), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):

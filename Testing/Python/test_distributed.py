@@ -24,7 +24,8 @@ def test_ranks_come_from_torchruns_variables():
     assert distributed.from_environment({}) == distributed.SINGLE and not distributed.SINGLE.distributed
     ranks = distributed.from_environment({"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"})
     assert ranks == distributed.Ranks(3, 16, 3, 8) and ranks.shard == (3, 16) and not ranks.main
-    assert distributed.from_environment({"RANK": "0", "WORLD_SIZE": "1"}).shard is None  # torchrun with one process: as without
+    assert distributed.from_environment({"RANK": "0", "WORLD_SIZE": "1"}) == distributed.SINGLE  # torchrun with one process: as without
+    assert distributed.from_environment({"WORLD_SIZE": "1"}) == distributed.SINGLE
     for broken in ({"WORLD_SIZE": "2"}, {"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}):
         with pytest.raises(SDMOrganSegError, match="torchrun") as caught:
             distributed.from_environment(broken)
