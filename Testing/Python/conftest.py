@@ -151,7 +151,8 @@ def write_dicom_series(image_path: Path, folder: Path, modality: str = "MR") -> 
 
 
 def torchrun(processes: int) -> list[str]:
-    """``torchrun --standalone --nproc-per-node=N`` of this Python (a free port each time, one machine)."""
+    """``torchrun --standalone --nproc-per-node=N`` of this Python (a free port each time, one machine); the
+    launcher alone without the last two items."""
     launcher = Path(sys.executable).with_name("torchrun")
     prefix = [str(launcher)] if launcher.is_file() else [sys.executable, "-m", "torch.distributed.run"]
     return prefix + ["--standalone", f"--nproc-per-node={processes}"]

@@ -159,3 +159,41 @@ def test_a_failing_rank_stops_the_others_with_its_message(tmp_path, failing):
     assert "[rank0]:" not in output and "[rank1]:" not in output, output
     assert f"traceback : sdmorganseg: error: {message}" in output or f"failed: {message}" in output  # torchrun's root cause
     assert not (out / "log.csv").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_without_a_shared_run_folder_resume_from_rank_0s_checkpoint(runs, tmp_path):
+    """The multi-node form, two torchrun agents of one process each meeting at a rendezvous endpoint (two
+    "machines" on this one), each with its own run folder: rank 0 writes everything, the other machine's
+    folder gets only its own data cache. Rerun for one more epoch, both resume from the checkpoint that only
+    rank 0 can read (it hands it over), and end on the single-machine DDP run's exact losses."""
+    def both_nodes(*extra: str) -> list[subprocess.CompletedProcess]:
+        endpoint = f"127.0.0.1:{_free_port()}"
+        agents = [
+            subprocess.Popen(
+                [*torchrun(1)[:-2], "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                 "--rdzv-id=two-nodes", *sdmorganseg_command(True), "train", str(HIPPOCAMPUS), "--out", str(tmp_path / f"node{node}"),
+                 *SETTINGS, *extra],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=single_threaded_environment(),
+            )
+            for node in (0, 1)
+        ]
+        outputs = [agent.communicate(timeout=600) for agent in agents]
+        return [subprocess.CompletedProcess(agent.args, agent.returncode, *output) for agent, output in zip(agents, outputs)]
+
+    for done in both_nodes("--epochs", str(EPOCHS - 1)):
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (tmp_path / "node1").iterdir()) == ["cache", "split.json"]
+    finished = both_nodes()
+    assert all(done.returncode == 0 for done in finished), [done.stderr for done in finished]
+    assert f"resuming after epoch {EPOCHS - 1}" in finished[0].stderr + finished[1].stderr
+    assert not (tmp_path / "node1" / "checkpoint.pt").exists()
+    reference = log_rows(runs["ddp"][0])
+    assert [[row[key] for key in ("epoch", *LOSSES)] for row in log_rows(tmp_path / "node0")] == [[row[key] for key in ("epoch", *LOSSES)] for row in reference]
