@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from . import __version__, distributed
 from .errors import SDMOrganSegError
 
 EXIT_USER_ERROR = 2
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="architecture (default cpu; paper = 6 downsamplings, 24-384 channels)")
     train.add_argument("--mode", default="sdm+dice", choices=["dice", "sdm", "l1+dice", "sdm+dice"], help="training loss (default sdm+dice, Eq. 5)")
     train.add_argument("--epochs", type=int, default=200)
-    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--batch-size", type=int, default=2, help="patches per optimiser step, in all: under torchrun each of the N processes takes batch/N (a multiple of N)")
     train.add_argument("--patch", type=_patch, default=(32, 48, 32), help="training patch x,y,z voxels, or 'whole' for whole volumes (the largest training case) (default 32,48,32)")
     train.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4)")
     train.add_argument("--lr-decay", type=float, default=0.8, help="learning-rate factor (default 0.8)...")
@@ -334,6 +334,8 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         **({"intensity": args.intensity} if args.intensity else {}),
     )
     best = Trainer(config).run()
+    if not distributed.from_environment().main:
+        return 0  # under torchrun: rank 0 finalises and reports
     if args.finalize:
         summary = finalize_best_model(args.out, args.data, args.device, tta=args.tta)
         print(json.dumps(summary, indent=1))
@@ -369,7 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_train(args, argv)
     except SDMOrganSegError as error:
         # End a progress line first, if one was started, so the error stays on a line of its own.
-        print(f"\nsdmorganseg: error: {error}" if _progress_shown else f"sdmorganseg: error: {error}", file=sys.stderr)
+        if not getattr(error, "reported", False):  # under torchrun, a failure of another rank that rank prints
+            print(f"\nsdmorganseg: error: {error}" if _progress_shown else f"sdmorganseg: error: {error}", file=sys.stderr)
+        distributed.record_failure(f"sdmorganseg: error: {error}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\nsdmorganseg: interrupted; no partial output was left", file=sys.stderr)

@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import distributed
 from .errors import CancelCheck, ProgressCallback, SDMOrganSegError, check_cancel
 from .files import available_memory_bytes, worker_threads
 from .imageio import check_volume, image_from_array
@@ -284,7 +285,8 @@ _FIRST_TILE = 128
 
 def memory_budget_bytes(memory_gb: float | None = None) -> float | None:
     """The budget :func:`segment_image` plans for: ``memory_gb``, else ``$SDMORGANSEG_MEMORY_GB``, else 80 %
-    of the available RAM; None when none of them is known."""
+    of the available RAM; None when none of them is known. Under torchrun the budget is per process: a
+    given one applies to each, the default is 80 % of the available RAM over the processes of this machine."""
     if memory_gb is None:
         text = os.environ.get(MEMORY_ENV, "").strip()
         if text:
@@ -297,7 +299,7 @@ def memory_budget_bytes(memory_gb: float | None = None) -> float | None:
             raise SDMOrganSegError(f"the memory budget must be a positive number of GB, not {memory_gb}")
         return float(memory_gb) * 1e9
     available = available_memory_bytes()
-    return MEMORY_SHARE * available if available else None
+    return MEMORY_SHARE * available / distributed.processes_on_this_machine() if available else None
 
 
 def _padded(shape: Sequence[int], multiple: int) -> int:

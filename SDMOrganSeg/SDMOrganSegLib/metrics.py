@@ -595,6 +595,19 @@ def write_metrics_csv(results: Mapping[str, OrganMetrics], path: str | Path, ove
     write_text_atomic(Path(path), buffer.getvalue(), overwrite=overwrite)
 
 
+def read_metrics_csv(path: str | Path) -> dict[str, OrganMetrics]:
+    """The per-organ metrics of a :func:`write_metrics_csv` file (its mean row left out), values as written."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return {
+                row["organ"]: OrganMetrics(*(float(row[c]) if row[c] else math.nan for c in ("dice", "hd_mm", "hd95_mm", "asd_mm")), row["status"])
+                for row in csv.DictReader(handle)
+                if row["organ"] != MEAN
+            }
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+        raise SDMOrganSegError(f"{path} is not a metrics table SDMOrganSeg wrote ({type(error).__name__}: {error})") from None
+
+
 def write_metrics_json(results: Mapping[str, OrganMetrics], path: str | Path, overwrite: bool = False) -> None:
     """JSON object: organ name -> ``{"dice", "hd", "hd95", "asd"}`` (mm), or ``{"status": "absent"}`` /
     ``{"status": "unannotated"}`` for an organ not scored; and ``"mean"`` -> ``{"dice", "hd", "hd95",

@@ -176,6 +176,26 @@ def case_picture(
     heading = textwrap.fill(_dice_text(organs, dice if reference is not None else None), 150)
     figure.suptitle(f"{title}\n{heading}", fontsize=13)
     figure.savefig(str(path), format="png")
+    return _thumbnail(slices, case, organs, levels, dice)
+
+
+def case_thumbnail(
+    case: str,
+    image: sitk.Image,
+    labels: sitk.Image,
+    sdms: Mapping[str, sitk.Image],
+    organs: Sequence[Any],
+    levels: Sequence[float],
+    reference: sitk.Image | None = None,
+    dice: Mapping[str, float] | None = None,
+) -> Thumbnail:
+    """The axial thumbnail :func:`case_picture` returns, without the picture (e.g. for a case done earlier)."""
+    return _thumbnail(_Slices(image, labels, sdms, reference), case, organs, levels, dice)
+
+
+def _thumbnail(slices: _Slices, case: str, organs: Sequence[Any], levels: Sequence[float], dice: Mapping[str, float] | None) -> Thumbnail:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     thumb = Figure(figsize=(2.6, 2.6), dpi=80)
     canvas = FigureCanvasAgg(thumb)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .dataset import PreparedCase, check_case_headers, find_cases, load_cases, make_split, read_annotations, read_label_names, read_split
 from .errors import SDMOrganSegError
 from .files import atomic_path, write_text_atomic
@@ -77,17 +77,19 @@ class TrainingConfig:
     command: str = ""
 
 
-def _crop_or_pad(
-    arrays: Sequence[np.ndarray], patch_zyx: Sequence[int], rng: np.random.Generator, pad_values: Sequence[float],
-    centre: Sequence[int] | None = None,
-) -> list[np.ndarray]:
-    """The same patch of several arrays ``(..., z, y, x)``: random, or around ``centre`` (clipped to the
-    case); edges padded where the case is smaller."""
-    shape = arrays[0].shape[-3:]
+def _patch_starts(
+    shape: Sequence[int], patch_zyx: Sequence[int], rng: np.random.Generator, centre: Sequence[int] | None = None
+) -> list[int]:
+    """Corner ``(z, y, x)`` of a patch of a case of ``shape``: random, or around ``centre`` (clipped to the case)."""
     if centre is None:
-        starts = [int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape, patch_zyx)]
-    else:
-        starts = [min(max(int(c) - p // 2, 0), max(s - p, 0)) for c, s, p in zip(centre, shape, patch_zyx)]
+        return [int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape, patch_zyx)]
+    return [min(max(int(c) - p // 2, 0), max(s - p, 0)) for c, s, p in zip(centre, shape, patch_zyx)]
+
+
+def _crop_or_pad(
+    arrays: Sequence[np.ndarray], patch_zyx: Sequence[int], starts: Sequence[int], pad_values: Sequence[float]
+) -> list[np.ndarray]:
+    """The same patch of several arrays ``(..., z, y, x)`` from ``starts``; edges padded where the case is smaller."""
     out = []
     for array, pad_value in zip(arrays, pad_values):
         region = array[(..., *(slice(b, b + p) for b, p in zip(starts, patch_zyx)))]
@@ -133,11 +135,19 @@ class PatchSampler:
             self._foreground[index] = voxels
         return self._foreground[index]
 
-    def batches(self, batch_size: int, rng: np.random.Generator):
+    def batches(self, batch_size: int, rng: np.random.Generator, shard: tuple[int, int] | None = None):
+        """Batches of one epoch: the cases in ``rng``'s order, ``batch_size`` at a time (the last one shorter).
+
+        With ``shard`` ``(rank, world_size)``, only that rank's contiguous slice of each batch
+        (:func:`distributed.batch_slice`; possibly empty in a short last batch). Every rank still draws the
+        randomness of every patch in the same order, so the ranks' slices of a batch are together exactly
+        the batch one process draws from the same generator."""
         order = rng.permutation(len(self.cases))
         for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            first, stop = (0, len(chosen)) if shard is None else distributed.batch_slice(len(chosen), *shard)
             images, sdms, masks, annotated = [], [], [], []
-            for index in order[start : start + batch_size]:
+            for position, index in enumerate(chosen):
                 case = self.cases[index]
                 centre = None
                 if self.foreground_fraction and rng.random() < self.foreground_fraction:
@@ -145,22 +155,30 @@ class PatchSampler:
                     if organs:
                         voxels = organs[int(rng.integers(len(organs)))]
                         centre = np.unravel_index(int(voxels[int(rng.integers(voxels.size))]), case.labels.shape)
-                # Padding: image with its minimum (background), SDMs with +1 (outside every organ).
-                image, labels, sdm = _crop_or_pad(
-                    [case.image, case.labels, case.sdms], self.patch_zyx, rng, [float(case.image.min()), 0, 1.0], centre
-                )
-                if self.flip and rng.random() < 0.5:
-                    image, labels, sdm = image[..., ::-1], labels[..., ::-1], sdm[..., ::-1]
+                starts = _patch_starts(case.image.shape, self.patch_zyx, rng, centre)
+                flip = self.flip and rng.random() < 0.5
                 scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)
+                if not first <= position < stop:
+                    continue  # another rank's patch: drawn above, cropped there
+                # Padding: image with its minimum (background), SDMs with +1 (outside every organ).
+                image, labels, sdm = _crop_or_pad([case.image, case.labels, case.sdms], self.patch_zyx, starts, [float(case.image.min()), 0, 1.0])
+                if flip:
+                    image, labels, sdm = image[..., ::-1], labels[..., ::-1], sdm[..., ::-1]
                 images.append(image * scale + shift)
                 sdms.append(sdm)
                 masks.append(labels[None] == self.label_values)
                 annotated.append(case.annotated if case.annotated is not None else np.ones(len(self.label_values), bool))
+            if images:
+                images, sdms, masks, annotated = np.stack(images)[:, None], np.stack(sdms), np.stack(masks), np.stack(annotated)
+            else:  # no patch of this rank in a short last batch
+                organs = len(self.label_values)
+                images, annotated = np.empty((0, 1, *self.patch_zyx)), np.empty((0, organs))
+                sdms = masks = np.empty((0, organs, *self.patch_zyx))
             yield (
-                torch.from_numpy(np.ascontiguousarray(np.stack(images)[:, None], dtype=np.float32)),
-                torch.from_numpy(np.ascontiguousarray(np.stack(sdms), dtype=np.float32)),
-                torch.from_numpy(np.ascontiguousarray(np.stack(masks), dtype=np.float32)),
-                torch.from_numpy(np.stack(annotated).astype(np.float32)),
+                torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
+                torch.from_numpy(np.ascontiguousarray(sdms, dtype=np.float32)),
+                torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)),
+                torch.from_numpy(annotated.astype(np.float32)),
             )
 
 
@@ -335,6 +353,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.say = progress or (lambda text: print(text, file=sys.stderr))
+        self.ranks = distributed.SINGLE
 
     def _prepare(self) -> None:
         config = self.config
@@ -417,6 +436,7 @@ class Trainer:
             "sdm": self.sdm_settings(),
             "partial_labels": self.partial_labels,
             "torch": torch.__version__,
+            "world_size": self.ranks.world_size,
         }
         return ModelCard(
             name=config.model_name,
@@ -447,16 +467,12 @@ class Trainer:
         with atomic_path(self.out_dir / "checkpoint.pt") as temporary:
             torch.save(state, temporary)
 
-    def run(self) -> Path:
-        config = self.config
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint_path = self.out_dir / "checkpoint.pt"
+    def _resume_state(self, checkpoint_path: Path) -> dict[str, Any] | None:
+        """The state of the checkpoint to resume from (None: none yet), refused when it was written with
+        settings that change what the network learns."""
         # Temporary files of a run that was killed while writing: never complete, never needed.
         for stale in self.out_dir.glob(".checkpoint.pt.*.part*"):
             stale.unlink(missing_ok=True)
-        # Read the checkpoint before the data, so that a bad one is refused before any work.
         state = _read_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None
         if state is not None and state["config"] is not None:
             changes = changed_settings(state["config"], self._config_record())
@@ -465,8 +481,46 @@ class Trainer:
                     f"cannot resume {self.out_dir} with other settings ({'; '.join(changes)}); "
                     "rerun with the run's settings (see its log and split.json), or use another --out"
                 )
-        self._prepare()
-        device = resolve_device(config.device)
+        return state
+
+    def run(self) -> Path:
+        """Train, or resume. Under torchrun, this process is one rank of a DistributedDataParallel run
+        (:mod:`.distributed`): ``batch_size`` is the global batch, each rank takes its share of every batch,
+        and rank 0 alone validates and writes the run's files while the others wait."""
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        backend = distributed.backend_for(resolve_device(self.config.device).type)
+        with distributed.process_group(backend) as self.ranks:
+            if not self.ranks.main:
+                self.say = lambda text: None
+            try:
+                return self._run()
+            except RuntimeError as error:
+                message = distributed.lost_contact(self.ranks, error)
+                if message is None:
+                    raise
+                raise SDMOrganSegError(message) from None
+
+    def _run(self) -> Path:
+        config, ranks = self.config, self.ranks
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_path = self.out_dir / "checkpoint.pt"
+        with distributed.all_or_none(ranks):
+            if config.batch_size % ranks.world_size:
+                raise SDMOrganSegError(
+                    f"--batch-size {config.batch_size} is the global batch, shared evenly by the {ranks.world_size} processes: "
+                    f"give a multiple of {ranks.world_size}"
+                )
+            device = distributed.rank_device(config.device, ranks)
+            # Read the checkpoint before the data, so that a bad one is refused before any work; rank 0
+            # reads it and hands it to the others, so they need not see the run folder.
+            state = self._resume_state(checkpoint_path) if ranks.main else None
+        state = distributed.broadcast(ranks, state)
+        with distributed.all_or_none(ranks):
+            self._prepare()
+        distributed.check_same(
+            ranks, self.split, "training and validation cases", "give every machine the same data folder and --split, or a run folder they share"
+        )
         torch.manual_seed(config.seed)
         overrides = {k: getattr(config, k) for k in ("depth", "base_channels", "max_channels") if getattr(config, k) is not None}
         self.network = UNet3D(
@@ -500,7 +554,8 @@ class Trainer:
                 load_model(self.out_dir / "last")
             except SDMOrganSegError:
                 # Killed after the last checkpoint but before last/ was complete: write it from the checkpoint.
-                save_model(self.network, self._card({}, start_epoch), self.out_dir / "last", overwrite=True)
+                if ranks.main:
+                    save_model(self.network, self._card({}, start_epoch), self.out_dir / "last", overwrite=True)
             return self.out_dir / "best"
 
         if config.model_name in shipped_models():
@@ -509,6 +564,9 @@ class Trainer:
                 f"picks the shipped one: use this run's folder ({self.out_dir / 'best'}), or another name (--name)"
             )
         sampler = PatchSampler(self.train_cases, [o.label for o in self.organs], self.patch_size, config.flip, config.foreground_fraction)
+        model = distributed.data_parallel(self.network, ranks, device)
+        if ranks.distributed:
+            self.say(f"{ranks.world_size} processes, {config.batch_size // ranks.world_size} patches each per batch of {config.batch_size}")
         steps_per_epoch = math.ceil(len(self.train_cases) / config.batch_size)
         validation_window = tuple(reversed(self.patch_size)) if config.sliding_window else None
         self.say(f"patch {'x'.join(map(str, self.patch_size))} (x, y, z), {sum(p.numel() for p in self.network.parameters()):,} parameters")
@@ -525,26 +583,33 @@ class Trainer:
             # The bar only on a terminal: in a log file (nohup, batch jobs) the per-epoch lines say it all.
             bar = tqdm(
                 total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True,
-                disable=not sys.stderr.isatty(),
+                disable=not sys.stderr.isatty() or not ranks.main,
             )
-            batches = sampler.batches(config.batch_size, rng)
+            batches = sampler.batches(config.batch_size, rng, ranks.shard)
             for step in range(steps_per_epoch):
                 data_tick = time.perf_counter()
                 images, target_sdm, target_mask, annotated = (t.to(device, non_blocking=True) for t in next(batches))
                 data_time += time.perf_counter() - data_tick
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    prediction = self.network(images)
+                    prediction = model(images)
                 loss, parts = loss_function(prediction, target_sdm, target_mask, annotated if self.partial_labels else None)
+                values = {"loss": float(loss.detach()), **{f"loss_{k}": v for k, v in parts.items()}}
+                if ranks.distributed:
+                    total = min(config.batch_size, len(self.train_cases) - step * config.batch_size)
+                    loss, values = distributed.global_batch_mean(ranks, loss, values, prediction, total)
                 self.optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(self.optimizer)
                 scaler.update()
-                for name, value in {"loss": float(loss.detach()), **{f"loss_{k}": v for k, v in parts.items()}}.items():
+                for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value
                 bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}")
                 bar.update()
             bar.close()
             self.scheduler.step()
+            if not ranks.main:
+                distributed.barrier(ranks)  # while rank 0 validates and writes this epoch's files
+                continue
             elapsed = time.perf_counter() - tick
             row: dict[str, Any] = {"epoch": epoch, "lr": learning_rate}
             row.update({name: round(value / steps_per_epoch, 6) for name, value in sums.items()})
@@ -570,7 +635,9 @@ class Trainer:
             if "val_mean_dice" in row:
                 _plot_curves(log_rows, self.out_dir / "curves.png")
             self.say(f"{message}; ETA {_duration(row['eta_s'])} ({time.strftime('%H:%M', time.localtime(time.time() + row['eta_s']))})")
-        save_model(self.network, self._card({}, config.epochs), self.out_dir / "last", overwrite=True)
+            distributed.barrier(ranks)
+        if ranks.main:
+            save_model(self.network, self._card({}, config.epochs), self.out_dir / "last", overwrite=True)
         return self.out_dir / "best"
 
 

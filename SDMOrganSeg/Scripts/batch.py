@@ -9,6 +9,13 @@ or on plain Python with the ``slicer-core`` package (a headless MRML scene, see 
 
     python SDMOrganSeg/Scripts/batch.py --input IMAGES --output OUT [--model M] [--reference LABELS]
 
+or on several processes, one per GPU, with PyTorch's launcher (multi-node: ``--nnodes``, ``--rdzv-endpoint``)::
+
+    torchrun --standalone --nproc-per-node=8 SDMOrganSeg/Scripts/batch.py --input IMAGES --output OUT --device cuda
+
+Each rank segments its share of the cases (:func:`SDMOrganSegLib.distributed.shard`, by input size) on
+``cuda:LOCAL_RANK``, exactly as one process would; rank 0 gathers the rows and writes the summary files.
+
 Per case, in ``OUT/<case>/``, the files ``sdmorganseg segment`` writes, under the same names:
 ``labels.nii.gz`` (``.nrrd`` with ``--format nrrd``), ``sdm_<organ>.nii.gz``, ``contours/<organ>_<level>.vtp``
 (LPS), ``summary.json``; plus ``<case>.seg.nrrd`` (a Slicer segmentation, one segment per organ, named and
@@ -23,7 +30,9 @@ every case succeeded (1: some failed, 2: nothing could be run, including any une
 the application always exits with the code, so no window-less Slicer is left running).
 
 Files are written under temporary names and renamed when complete; existing files are never replaced
-without ``--overwrite``; case names are sanitised so nothing is written outside ``OUT``.
+without ``--overwrite``; case names are sanitised so nothing is written outside ``OUT``. A rerun after a
+crash (no ``summary.csv`` yet) keeps the cases an earlier run with the same settings completed
+(:func:`done_earlier`) and does the others.
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ from typing import Any, Sequence
 # SDMOrganSegLib sits beside Scripts/, both in the source tree and in an installed extension.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402  (after the path set-up above)
+from SDMOrganSegLib import distributed  # noqa: E402  (after the path set-up above)
+from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_SETUP = 0, 1, 2
 SUMMARY = "summary.csv"
@@ -82,6 +92,7 @@ class CaseResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # organ -> OrganMetrics
     notes: list[str] = field(default_factory=list)
     thumbnail: Any = None  # pictures.Thumbnail with --pictures
+    earlier: bool = False  # complete from an earlier run, not segmented again
 
 
 def find_cases(inputs: Sequence[str]) -> list[Path]:
@@ -110,6 +121,79 @@ def _reference_for(path: Path, args: argparse.Namespace, result: CaseResult) -> 
     return None
 
 
+def _plan(path: Path, case: str, args: argparse.Namespace, context: dict[str, Any], result: CaseResult) -> tuple[list[str], tuple[str, ...], Path | None]:
+    """The files a case gets (relative to its folder, summary.json last), its DICOM formats and its
+    reference; notes in ``result`` say what it does not get."""
+    from SDMOrganSegLib.outputs import DICOM_FILES, output_names
+
+    volume_format, dicom_formats = context["formats"]
+    if dicom_formats and not path.is_dir():
+        result.notes.append(f"not a DICOM series, so no {' or '.join(DICOM_FILES[f] for f in dicom_formats)}")
+        dicom_formats = ()
+    reference = _reference_for(path, args, result)
+    extra_names = [f"{case}.seg.nrrd"] + [DICOM_FILES[f] for f in dicom_formats]
+    extra_names += ["metrics.csv"] if reference is not None else []
+    extra_names += [f"{case}.png"] if args.pictures else []
+    names = output_names([o.name for o in context["organs"]], context["levels"], volume_format)
+    return names[:-1] + extra_names + names[-1:], dicom_formats, reference
+
+
+def _settings(path: Path, args: argparse.Namespace, context: dict[str, Any], reference: Path | None) -> dict[str, Any]:
+    """What a case's summary.json records of the run that made it, beyond its file names."""
+    return {
+        "input": str(path), "model_folder": str(context["model_dir"]), "reference": str(reference) if reference else None,
+        "tta": bool(args.tta), "largest_component": bool(args.largest_component), "sdm_levels": list(context["levels"]),
+    }
+
+
+def done_earlier(path: Path, case: str, args: argparse.Namespace, context: dict[str, Any]) -> CaseResult | None:
+    """The result of a case whose outputs an earlier run with the same settings completed, else None.
+
+    Complete means: ``summary.json`` exists, lists this run's file names and settings, and every file it
+    lists exists. A case's files are moved into place from a staging folder only once all are written,
+    summary.json last, so a run killed at any point leaves either no summary.json or a complete case."""
+    import json
+
+    from SDMOrganSegLib.files import inside
+
+    case_dir = inside(Path(args.output), case)
+    try:
+        summary = json.loads((case_dir / "summary.json").read_text(encoding="utf-8"))
+        result = CaseResult(case, "ok", earlier=True)
+        names, _, reference = _plan(path, case, args, context, result)
+        same = all(summary.get(key) == value for key, value in _settings(path, args, context, reference).items())
+        if not same or sorted(summary["outputs"]) != sorted(names) or not all((case_dir / name).is_file() for name in names):
+            return None
+        result.notes = list(summary["notes"]) + ["complete from an earlier run: not segmented again"]
+        result.volumes_ml = {name: float(values["volume_ml"]) for name, values in summary["organs"].items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no summary, or not one of ours: the case is run, and refuses to replace files without --overwrite
+    if reference is not None:
+        from SDMOrganSegLib.metrics import read_metrics_csv
+
+        result.metrics = read_metrics_csv(case_dir / "metrics.csv")
+    if args.pictures:
+        result.thumbnail = _thumbnail_of(path, case_dir, context, reference, result)
+    return result
+
+
+def _thumbnail_of(path: Path, case_dir: Path, context: dict[str, Any], reference: Path | None, result: CaseResult) -> Any:
+    """The overview thumbnail of a case done earlier, drawn again from its files."""
+    from SDMOrganSegLib.files import safe_name
+    from SDMOrganSegLib.imageio import read_image, read_volume
+    from SDMOrganSegLib.outputs import FORMATS
+    from SDMOrganSegLib.pictures import case_thumbnail
+
+    suffix = FORMATS[context["formats"][0]]
+    organs = context["organs"]
+    sdms = {o.name: read_image(case_dir / f"sdm_{safe_name(o.name)}{suffix}", "SDM") for o in organs}
+    dice = {name: float(metrics.dice) for name, metrics in result.metrics.items()} if reference is not None else None
+    return case_thumbnail(
+        result.case, read_volume(path, "image"), read_image(case_dir / f"labels{suffix}", "label map"), sdms, organs, context["levels"],
+        reference=read_image(reference, "reference label map") if reference is not None else None, dice=dice,
+    )
+
+
 def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[str, Any]) -> CaseResult:
     """Segment one case and write its files; raises SDMOrganSegError with a one-line reason on failure."""
     import functools
@@ -117,20 +201,14 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
     from SDMOrganSegLib import headless, mrmllogic
     from SDMOrganSegLib.files import check_writable, inside
     from SDMOrganSegLib.imageio import read_image, read_volume
-    from SDMOrganSegLib.outputs import DICOM_FILES, output_names, write_result
+    from SDMOrganSegLib.outputs import DICOM_FILES, write_result
 
     result = CaseResult(case)
     case_dir = inside(Path(args.output), case)
-    volume_format, dicom_formats = context["formats"]
-    if dicom_formats and not path.is_dir():
-        result.notes.append(f"not a DICOM series, so no {' or '.join(DICOM_FILES[f] for f in dicom_formats)}")
-        dicom_formats = ()
-    reference = _reference_for(path, args, result)
+    volume_format = context["formats"][0]
+    names, dicom_formats, reference = _plan(path, case, args, context, result)
     organs = context["organs"]
-    extra_names = [f"{case}.seg.nrrd"] + [DICOM_FILES[f] for f in dicom_formats]
-    extra_names += ["metrics.csv"] if reference is not None else []
-    extra_names += [f"{case}.png"] if args.pictures else []
-    for name in output_names([o.name for o in organs], context["levels"], volume_format) + extra_names:
+    for name in names:
         check_writable(inside(case_dir, name), args.overwrite)
     image = read_volume(path, "image")
     series = None
@@ -143,7 +221,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
     volume = mrmllogic.sitk_to_volume_node(image, case, scene)
     try:
         outputs = logic.segment_volume(
-            volume, context["model_dir"], args.device, context["levels"], show2D=False, show3D=False,
+            volume, context["model_dir"], context["device"], context["levels"], show2D=False, show3D=False,
             tta=args.tta, largest_component=args.largest_component,
         )
         try:
@@ -171,7 +249,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
                 files[f"{case}.png"] = lambda target: _picture(target, case, image, computed, reference_image, result)
             write_result(
                 computed, case_dir, volume_format, context["levels"], args.overwrite,
-                extra_summary={"input": str(path), "model_folder": str(context["model_dir"]), "reference": str(reference) if reference else None},
+                extra_summary={**_settings(path, args, context, reference), "rank": context["rank"], "world_size": context["world_size"]},
                 extra_files=files, surfaces=computed.surfaces,
             )
         finally:
@@ -257,9 +335,29 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        # Under torchrun, one rank of several: gloo only carries the set-up check and the gathered results.
+        with distributed.process_group("gloo") as ranks:
+            return _segment_cases(args, ranks)
+    except SDMOrganSegError as error:  # joining the other ranks failed, or another rank failed in the set-up
+        if not getattr(error, "reported", False):
+            print(f"sdmorganseg: error: {_one_line(error)}", file=sys.stderr)
+        distributed.record_failure(f"sdmorganseg: error: {_one_line(error)}")
+        return EXIT_SETUP
+
+
+def _input_bytes(path: Path) -> int:
+    """Size of an input on disk (a DICOM folder: its files), to share the cases out evenly; 0 if unreadable."""
+    try:
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _segment_cases(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     output = Path(args.output)
     summary_path = output / SUMMARY
-    try:
+    with distributed.all_or_none(ranks):
         # Checked first, before the slow imports: refusing to overwrite should be instant.
         for earlier in (summary_path, output / OVERVIEW) if args.pictures else (summary_path,):
             if earlier.exists() and not args.overwrite:
@@ -279,9 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "or in Slicer open the SDM Organ Segmentation module once and let it install them"
             )
         from SDMOrganSegLib import modelfiles  # PyTorch: only now that it is known to be there
-        from SDMOrganSegLib.inference import resolve_device
 
-        resolve_device(args.device)  # e.g. --device cuda without a GPU: say so once, not for every case
+        # e.g. --device cuda without a GPU: said once, not for every case; under torchrun, GPU LOCAL_RANK
+        device = distributed.rank_device(args.device, ranks)
         model_dir = modelfiles.resolve_model(args.model)
         card = modelfiles.read_card(model_dir)
         cases = find_cases(args.input)
@@ -295,26 +393,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         session = headless.start()
         context = {
             "scene": session.scene, "logic": mrmllogic.SDMSegmentationLogic(session.scene), "model_dir": model_dir,
-            "organs": card.organs, "levels": levels, "formats": formats,
+            "organs": card.organs, "levels": levels, "formats": formats, "device": str(device),
+            "rank": ranks.rank, "world_size": ranks.world_size,
         }
         output.mkdir(parents=True, exist_ok=True)
-    except SDMOrganSegError as error:
-        print(f"sdmorganseg: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_SETUP
 
-    print(f"SDMOrganSeg batch: {len(cases)} case(s), model {card.name} ({model_dir}), device {args.device}", flush=True)
-    results: list[CaseResult] = []
-    seen: set[str] = set()
-    for number, path in enumerate(cases, start=1):
-        case = safe_name(case_name(path))
+    names = [safe_name(case_name(path)) for path in cases]
+    first = {}
+    for index, case in enumerate(names):
+        first.setdefault(case, index)
+    # Every rank deals the same cases the same way; each takes its share, in input order.
+    mine = distributed.shard([_input_bytes(path) for path in cases], ranks.world_size)[ranks.rank] if ranks.distributed else range(len(cases))
+    if ranks.main:
+        spread = f", {ranks.world_size} processes" if ranks.distributed else ""
+        print(f"SDMOrganSeg batch: {len(cases)} case(s), model {card.name} ({model_dir}), device {args.device}{spread}", flush=True)
+    results: list[tuple[int, CaseResult]] = []
+    for index in mine:
+        path, case = cases[index], names[index]
         started = time.perf_counter()
+        result = None
         try:
-            if case in seen:
+            if first[case] != index:
                 raise SDMOrganSegError(f"another input is also named {case!r}; case names must be unique")
-            seen.add(case)
-            result = process_case(path, case, args, context)
+            result = None if args.overwrite else done_earlier(path, case, args, context)
+            if result is None:
+                result = process_case(path, case, args, context)
+                result.seconds = time.perf_counter() - started
         except Exception as error:  # one bad case must not stop the others
             result = CaseResult(case, "failed", _one_line(error))
+            result.seconds = time.perf_counter() - started
             print(f"sdmorganseg: error: {case}: {result.reason}", file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):
                 (Path(args.output) / case).rmdir()  # only if the failed case left it empty
@@ -322,23 +429,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import traceback
 
                 traceback.print_exc()
-        result.seconds = time.perf_counter() - started
-        results.append(result)
-        verdict = f"ok ({result.seconds:.1f} s)" if result.status == "ok" else f"FAILED: {result.reason}"
-        print(f"[{number}/{len(cases)}] {case}: {verdict}", flush=True)
+        results.append((index, result))
+        if result.status != "ok":
+            verdict = f"FAILED: {result.reason}"
+        else:
+            verdict = "complete from an earlier run, skipped" if result.earlier else f"ok ({result.seconds:.1f} s)"
+        print(f"[{index + 1}/{len(cases)}] {case}: {verdict}{f' (rank {ranks.rank})' if ranks.distributed else ''}", flush=True)
         for note in result.notes:
             print(f"note: {case}: {note}", file=sys.stderr, flush=True)
 
-    try:
-        write_text_atomic(summary_path, summary_csv(results, card.organs, args.reference is not None), overwrite=True)
-        if args.pictures:
-            write_overview(output / OVERVIEW, results)
-    except (OSError, SDMOrganSegError) as error:
-        print(f"sdmorganseg: error: could not write the run's summary in {output}: {_one_line(error)}", file=sys.stderr)
-        return EXIT_SETUP
-    succeeded = sum(result.status == "ok" for result in results)
-    print(f"{succeeded} of {len(results)} case(s) succeeded; summary: {summary_path}", flush=True)
-    return EXIT_OK if succeeded == len(results) else EXIT_SOME_FAILED
+    gathered = distributed.gather(ranks, results)
+    code = EXIT_SETUP
+    if ranks.main:
+        everything = [result for _, result in sorted((pair for share in gathered for pair in share), key=lambda pair: pair[0])]
+        try:
+            write_text_atomic(summary_path, summary_csv(everything, card.organs, args.reference is not None), overwrite=True)
+            if args.pictures:
+                write_overview(output / OVERVIEW, everything)
+            succeeded = sum(result.status == "ok" for result in everything)
+            print(f"{succeeded} of {len(everything)} case(s) succeeded; summary: {summary_path}", flush=True)
+            code = EXIT_OK if succeeded == len(everything) else EXIT_SOME_FAILED
+        except (OSError, SDMOrganSegError) as error:
+            print(f"sdmorganseg: error: could not write the run's summary in {output}: {_one_line(error)}", file=sys.stderr, flush=True)
+    # Every rank exits with the run's code, once rank 0 has written and said everything.
+    code = distributed.broadcast(ranks, code)
+    if code != EXIT_OK:
+        distributed.record_failure(f"sdmorganseg: {'some cases failed' if code == EXIT_SOME_FAILED else 'the summary could not be written'}: see {summary_path}")
+    return code
 
 
 def run(argv: Sequence[str]) -> int:
@@ -357,7 +474,8 @@ def run(argv: Sequence[str]) -> int:
 
             traceback.print_exc()
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else _one_line(error)
-        print(f"error: {reason}", file=sys.stderr, flush=True)
+        if not getattr(error, "reported", False):  # under torchrun, all_or_none printed it already
+            print(f"error: {reason}", file=sys.stderr, flush=True)
         return EXIT_SETUP
 
 

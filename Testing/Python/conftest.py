@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 #: module that imports PyTorch at the top fails to collect there, so CI notices.
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 TORCH_MODULES = [
-    "test_batch.py", "test_network_losses.py", "test_performance_paths.py", "test_reliability.py",
-    "test_shipped_model.py", "test_training.py",
+    "test_batch.py", "test_distributed_batch.py", "test_distributed_training.py", "test_network_losses.py",
+    "test_performance_paths.py", "test_reliability.py", "test_shipped_model.py", "test_training.py",
 ]
 collect_ignore = [] if HAVE_TORCH else TORCH_MODULES
 
@@ -148,3 +148,27 @@ def write_dicom_series(image_path: Path, folder: Path, modality: str = "MR") -> 
         ds.save_as(str(path), enforce_file_format=True)
         files.append(path)
     return files
+
+
+def torchrun(processes: int) -> list[str]:
+    """``torchrun --standalone --nproc-per-node=N`` of this Python (a free port each time, one machine); the
+    launcher alone without the last two items."""
+    launcher = Path(sys.executable).with_name("torchrun")
+    prefix = [str(launcher)] if launcher.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    return prefix + ["--standalone", f"--nproc-per-node={processes}"]
+
+
+def sdmorganseg_command(launched_by_torchrun: bool = False) -> list[str]:
+    """The ``sdmorganseg`` command of this Python: its console script (``--no-python`` under torchrun, as the
+    README writes it), else the module (without ``pip install -e .``)."""
+    script = Path(sys.executable).with_name("sdmorganseg")
+    if script.is_file():
+        return (["--no-python"] if launched_by_torchrun else []) + [str(script)]
+    return ["-m", "SDMOrganSegLib.cli"] if launched_by_torchrun else [sys.executable, "-m", "SDMOrganSegLib.cli"]
+
+
+def single_threaded_environment() -> dict[str, str]:
+    """The environment for child processes: one thread each (the tests share the machine), the library importable."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "SDMOrganSeg"), os.environ.get("PYTHONPATH", "")])}
