@@ -35,7 +35,7 @@ from SDMOrganSegLib.inference import segment_image  # noqa: E402
 from SDMOrganSegLib.modelfiles import load_model  # noqa: E402
 
 RUNS = ("dice", "sdm+dice")
-RUN_STYLE = {"dice": "tab:blue", "sdm+dice": "tab:green"}
+RUN_STYLE = {"dice": "tab:blue", "sdm+dice": "tab:green", "sdm+dice-clip20-k15": "tab:orange"}
 #: Xue et al. 2020, Tables 2 and 3 (MICCAI 2015 / PDDCA test set, about 1 mm voxels): (Dice, HD95 mm) of
 #: their backbone trained with Dice only and with SDM + Dice.
 PAPER = {
@@ -60,19 +60,19 @@ def _cell(values) -> str:
 
 
 def table(runs: Path) -> str:
-    evaluations = {run: json.loads((runs / run / "eval.json").read_text()) for run in RUNS}
+    evaluations = {run: json.loads((runs / run / "eval.json").read_text()) for run in RUNS if (runs / run / "eval.json").is_file()}
     organs = list(evaluations[RUNS[0]]["per_case"])
     lines = [
         "| organ | cases | training | Dice | HD (mm) | HD95 (mm) | ASD (mm) | p Dice / p HD95 (vs dice) | paper Dice; HD95 (PDDCA, ~1 mm) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    goal = {run: [] for run in RUNS}
+    goal = {run: [] for run in evaluations}
     for organ in organs:
-        for index, run in enumerate(RUNS):
+        for index, run in enumerate(evaluations):
             metrics = evaluations[run]["per_case"][organ]
             cells = [_cell(metrics[m]) for m in ("dice", "hd", "hd95", "asd")]
             p = "—"
-            if run != RUNS[0]:
+            if index:
                 reference = evaluations[RUNS[0]]["per_case"][organ]
                 p = " / ".join(f"{wilcoxon_p(np.asarray(metrics[m], float), np.asarray(reference[m], float)):.2g}" for m in ("dice", "hd95"))
             paper = "; ".join(PAPER[organ][run]) if organ in PAPER else ""
@@ -80,21 +80,25 @@ def table(runs: Path) -> str:
             if organ in GOAL_ORGANS:
                 goal[run].append(float(np.mean(metrics["dice"])))
     lines.append("")
-    for run in RUNS:
+    for run in evaluations:
         lines.append(f"- {run}: mean Dice over {', '.join(GOAL_ORGANS)} = {np.mean(goal[run]):.3f} (lowest {min(goal[run]):.3f}); epoch {evaluations[run]['epoch']}")
     return "\n".join(lines)
 
 
 def curves(runs: Path, out: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for run in RUNS:
+    for run in RUN_STYLE:
+        if not (runs / run / "log.csv").is_file():
+            continue
         rows = list(csv.DictReader((runs / run / "log.csv").open()))
         validated = [r for r in rows if r.get("val_mean_dice")]
         left.plot([int(r["epoch"]) for r in rows], [float(r["loss"]) / float(rows[0]["loss"]) for r in rows], label=run, color=RUN_STYLE[run])
         right.plot([int(r["epoch"]) for r in validated], [float(r["val_mean_dice"]) for r in validated], marker="o", label=f"{run}: mean of 7", color=RUN_STYLE[run])
+        for organ, style in (("brainstem", ":"), ("mandible", "--")):
+            right.plot([int(r["epoch"]) for r in validated], [float(r[f"val_dice_{organ}"]) for r in validated], style, color=RUN_STYLE[run], alpha=0.6, label=f"{run}: {organ}")
     left.set_xlabel("epoch"), left.set_ylabel("training loss / first epoch's"), left.legend(), left.grid(alpha=0.3)
     right.set_xlabel("epoch"), right.set_ylabel("validation Dice (32 cases, annotated organs)"), right.set_ylim(0, 1)
-    right.legend(), right.grid(alpha=0.3)
+    right.legend(fontsize=7), right.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
@@ -122,8 +126,7 @@ def case_figure(runs: Path, data: Path, case: str, out: Path) -> None:
             for organ in organs:
                 mask = cut(labels) == organ.label
                 if mask.any():
-                    dashed = title == "ground truth" and organ.name not in annotated
-                    axis.contour(mask, levels=[0.5], colors=[organ.color], linewidths=1.3, linestyles="dashed" if dashed else "solid")
+                    axis.contour(mask, levels=[0.5], colors=[organ.color], linewidths=1.3)
             axis.set_title(f"{title} ({view}, {where})", fontsize=9)
             axis.axis("off")
         # SDM iso-contours of the sdm+dice model: every organ's 0, 0.1, 0.2, 0.3 levels.
@@ -139,7 +142,8 @@ def case_figure(runs: Path, data: Path, case: str, out: Path) -> None:
     handles = [plt.Line2D([], [], color=o.color, label=o.name) for o in organs]
     handles += [plt.Line2D([], [], color=LEVEL_COLORS[level], label=f"SDM {level:g}") for level in DEFAULT_LEVELS]
     figure.legend(handles=handles, loc="lower center", ncol=6, fontsize=8)
-    figure.suptitle(f"validation case {case} (dashed: organ not contoured in the clinical data)", fontsize=10)
+    missing = [o.name for o in organs if o.name not in annotated]
+    figure.suptitle(f"validation case {case}" + (f" (not contoured in the clinical data: {', '.join(missing)})" if missing else ""), fontsize=10)
     figure.tight_layout(rect=(0, 0.06, 1, 0.97))
     figure.savefig(out, dpi=90)
     plt.close(figure)
