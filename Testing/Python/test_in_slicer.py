@@ -35,7 +35,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib import dependencies, mrmllogic  # noqa: E402
+from SDMOrganSegLib import background, dependencies, mrmllogic  # noqa: E402
 
 MODULE_FILE = REPO / "SDMOrganSeg" / "SDMOrganSeg.py"
 BATCH = REPO / "SDMOrganSeg" / "Scripts" / "batch.py"
@@ -359,7 +359,7 @@ def _kill_leftovers(*pids: int) -> None:
 
 @posix_only
 def test_cancel_kills_the_worker_behind_the_launcher(tmp_path, monkeypatch):
-    monkeypatch.setattr(mrmllogic, "CANCEL_GRACE_S", 0.3)
+    monkeypatch.setattr(background, "CANCEL_GRACE_S", 0.3)
     run, launcher_pid, worker_pid = _started_run(tmp_path)
     try:
         run.cancel()
