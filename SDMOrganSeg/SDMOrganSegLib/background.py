@@ -42,7 +42,7 @@ RESULT, PROGRESS, CANCEL, REQUEST, LOG = "result.json", "progress.json", "cancel
 CANCEL_GRACE_S = 5.0
 #: Job name -> library module whose ``run_job(folder, request, report, cancel)`` the worker runs; it returns
 #: a JSON-able description of its outputs for ``result.json``.
-JOBS = {"segment": "mrmlsegmentation"}
+JOBS = {"segment": "mrmlsegmentation", "train": "mrmltraining"}
 
 #: ``report(fraction, message, now=False)``: progress for the panel; written a few times a second at most,
 #: unless ``now`` (rare messages, such as one per epoch, that must not be skipped).

@@ -1,5 +1,5 @@
 """The MRML side of SDMOrganSeg: volume nodes in, segmentation, SDM volumes and contour models out; the
-metrics table. One import for the Slicer module's Logic, ``Scripts/batch.py``
+metrics table; training and fine-tuning from the scene. One import for the Slicer module's Logic, ``Scripts/batch.py``
 and the tests, in Slicer or on slicer-core (see :mod:`.headless`).
 
 The parts, by concern (each importable on its own; nothing here imports Qt, and ``slicer`` is imported only
@@ -10,7 +10,9 @@ inside the functions that need it, so the background worker runs in a plain Pyth
 - :mod:`.mrmlsegmentation`: a model run on a volume node (:func:`compute_outputs` without the scene, then
   the nodes, all or nothing) and its background run (:class:`BackgroundRun`);
 - :mod:`.mrmlmetrics`: Dice, HD, HD95 and ASD of two segmentations as a table node, and its CSV;
-- :mod:`.background`: the process wrapper the background jobs use (start, progress, cancel, kill).
+- :mod:`.mrmltraining`: volumes and segmentations of the scene as a training folder, training and
+  fine-tuning in the background (:class:`TrainingRun`), their progress;
+- :mod:`.background`: the one process wrapper both background jobs use (start, progress, cancel, kill).
 """
 
 from __future__ import annotations
@@ -27,4 +29,8 @@ from .mrmlscene import ijk_to_ras_matrix, sitk_ijk_to_ras, sitk_to_volume_node, 
 from .mrmlsegmentation import (  # noqa: F401
     OUTER_LEVEL_OPACITY, BackgroundRun, ComputedOutputs, OrganSpec, OutputNodes, SDMSegmentationLogic, as_levels,
     compute_outputs, describe_levels, diverging_color_table, format_volume_ml,
+)
+from .mrmltraining import (  # noqa: F401
+    DATA_FOLDER, TrainingProgress, TrainingRun, can_resume, check_run_folder, export_training_folder, prepare_training,
+    read_training_progress, scene_organs,
 )

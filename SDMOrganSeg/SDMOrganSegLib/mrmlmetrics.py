@@ -14,16 +14,13 @@ from vtk.util import numpy_support
 
 from .errors import SDMOrganSegError
 from .files import atomic_path
+from .modelfiles import organ_key
 from .mrmlscene import put_in_folder, removed_on_failure, segment_ids, slicer_module
 
 #: Segment-matching modes of :func:`match_segments`.
 MATCH_BY_NAME, MATCH_BY_ORDER = "name", "order"
 #: Columns of the metrics table (and of its CSV).
 METRICS_COLUMNS = ("Organ", "Dice", "HD (mm)", "HD95 (mm)", "ASD (mm)")
-
-
-def normalised_name(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def match_segments(segmentationNode: Any, referenceSegmentationNode: Any, mode: str = MATCH_BY_NAME) -> list[tuple[str, str]]:
@@ -39,8 +36,8 @@ def match_segments(segmentationNode: Any, referenceSegmentationNode: Any, mode: 
         return list(zip(ids, reference_ids))
     if mode != MATCH_BY_NAME:
         raise SDMOrganSegError(f"unknown segment matching {mode!r}; use {MATCH_BY_NAME!r} or {MATCH_BY_ORDER!r}")
-    by_name = {normalised_name(reference.GetSegment(i).GetName()): i for i in reference_ids}
-    pairs = [(i, by_name[normalised_name(segmentation.GetSegment(i).GetName())]) for i in ids if normalised_name(segmentation.GetSegment(i).GetName()) in by_name]
+    by_name = {organ_key(reference.GetSegment(i).GetName()): i for i in reference_ids}
+    pairs = [(i, by_name[organ_key(segmentation.GetSegment(i).GetName())]) for i in ids if organ_key(segmentation.GetSegment(i).GetName()) in by_name]
     if not pairs:
         raise SDMOrganSegError(
             f"no segment of {segmentationNode.GetName()!r} has the name of a segment of {referenceSegmentationNode.GetName()!r}; "
@@ -49,22 +46,30 @@ def match_segments(segmentationNode: Any, referenceSegmentationNode: Any, mode: 
     return pairs
 
 
-def _export_mask(segmentationNode: Any, segment_id: str, geometry_node: Any, scene: Any) -> tuple[np.ndarray, Any]:
+def export_labelmap(segmentationNode: Any, segment_ids: Sequence[str], geometry_node: Any, scene: Any) -> tuple[np.ndarray, Any]:
+    """The segments as one label map array ``(z, y, x)``, the i-th segment of ``segment_ids`` as value i + 1,
+    on the grid of ``geometry_node`` (None: the segmentation's own reference geometry), and the temporary
+    label map node it was exported to (the caller removes it, e.g. in ``removed_on_failure(keep=False)``)."""
     slicer = slicer_module()
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("__sdmorganseg_temp__"))
     ids = vtk.vtkStringArray()
-    ids.InsertNextValue(segment_id)
+    for segment_id in segment_ids:
+        ids.InsertNextValue(segment_id)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if geometry_node is None:
         ok = logic.ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmap, None, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
     else:
         ok = logic.ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmap, geometry_node)
     if not ok:
-        raise SDMOrganSegError(f"could not export segment {segment_id!r} of {segmentationNode.GetName()!r} to a label map")
+        raise SDMOrganSegError(f"could not export segment {', '.join(segment_ids)!r} of {segmentationNode.GetName()!r} to a label map")
     image_data = labelmap.GetImageData()
     dims = image_data.GetDimensions()
-    mask = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0]) != 0
-    return mask, labelmap
+    return numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0]), labelmap
+
+
+def _export_mask(segmentationNode: Any, segment_id: str, geometry_node: Any, scene: Any) -> tuple[np.ndarray, Any]:
+    labels, labelmap = export_labelmap(segmentationNode, [segment_id], geometry_node, scene)
+    return labels != 0, labelmap
 
 
 def compute_metrics(
