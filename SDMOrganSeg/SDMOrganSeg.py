@@ -633,7 +633,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         problems = []
         if pn.trainingSource == TrainingSource.SCENE:
             if len(self._trainingPairs()) < 2:
-                problems.append(_("Add at least two volume + segmentation pairs (one of five is kept to validate on)."))
+                problems.append(_("Add at least two volume + segmentation pairs (one in five, at least one, is kept to validate on)."))
         elif not _isSet(pn.trainingDataFolder):
             problems.append(_("Choose a data folder."))
         if not _isSet(pn.trainingOutputFolder):
@@ -644,7 +644,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         button = self.ui.trainButton
         if self._trainingRun is not None:
             button.text = _("Cancel training")
-            button.toolTip = _("Stop after the current epoch; the checkpoint of the last finished epoch is kept, and Resume continues from it")
+            button.toolTip = _("Stop the training; the checkpoint of the last finished epoch is kept, and Resume training continues from it")
             button.enabled = not self._trainingRun.cancel_requested
             return
         problems = self._trainingProblems()
@@ -683,7 +683,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrainButton(self) -> None:
         if self._trainingRun is not None:
             self._trainingRun.cancel()
-            self.ui.trainingStatusLabel.text = _("Cancelling: stopping after the current epoch...")
+            self.ui.trainingStatusLabel.text = _("Cancelling: the checkpoint of the last finished epoch is kept...")
             self._updateTrainButton()
             return
         pn = self._parameterNode
@@ -717,7 +717,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showTrainingCurve(run.run_dir / "curves.png")
         if state == "running":
             if run.cancel_requested:
-                self.ui.trainingStatusLabel.text = _("Cancelling: stopping after the current epoch...")
+                self.ui.trainingStatusLabel.text = _("Cancelling: the checkpoint of the last finished epoch is kept...")
             else:
                 self.ui.trainingStatusLabel.text = progress.describe() if progress is not None else run.progress[1]
             return
