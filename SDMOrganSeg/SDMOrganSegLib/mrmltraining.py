@@ -125,9 +125,12 @@ def _write_if_changed(image: sitk.Image, path: Path) -> None:
         os.replace(candidate, path)
 
 
-def export_training_folder(pairs: Sequence[tuple[Any, Any]], organs: Mapping[int, str], folder: str | Path, scene: Any = None) -> list[str]:
+def export_training_folder(
+    pairs: Sequence[tuple[Any, Any]], organs: Mapping[int, str], folder: str | Path, scene: Any = None, prune: bool = False,
+) -> list[str]:
     """Write the scene's (volume, segmentation) pairs as a training folder (see the module's docstring);
-    returns the case names. The scene is left as it was (temporary label maps are removed)."""
+    returns the case names. With ``prune``, cases of the folder that are not among the pairs (an earlier
+    export's) are removed. The scene is left as it was (temporary label maps are removed)."""
     from .mrmlmetrics import export_labelmap
     from .mrmlscene import removed_on_failure, segment_ids, slicer_module, volume_node_to_sitk
 
@@ -170,6 +173,9 @@ def export_training_folder(pairs: Sequence[tuple[Any, Any]], organs: Mapping[int
             _write_if_changed(image, folder / "imagesTr" / f"{case}.nii.gz")
             _write_if_changed(label_image, folder / "labelsTr" / f"{case}.nii.gz")
             contoured[case] = [name for value, name in organs.items() if value in values]
+    if prune:
+        for stale in [p for sub in ("imagesTr", "labelsTr") for p in (folder / sub).iterdir() if p.name not in {f"{n}.nii.gz" for n in names}]:
+            stale.unlink()
     write_text_atomic(folder / "labels.json", json.dumps({"labels": {str(value): name for value, name in sorted(organs.items())}}, indent=1) + "\n", True)
     annotations = folder / "annotations.json"
     if any(len(present) < len(organs) for present in contoured.values()):
@@ -200,7 +206,8 @@ def prepare_training(
     if pairs is not None:
         organs = {organ.label: organ.name for organ in card.organs} if card is not None else scene_organs(pairs)
         data_dir = run_dir / DATA_FOLDER
-        export_training_folder(pairs, organs, data_dir, scene)
+        # A new run trains on exactly these pairs; a run under way keeps the cases its split names.
+        export_training_folder(pairs, organs, data_dir, scene, prune=not (run_dir / "split.json").is_file())
     else:
         from .dataset import check_case_headers, find_cases, read_label_names
         from .finetuning import organs_for_data

@@ -85,6 +85,10 @@ def test_scene_pairs_become_a_training_folder_and_the_scene_is_unchanged(session
     time.sleep(0.05)
     mrmltraining.export_training_folder(pairs, ORGANS, tmp_path / "data", session.scene)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.nii.gz")} == times
+    # Other pairs for a new run: the cases of the earlier export are removed with prune (not without).
+    mrmltraining.export_training_folder(pairs[2:], ORGANS, tmp_path / "data", session.scene, prune=True)
+    assert sorted(p.name for p in (tmp_path / "data" / "imagesTr").iterdir()) == sorted(f"{name}.nii.gz" for name in names[2:])
+    assert sorted(p.name for p in (tmp_path / "data" / "labelsTr").iterdir()) == sorted(f"{name}.nii.gz" for name in names[2:])
 
 
 def test_segments_are_mapped_to_the_organs_by_name_not_by_order(session, tmp_path):
