@@ -13,10 +13,11 @@ import importlib.util
 import json
 import logging
 import os
+import pathlib
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import qt
 import slicer
@@ -24,7 +25,7 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -90,6 +91,9 @@ level 0 (red) is the organ surface, 0.1, 0.2 and 0.3 (orange, yellow, green) lie
 Contours are drawn as lines in slice views and as surfaces in 3D views.
 The <b>Metrics</b> section compares a segmentation with a reference (Dice, Hausdorff distance, HD95 and
 average surface distance in mm) and saves the table as CSV.
+The <b>Training</b> section fine-tunes a model (or trains one from scratch) on volume + segmentation pairs of the
+scene, e.g. results corrected in the Segment Editor, or on a data folder, in the background; the new model is
+added to the model selector when it is done.
 See the README of the SDMOrganSeg extension for details, including how the shipped model was trained.
 """)
         self.parent.acknowledgementText = _("""
@@ -133,6 +137,34 @@ class SegmentMatching(enum.Enum):
         return {SegmentMatching.BY_NAME: _("By segment name"), SegmentMatching.BY_ORDER: _("By segment order")}[self]
 
 
+class TrainingSource(enum.Enum):
+    """Where the training cases come from."""
+
+    SCENE = "scene"
+    FOLDER = "folder"
+
+    def label(self) -> str:
+        return {TrainingSource.SCENE: _("Volumes and segmentations in the scene"),
+                TrainingSource.FOLDER: _("A data folder (imagesTr/labelsTr, nnU-Net or MSD)")}[self]
+
+
+class TrainingMode(enum.Enum):
+    """The training loss (sdmorganseg train --mode)."""
+
+    SDM_DICE = "sdm+dice"
+    SDM = "sdm"
+    L1_DICE = "l1+dice"
+    DICE = "dice"
+
+    def label(self) -> str:
+        return {TrainingMode.SDM_DICE: _("SDM + Dice (the paper's)"), TrainingMode.SDM: _("SDM only"),
+                TrainingMode.L1_DICE: _("L1 on the SDM + Dice"), TrainingMode.DICE: _("Dice only (no SDM output)")}[self]
+
+
+#: Marker item data of the scratch entries of the training start combo box: SCRATCH + preset name.
+SCRATCH = "scratch:"
+
+
 @parameterNodeWrapper
 class SDMOrganSegParameterNode:
     """The module's state, saved with the scene.
@@ -144,6 +176,10 @@ class SDMOrganSegParameterNode:
     show2D, show3D - show the contours in slice views, the surfaces in 3D views.
     evaluatedSegmentation, referenceSegmentation, segmentMatching - inputs of the metrics.
     metricsTable - the last metrics table.
+    trainingSource - training cases from the scene (trainingVolumes + trainingSegmentations, pairs in order,
+        added from trainingVolume + trainingSegmentation) or from trainingDataFolder.
+    trainingStart - the model to fine-tune (shipped name or folder) or "scratch:<preset>"; empty: the default.
+    trainingMode, trainingEpochs, trainingOutputFolder - the loss, the epochs and the run folder.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -156,6 +192,16 @@ class SDMOrganSegParameterNode:
     referenceSegmentation: vtkMRMLSegmentationNode
     segmentMatching: SegmentMatching = SegmentMatching.BY_NAME
     metricsTable: vtkMRMLTableNode
+    trainingSource: TrainingSource = TrainingSource.SCENE
+    trainingSegmentation: vtkMRMLSegmentationNode
+    trainingVolume: vtkMRMLScalarVolumeNode
+    trainingSegmentations: list[vtkMRMLSegmentationNode]
+    trainingVolumes: list[vtkMRMLScalarVolumeNode]
+    trainingDataFolder: pathlib.Path
+    trainingStart: str = ""
+    trainingMode: TrainingMode = TrainingMode.SDM_DICE
+    trainingEpochs: Annotated[int, WithinRange(1, 10000)] = 20
+    trainingOutputFolder: pathlib.Path
 
 
 #
@@ -167,6 +213,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: thin; every computation is in :class:`SDMOrganSegLogic`."""
 
     POLL_INTERVAL_MS = 200
+    TRAINING_POLL_INTERVAL_MS = 1000
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -183,6 +230,12 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._onPollRun)
+        self._trainingRun = None  # mrmltraining.TrainingRun while a training runs
+        self._trainingCurveShown = None  # (path, modification time) of the curve image shown
+        self._lastTrainingSegmentation = None
+        self._trainingTimer = qt.QTimer()
+        self._trainingTimer.setInterval(self.TRAINING_POLL_INTERVAL_MS)
+        self._trainingTimer.connect("timeout()", self._onPollTraining)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -204,11 +257,19 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onVisibilityChanged)
         self.ui.computeMetricsButton.connect("clicked(bool)", self.onComputeMetrics)
         self.ui.saveCsvButton.connect("clicked(bool)", self.onSaveCsv)
+        self.ui.trainingStartComboBox.connect("currentIndexChanged(int)", self.onTrainingStartChanged)
+        self.ui.addTrainingPairButton.connect("clicked(bool)", self.onAddTrainingPair)
+        self.ui.removeTrainingPairButton.connect("clicked(bool)", self.onRemoveTrainingPair)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
 
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.hide()
         self.ui.statusLabel.text = ""
         self.ui.outputSummaryLabel.text = _("No segmentation yet.")
+        self.ui.trainingProgressBar.setRange(0, 100)
+        self.ui.trainingProgressBar.hide()
+        self.ui.trainingStatusLabel.text = ""
+        self.ui.trainingCurveLabel.hide()
         self._populateModelComboBox()
         self.initializeParameterNode()
         # Ask PyTorch which GPU it sees, in a separate process so that opening the module stays instant.
@@ -219,11 +280,16 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def stopBackgroundProcesses(self) -> None:
-        """Kill the segmentation worker and the GPU probe, each with every process it started."""
+        """Kill the segmentation and training workers and the GPU probe, each with every process it started
+        (a killed training keeps its last checkpoint: the same output folder resumes it)."""
         self._pollTimer.stop()
+        self._trainingTimer.stop()
         if self._run is not None:
             self._run.cleanup()
             self._run = None
+        if self._trainingRun is not None:
+            self._trainingRun.cleanup()
+            self._trainingRun = None
         if self._devicesProbe is not None:
             _lib().kill_process_tree(self._devicesProbe)
             self._devicesProbe = None
@@ -270,23 +336,38 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         self._selectModelInComboBox(self._parameterNode.model if self._parameterNode else "")
         self.ui.metricsTableView.setMRMLTableNode(self._parameterNode.metricsTable if self._parameterNode else None)
+        self._updateTrainingSection()
         self._updateButtons()
 
     # --- model selection ---
+
+    def _modelEntries(self) -> list:
+        """(label, item data) of the shipped models and the loaded model folders (named as their cards say)."""
+        entries = [(name, name) for name in self.logic.shippedModels()]
+        for folder in self._loadedModelFolders:
+            card = self.logic.readModelCard(folder)
+            entries.append((_("{name} (folder)").format(name=card["name"] if card else Path(folder).name), folder))
+        return entries
 
     def _populateModelComboBox(self) -> None:
         combo = self.ui.modelComboBox
         self._updatingModelCombo = True
         try:
             combo.clear()
-            for name in self.logic.shippedModels():
-                combo.addItem(name, name)
-            for folder in self._loadedModelFolders:
-                combo.addItem(_("{name} (folder)").format(name=Path(folder).name), folder)
+            entries = self._modelEntries()
+            for label, data in entries:
+                combo.addItem(label, data)
             if combo.count == 0:
                 combo.addItem(_("(no model installed)"), "")
             combo.insertSeparator(combo.count)
             combo.addItem(_("Load model folder..."), LOAD_MODEL_FOLDER)
+            # The training section starts from the same models, or from scratch.
+            start = self.ui.trainingStartComboBox
+            start.clear()
+            for label, data in entries:
+                start.addItem(_("Fine-tune {model}").format(model=label), data)
+            for preset, label in self.logic.trainingPresets().items():
+                start.addItem(_("New network: {label}").format(label=label), SCRATCH + preset)
         finally:
             self._updatingModelCombo = False
 
@@ -330,6 +411,24 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         organs = ", ".join(organ.get("name", "?") for organ in card.get("organs", []))
         description = card.get("description") or card.get("name", "")
         self.ui.modelInfoLabel.text = _("Organs: {organs}").format(organs=organs) + (f"\n{description}" if description else "")
+
+    def _selectTrainingStart(self, start: str) -> None:
+        wanted = start or (DEFAULT_MODEL if DEFAULT_MODEL in self.logic.shippedModels() else SCRATCH + "cpu")
+        if not wanted.startswith(SCRATCH) and wanted not in self.logic.shippedModels() and wanted not in self._loadedModelFolders and Path(wanted).is_dir():
+            self._loadedModelFolders.append(wanted)  # a folder saved in the scene
+            self._populateModelComboBox()
+        combo = self.ui.trainingStartComboBox
+        index = combo.findData(wanted)
+        self._updatingModelCombo = True
+        try:
+            combo.currentIndex = index if index >= 0 else 0
+        finally:
+            self._updatingModelCombo = False
+
+    def onTrainingStartChanged(self, index: int) -> None:
+        if self._updatingModelCombo or self._parameterNode is None:
+            return
+        self._parameterNode.trainingStart = self.ui.trainingStartComboBox.itemData(index) or ""
 
     def _currentModel(self) -> str:
         data = self.ui.modelComboBox.currentData
@@ -398,6 +497,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasInputs = pn is not None and pn.evaluatedSegmentation and pn.referenceSegmentation
         self.ui.computeMetricsButton.enabled = bool(hasInputs)
         self.ui.saveCsvButton.enabled = bool(pn is not None and pn.metricsTable)
+        self._updateTrainButton()
 
     def onApplyButton(self) -> None:
         if self._run is not None:
@@ -406,25 +506,34 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
             return
         pn = self._parameterNode
-        try:
-            if not self._ensureDependencies():
-                self.ui.statusLabel.text = _("The required Python packages are not installed; nothing was done.")
-                return
-            self.ui.statusLabel.text = _("Starting...")
-            slicer.app.processEvents()
-            self._run = self.logic.startSegmentation(pn.inputVolume, self._currentModel(), pn.device.value, pn.levels)
-        except SDMOrganSegError as error:
-            self._showError(str(error))
-            return
-        except Exception as error:  # a bug: full details in the log, a plain sentence for the user
-            logging.exception("SDMOrganSeg could not start the segmentation")
-            self._showError(_("Unexpected error: {error} (details in the Python console)").format(error=error))
+        self._run = self._startInBackground(
+            self.ui.statusLabel, _("Starting..."), "segmentation",
+            lambda: self.logic.startSegmentation(pn.inputVolume, self._currentModel(), pn.device.value, pn.levels),
+        )
+        if self._run is None:
             return
         self._runVolume = pn.inputVolume
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self._updateButtons()
         self._pollTimer.start()
+
+    def _startInBackground(self, statusLabel, starting: str, what: str, start):
+        """Install the missing packages (after asking), then ``start()`` a background run and return it; None,
+        with the reason in ``statusLabel`` (and a message box for errors), when it did not start."""
+        try:
+            if not self._ensureDependencies():
+                statusLabel.text = _("The required Python packages are not installed; nothing was done.")
+                return None
+            statusLabel.text = starting
+            slicer.app.processEvents()
+            return start()
+        except SDMOrganSegError as error:
+            self._showError(str(error), statusLabel)
+        except Exception as error:  # a bug: full details in the log, a plain sentence for the user
+            logging.exception("SDMOrganSeg could not start the %s", what)
+            self._showError(_("Unexpected error: {error} (details in the Python console)").format(error=error), statusLabel)
+        return None
 
     def _onPollRun(self) -> None:
         """Timer tick in the main thread: progress while running; nodes are created here when done."""
@@ -489,6 +598,180 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.logic.setVisibility(self._lastOutputs, self.ui.show2DCheckBox.checked, self.ui.show3DCheckBox.checked)
 
+    # --- training ---
+
+    def _trainingPairs(self) -> list:
+        """The (volume, segmentation) training pairs of the parameter node (a removed node reads as None)."""
+        pn = self._parameterNode
+        return list(zip(pn.trainingVolumes, pn.trainingSegmentations)) if pn is not None else []
+
+    def _updateTrainingSection(self) -> None:
+        pn = self._parameterNode
+        if pn is None:
+            return
+        self._selectTrainingStart(pn.trainingStart)
+        fromScene = pn.trainingSource == TrainingSource.SCENE
+        self.ui.trainingSceneWidget.setVisible(fromScene)
+        self.ui.trainingFolderWidget.setVisible(not fromScene)
+        segmentation = pn.trainingSegmentation
+        if segmentation is not self._lastTrainingSegmentation:
+            # A newly chosen segmentation brings the volume it was made on (a result of this module, for instance).
+            self._lastTrainingSegmentation = segmentation
+            volume = segmentation.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) if segmentation else None
+            if volume is not None and volume.IsA("vtkMRMLScalarVolumeNode") and volume is not pn.trainingVolume:
+                pn.trainingVolume = volume
+        self.ui.trainingPairsListWidget.clear()
+        for volume, segmentation in self._trainingPairs():
+            self.ui.trainingPairsListWidget.addItem(
+                f"{volume.GetName() if volume else _('(removed)')} + {segmentation.GetName() if segmentation else _('(removed)')}"
+            )
+
+    def _trainingProblems(self) -> list:
+        pn = self._parameterNode
+        if pn is None:
+            return [_("No parameter node.")]
+        problems = []
+        if pn.trainingSource == TrainingSource.SCENE:
+            if len(self._trainingPairs()) < 2:
+                problems.append(_("Add at least two volume + segmentation pairs (one in five, at least one, is kept to validate on)."))
+        elif not _isSet(pn.trainingDataFolder):
+            problems.append(_("Choose a data folder."))
+        if not _isSet(pn.trainingOutputFolder):
+            problems.append(_("Choose an output folder for the run."))
+        return problems
+
+    def _updateTrainButton(self) -> None:
+        button = self.ui.trainButton
+        if self._trainingRun is not None:
+            button.text = _("Cancel training")
+            button.toolTip = _("Stop the training; the checkpoint of the last finished epoch is kept, and Resume training continues from it")
+            button.enabled = not self._trainingRun.cancel_requested
+            return
+        problems = self._trainingProblems()
+        resume = not problems and _lib().can_resume(self._parameterNode.trainingOutputFolder)
+        button.text = _("Resume training") if resume else _("Train")
+        button.enabled = not problems
+        button.toolTip = "\n".join(problems) if problems else (
+            _("Continue the run in the output folder from its last checkpoint") if resume
+            else _("Train in the background; the model is added to the model selector when done")
+        )
+
+    def onAddTrainingPair(self) -> None:
+        pn = self._parameterNode
+        if pn is None or not pn.trainingSegmentation or not pn.trainingVolume:
+            self.ui.trainingStatusLabel.text = _("Choose a segmentation and the volume it was drawn on first.")
+            return
+        if any(volume is pn.trainingVolume and segmentation is pn.trainingSegmentation for volume, segmentation in self._trainingPairs()):
+            self.ui.trainingStatusLabel.text = _("This pair is in the list already.")
+            return
+        pn.trainingVolumes.append(pn.trainingVolume)
+        pn.trainingSegmentations.append(pn.trainingSegmentation)
+        self.ui.trainingStatusLabel.text = ""
+
+    def onRemoveTrainingPair(self) -> None:
+        pn = self._parameterNode
+        row = self.ui.trainingPairsListWidget.currentRow
+        if pn is None or not 0 <= row < len(self._trainingPairs()):
+            return
+        del pn.trainingVolumes[row]
+        del pn.trainingSegmentations[row]
+
+    def _currentTrainingStart(self) -> str:
+        data = self.ui.trainingStartComboBox.currentData
+        return str(data) if data else SCRATCH + "cpu"
+
+    def onTrainButton(self) -> None:
+        if self._trainingRun is not None:
+            self._trainingRun.cancel()
+            self.ui.trainingStatusLabel.text = _("Cancelling: the checkpoint of the last finished epoch is kept...")
+            self._updateTrainButton()
+            return
+        pn = self._parameterNode
+        fromScene = pn.trainingSource == TrainingSource.SCENE
+        self._trainingRun = self._startInBackground(
+            self.ui.trainingStatusLabel, _("Preparing the training data..."), "training",
+            lambda: self.logic.startTraining(
+                str(pn.trainingOutputFolder), self._currentTrainingStart(), pn.trainingMode.value, pn.trainingEpochs, pn.device.value,
+                dataFolder=None if fromScene else str(pn.trainingDataFolder), pairs=self._trainingPairs() if fromScene else None,
+            ),
+        )
+        if self._trainingRun is None:
+            return
+        self._trainingCurveShown = None
+        self.ui.trainingStatusLabel.text = _("Starting the training...")
+        self.ui.trainingProgressBar.value = 0
+        self.ui.trainingProgressBar.show()
+        self._updateTrainButton()
+        self._trainingTimer.start()
+
+    def _onPollTraining(self) -> None:
+        """Timer tick in the main thread: epoch, loss, validation Dice, ETA and the curves; the model when done."""
+        run = self._trainingRun
+        if run is None:
+            self._trainingTimer.stop()
+            return
+        state = run.poll()
+        progress = run.training_progress()
+        if progress is not None:
+            self.ui.trainingProgressBar.value = int(round(100 * progress.fraction))
+        self._showTrainingCurve(run.run_dir / "curves.png")
+        if state == "running":
+            if run.cancel_requested:
+                self.ui.trainingStatusLabel.text = _("Cancelling: the checkpoint of the last finished epoch is kept...")
+            else:
+                self.ui.trainingStatusLabel.text = progress.describe() if progress is not None else run.progress[1]
+            return
+        self._trainingTimer.stop()
+        self._trainingRun = None
+        try:
+            if state == "done":
+                result = run.result()
+                self._addTrainedModel(result["model_dir"])
+                dice = ", ".join(f"{organ} {values['dice']['mean']:.3f}" for organ, values in result.get("summary", {}).items() if "dice" in values)
+                before = _(" (before fine-tuning: {dice:.3f} on average)").format(dice=progress.base_dice) if progress and progress.base_dice is not None else ""
+                self.ui.trainingStatusLabel.text = _(
+                    "Done: the model in {folder} is in the model selector and selected. Validation Dice: {dice}{before}."
+                ).format(folder=result["model_dir"], dice=dice, before=before)
+            elif state == "cancelled":
+                self.ui.trainingStatusLabel.text = _(
+                    "Cancelled after epoch {epoch}; the checkpoint is kept in {folder}: Resume training continues from it."
+                ).format(epoch=progress.epoch if progress else 0, folder=run.run_dir)
+            else:
+                self._showError(run.message, self.ui.trainingStatusLabel)
+        except SDMOrganSegError as error:
+            self._showError(str(error), self.ui.trainingStatusLabel)
+        except Exception as error:
+            logging.exception("SDMOrganSeg could not add the trained model")
+            self._showError(_("Unexpected error: {error} (details in the Python console)").format(error=error), self.ui.trainingStatusLabel)
+        finally:
+            run.cleanup()
+            self.ui.trainingProgressBar.hide()
+            self._updateButtons()
+
+    def _showTrainingCurve(self, path: Path) -> None:
+        """Show the run's curves.png (loss and validation Dice per epoch) when it is new or has changed."""
+        try:
+            shown = (str(path), path.stat().st_mtime_ns)
+        except OSError:
+            return
+        if shown == self._trainingCurveShown:
+            return
+        pixmap = qt.QPixmap(str(path))
+        if pixmap.isNull():  # being replaced right now: the next tick shows it
+            return
+        self._trainingCurveShown = shown
+        self.ui.trainingCurveLabel.setPixmap(pixmap.scaledToWidth(min(pixmap.width(), 420), qt.Qt.SmoothTransformation))
+        self.ui.trainingCurveLabel.show()
+
+    def _addTrainedModel(self, folder: str) -> None:
+        """Put a new model folder in the model selector and select it for the next segmentation."""
+        if folder not in self._loadedModelFolders:
+            self._loadedModelFolders.append(folder)
+        self._populateModelComboBox()
+        if self._parameterNode is not None:
+            self._parameterNode.model = folder
+        self._selectModelInComboBox(folder)
+
     # --- metrics ---
 
     def onComputeMetrics(self) -> None:
@@ -532,10 +815,16 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startDevicesProbe()  # PyTorch may be new or replaced: ask again which GPU it sees
         return ready
 
-    def _showError(self, message: str) -> None:
-        """A user-facing problem: one plain sentence in the status line and a message box, no traceback."""
-        self.ui.statusLabel.text = message
+    def _showError(self, message: str, statusLabel=None) -> None:
+        """A user-facing problem: one plain sentence in the status line (``statusLabel``, default the
+        segmentation's) and a message box, no traceback."""
+        (statusLabel or self.ui.statusLabel).text = message
         slicer.util.errorDisplay(message, windowTitle=_("SDM Organ Segmentation"))
+
+
+def _isSet(path) -> bool:
+    """Whether a path parameter holds a path (an empty path line edit reads as ".")."""
+    return str(path).strip() not in ("", ".")
 
 
 #
@@ -698,6 +987,29 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
 
     def setVisibility(self, outputs, show2D: bool, show3D: bool) -> None:
         _lib().SDMSegmentationLogic(slicer.mrmlScene).set_visibility(outputs, show2D, show3D)
+
+    # --- training ---
+
+    @staticmethod
+    def trainingPresets() -> dict:
+        """Networks trained from scratch: preset name -> description."""
+        return {"cpu": _("small (cpu preset; trains on a CPU)"), "paper": _("the paper's (paper preset; needs a GPU)")}
+
+    def prepareTraining(self, outputFolder: str, start: str, mode: str, epochs: int, device: str = "auto",
+                        dataFolder: Optional[str] = None, pairs=None) -> dict:
+        """The training request: the scene's (volume, segmentation) ``pairs`` written to ``outputFolder``/data (or
+        ``dataFolder``), and the settings, those of the model ``start`` when fine-tuning (or ``scratch:<preset>``)."""
+        return _lib().prepare_training(outputFolder, start, mode, epochs, device, data_dir=dataFolder, pairs=pairs, scene=slicer.mrmlScene)
+
+    def startTraining(self, outputFolder: str, start: str, mode: str, epochs: int, device: str = "auto",
+                      dataFolder: Optional[str] = None, pairs=None):
+        """Start a training (or resume the one in ``outputFolder``) in a background process; returns a
+        ``mrmltraining.TrainingRun`` to poll."""
+        lib = _lib()
+        config = self.prepareTraining(outputFolder, start, mode, epochs, device, dataFolder, pairs)
+        run = lib.TrainingRun(config, python=lib.python_executable(), env=slicer.util.startupEnvironment(), workdir=slicer.app.temporaryPath)
+        run.start()
+        return run
 
     # --- metrics ---
 

@@ -51,3 +51,8 @@ def preset(name: str, in_channels: int = 1, out_channels: int = 1, **overrides: 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return UNetConfig(in_channels=in_channels, out_channels=out_channels, **{**PRESETS[name], **overrides})
+
+
+def output_activation_for(mode: str) -> str:
+    """The network's output activation for a training mode: logits for Dice-only, tanh SDM otherwise."""
+    return "none" if mode == "dice" else "tanh"

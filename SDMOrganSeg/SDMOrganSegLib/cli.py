@@ -91,7 +91,9 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
         action.help = f"{action.help} (default %(default)s)" if action.help else "default %(default)s"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
+    """The command's parser; with ``given_only``, ``train`` leaves out the options not given (no defaults),
+    so that fine-tuning can tell a setting the user chose from a default."""
     parser = _Parser(
         prog="sdmorganseg",
         description="Organ segmentation by predicting signed distance maps (Xue et al., AAAI 2020).",
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=200)
     train.add_argument("--batch-size", type=int, default=2, help="patches per optimiser step, in all: under torchrun each of the N processes takes batch/N (a multiple of N)")
     train.add_argument("--patch", type=_patch, default=(32, 48, 32), help="training patch x,y,z voxels, or 'whole' for whole volumes (the largest training case) (default 32,48,32)")
-    train.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4)")
+    train.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4; 5e-6 with --init)")
     train.add_argument("--lr-decay", type=float, default=0.8, help="learning-rate factor (default 0.8)...")
     train.add_argument("--lr-step", type=int, default=25, help="...applied every this many epochs (default 25)")
     train.add_argument("--sdm-weight", type=float, default=10.0, help="lambda of Eq. 5 (default 10)")
@@ -164,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-cases", type=int, default=None, help="use only the first N training and validation cases")
     train.add_argument("--name", default=None, help="model name in the card (default: the data folder's name)")
     train.add_argument("--finalize", action="store_true", help="after training, evaluate best/ on the validation split with all metrics and store them in its card")
+    train.add_argument("--init", metavar="MODEL", default=None, help="fine-tune: start from this model's weights (model folder or shipped name); its organs (matched by name in DATA's labels), network and preprocessing (spacing, intensity, SDM normalisation, k, window) are kept, and given options that contradict them are refused; the learning rate defaults to 5e-6, the loss mode, patch and flips to the model's")
     _show_defaults(train)
+    if given_only:
+        for action in train._actions:
+            if action.dest != "help":
+                action.default = argparse.SUPPRESS
     return parser
 
 
@@ -313,15 +320,16 @@ def run_sdm(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``train`` options (argparse dest) -> the TrainingConfig field they set, where the names differ.
+_CONFIG_FIELDS = {"patch": "patch_size", "lr": "learning_rate", "sdm_scale": "sdm_scale_mm", "no_flip": "flip", "split": "split_file", "name": "model_name"}
+
+
 def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .dataset import check_case_headers, find_cases
 
     # Cases on mismatched grids are refused from their headers, before PyTorch is even loaded.
     check_case_headers(find_cases(args.data))
-
-    from .training import Trainer, TrainingConfig, finalize_best_model
-
-    config = TrainingConfig(
+    fields = dict(
         data_dir=args.data, out_dir=args.out, preset=args.preset, mode=args.mode, epochs=args.epochs,
         batch_size=args.batch_size, patch_size=args.patch, learning_rate=args.lr, lr_decay=args.lr_decay,
         lr_step=args.lr_step, sdm_weight=args.sdm_weight, validate_every=args.validate_every, seed=args.seed,
@@ -333,7 +341,26 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         modality=args.modality, field_of_view=args.field_of_view,
         **({"intensity": args.intensity} if args.intensity else {}),
     )
-    best = Trainer(config).run()
+    if args.init:
+        # The base model's card (read without PyTorch) fills in every setting not given; given ones that
+        # contradict it are refused here, before any work.
+        from .dataset import read_label_names
+        from .finetuning import fine_tuning_settings, organs_for_data
+        from .modelfiles import read_card, resolve_model
+
+        card = read_card(resolve_model(args.init))
+        names = read_label_names(args.data)
+        if names is not None:  # without labels.json the trainer says what is missing
+            organs_for_data(card, names, args.data)
+        given = vars(build_parser(given_only=True).parse_args(argv))
+        chosen = {_CONFIG_FIELDS.get(dest, dest): fields[_CONFIG_FIELDS.get(dest, dest)] for dest in given if _CONFIG_FIELDS.get(dest, dest) in fields}
+        fields.update(fine_tuning_settings(card, chosen), init_model=args.init)
+        if args.name is None:
+            fields["model_name"] = f"{card.name}-finetuned"
+
+    from .training import Trainer, TrainingConfig, finalize_best_model
+
+    best = Trainer(TrainingConfig(**fields)).run()
     if not distributed.from_environment().main:
         return 0  # under torchrun: rank 0 finalises and reports
     if args.finalize:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .architecture import output_activation_for  # noqa: F401  (the activation a mode trains; re-exported)
 from .sdm import HEAVISIDE_K
 
 MODES = ("dice", "sdm", "l1+dice", "sdm+dice")
@@ -100,8 +101,3 @@ class SDMSegmentationLoss(nn.Module):
                 parts["dice"] = soft_dice_loss(smooth_heaviside(pred, self.k), target_mask, annotated=annotated)
                 total = parts["dice"] + self.sdm_weight * sdm_term
         return total, {name: float(value.detach()) for name, value in parts.items()}
-
-
-def output_activation_for(mode: str) -> str:
-    """The network's output activation for a training mode: logits for Dice-only, tanh SDM otherwise."""
-    return "none" if mode == "dice" else "tanh"

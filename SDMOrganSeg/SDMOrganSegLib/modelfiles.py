@@ -300,6 +300,12 @@ def save_model(network: torch.nn.Module, card: ModelCard, directory: str | Path,
     return card
 
 
+def organ_key(name: str) -> str:
+    """An organ or segment name for matching: lower case, letters and digits only ("Left_Parotid" and
+    "left parotid" match)."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 def organs_from_labels(names: dict[int, str], colors: Sequence[Sequence[float]] | None = None) -> list[Organ]:
     """Organs from a ``{label value: name}`` mapping, in label order, with default colours and, for organs
     whose names :mod:`.terminology` knows, their SNOMED CT codes."""

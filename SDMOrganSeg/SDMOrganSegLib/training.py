@@ -29,10 +29,11 @@ import torch
 from . import __version__, distributed
 from .dataset import PreparedCase, check_case_headers, find_cases, load_cases, make_split, read_annotations, read_label_names, read_split
 from .errors import SDMOrganSegError
+from .finetuning import base_model_record, organs_for_data, refuse_contradictions
 from .files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device, tta_axes
 from .losses import MODES, SDMSegmentationLoss, output_activation_for
-from .modelfiles import ModelCard, Organ, organs_from_labels, save_model, shipped_models
+from .modelfiles import ModelCard, Organ, organs_from_labels, read_card, save_model, shipped_models
 from .network import UNet3D, preset
 from .preprocessing import DEFAULT_INTENSITY
 from .sdm import HEAVISIDE_K, SDM_NORMALIZATIONS, sdms_to_label_map
@@ -75,6 +76,9 @@ class TrainingConfig:
     model_name: str = "model"
     threads: int | None = None
     command: str = ""
+    #: Model folder or shipped model name whose weights training starts from (fine-tuning): its organs,
+    #: network and preprocessing are kept (see :mod:`.finetuning`, whose fine_tuning_settings fills them in).
+    init_model: str | None = None
 
 
 def _patch_starts(
@@ -354,6 +358,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.say = progress or (lambda text: print(text, file=sys.stderr))
         self.ranks = distributed.SINGLE
+        self.base = None  #: the model fine-tuning starts from (a modelfiles.LoadedModel), loaded by run()
 
     def _prepare(self) -> None:
         config = self.config
@@ -362,7 +367,7 @@ class Trainer:
         names = read_label_names(config.data_dir)
         if names is None:
             raise SDMOrganSegError(f"{config.data_dir} has no labels.json naming the organs; add {{\"labels\": {{\"1\": \"organ\"}}}}")
-        self.organs = organs_from_labels(names)
+        self.organs = organs_from_labels(names) if self.base is None else organs_for_data(self.base.card, names, str(config.data_dir))
         label_values = [o.label for o in self.organs]
         by_name = {c.name: c for c in cases}
         split_path = self.out_dir / "split.json"
@@ -403,7 +408,8 @@ class Trainer:
 
     def organs_with_volume_ranges(self) -> list[Organ]:
         """The organs with the smallest and largest volume (ml) of each in the training labels where it was
-        annotated and present, for the card's plausibility check of predictions."""
+        annotated and present, for the card's plausibility check of predictions (widened to the base
+        model's range when fine-tuning)."""
         import dataclasses
 
         organs = []
@@ -413,7 +419,7 @@ class Trainer:
                 for case in self.train_cases
                 if case.annotated is None or case.annotated[index]
             ]
-            volumes = [v for v in volumes if v > 0]
+            volumes = [v for v in volumes if v > 0] + list(organ.volume_ml or ())
             organs.append(dataclasses.replace(organ, volume_ml=(round(min(volumes), 3), round(max(volumes), 3)) if volumes else None))
         return organs
 
@@ -438,14 +444,21 @@ class Trainer:
             "torch": torch.__version__,
             "world_size": self.ranks.world_size,
         }
+        description = f"UNet3D ({config.preset} preset) trained with {config.mode} by SDMOrganSeg {__version__}"
+        extent = self.training_extent_mm()
+        if self.base is not None:
+            training["base_model"] = base_model_record(self.base.card, self.base.directory)
+            description = f"{self.base.card.name} fine-tuned with {config.mode} on {config.data_dir} by SDMOrganSeg {__version__}"
+            if self.base.card.input_extent_mm:
+                extent = tuple(max(a, b) for a, b in zip(extent, self.base.card.input_extent_mm))
         return ModelCard(
             name=config.model_name,
-            description=f"UNet3D ({config.preset} preset) trained with {config.mode} by SDMOrganSeg {__version__}",
+            description=description,
             architecture=self.network.config,
             organs=self.organs_with_volume_ranges(),
             modality=config.modality,
             field_of_view=config.field_of_view,
-            input_extent_mm=self.training_extent_mm(),
+            input_extent_mm=extent,
             spacing=tuple(float(s) for s in self.model_spacing),
             intensity=dict(config.intensity),
             window=self.patch_size if config.sliding_window else None,
@@ -453,6 +466,15 @@ class Trainer:
             training=training,
             metrics=metrics,
         )
+
+    def _validation_dice(self, device: torch.device, window: Sequence[int] | None) -> tuple[float, dict[str, float]]:
+        """Mean validation Dice on whole volumes, and the log's ``val_mean_dice`` and ``val_dice_<organ>``."""
+        results = evaluate_cases(self.network, self.validation_cases, self.organs, device, surface=False, window_zyx=window)
+        self.network.to(device)
+        mean_dice = _mean_dice(results)
+        fields = {"val_mean_dice": round(mean_dice, 5)}
+        fields.update({f"val_dice_{organ}": round(float(np.mean(metrics["dice"])), 5) for organ, metrics in results.items()})
+        return mean_dice, fields
 
     def _save_checkpoint(self, epoch: int, best: float, log_rows: list[dict[str, Any]]) -> None:
         state = {
@@ -517,6 +539,11 @@ class Trainer:
             state = self._resume_state(checkpoint_path) if ranks.main else None
         state = distributed.broadcast(ranks, state)
         with distributed.all_or_none(ranks):
+            if config.init_model:
+                from .modelfiles import load_model, resolve_model
+
+                self.base = load_model(resolve_model(config.init_model))
+                refuse_contradictions(self.base.card, self._config_record())
             self._prepare()
         distributed.check_same(
             ranks, self.split, "training and validation cases", "give every machine the same data folder and --split, or a run folder they share"
@@ -526,6 +553,11 @@ class Trainer:
         self.network = UNet3D(
             preset(config.preset, 1, len(self.organs), output_activation=output_activation_for(config.mode), **overrides)
         ).to(device)
+        if self.base is not None:
+            if self.network.config != self.base.card.architecture:  # refuse_contradictions has said why already
+                raise SDMOrganSegError(f"the network of this run differs from that of model {self.base.card.name}; it cannot be fine-tuned")
+            if state is None:
+                self.network.load_state_dict(self.base.network.state_dict())
         self.patch_size = tuple(config.patch_size) if config.patch_size else whole_volume_patch(self.train_cases, self.network.size_multiple)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_decay)
@@ -570,6 +602,14 @@ class Trainer:
         steps_per_epoch = math.ceil(len(self.train_cases) / config.batch_size)
         validation_window = tuple(reversed(self.patch_size)) if config.sliding_window else None
         self.say(f"patch {'x'.join(map(str, self.patch_size))} (x, y, z), {sum(p.numel() for p in self.network.parameters()):,} parameters")
+        if self.base is not None and start_epoch == 0 and ranks.main:
+            # The base model is the first candidate: best/ is replaced only by an epoch that validates better,
+            # so fine-tuning never hands back a model that is worse on the validation cases than the one it started from.
+            best, fields = self._validation_dice(device, validation_window)
+            log_rows.append({"epoch": 0, **fields})
+            _write_log(log_rows, self.out_dir / "log.csv")
+            save_model(self.network, self._card({"validation_mean_dice": round(best, 5), "epoch": 0}, 0), self.out_dir / "best", overwrite=True)
+            self.say(f"base model {self.base.card.name}: validation Dice {best:.4f} before fine-tuning")
         run_started, run_first_epoch = time.perf_counter(), start_epoch + 1
         from tqdm import tqdm
 
@@ -616,12 +656,8 @@ class Trainer:
             row.update({"epoch_s": round(elapsed, 3), "steps_per_s": round(steps_per_epoch / elapsed, 3), "data_share": round(data_time / elapsed, 4)})
             message = f"epoch {epoch}: loss {row['loss']:.4f}, {row['steps_per_s']:.2f} steps/s"
             if epoch % config.validate_every == 0 or epoch == config.epochs:
-                results = evaluate_cases(self.network, self.validation_cases, self.organs, device, surface=False, window_zyx=validation_window)
-                self.network.to(device)
-                mean_dice = _mean_dice(results)
-                row["val_mean_dice"] = round(mean_dice, 5)
-                for organ, metrics in results.items():
-                    row[f"val_dice_{organ}"] = round(float(np.mean(metrics["dice"])), 5)
+                mean_dice, fields = self._validation_dice(device, validation_window)
+                row.update(fields)
                 message += f", validation Dice {mean_dice:.4f}"
                 if mean_dice > best:
                     best = mean_dice
@@ -638,6 +674,8 @@ class Trainer:
             distributed.barrier(ranks)
         if ranks.main:
             save_model(self.network, self._card({}, config.epochs), self.out_dir / "last", overwrite=True)
+            if self.base is not None and read_card(self.out_dir / "best").metrics.get("epoch") == 0:
+                self.say(f"no fine-tuned epoch validated better than the base model: best/ holds its weights, last/ those of epoch {config.epochs}")
         return self.out_dir / "best"
 
 

@@ -35,7 +35,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib import dependencies, mrmllogic  # noqa: E402
+from SDMOrganSegLib import background, dependencies, mrmllogic  # noqa: E402
 
 MODULE_FILE = REPO / "SDMOrganSeg" / "SDMOrganSeg.py"
 BATCH = REPO / "SDMOrganSeg" / "Scripts" / "batch.py"
@@ -52,13 +52,45 @@ class _Widget(SimpleNamespace):
         return lambda *args, **kwargs: None
 
 
+class _ComboBox(_Widget):
+    """A QComboBox: items with data, the current one."""
+
+    def __init__(self) -> None:
+        super().__init__(items=[], currentIndex=-1, enabled=True, toolTip="")
+
+    def clear(self) -> None:
+        self.items, self.currentIndex = [], -1
+
+    def addItem(self, text: str, data=None) -> None:
+        self.items.append((text, data))
+
+    def insertSeparator(self, index: int) -> None:
+        self.items.insert(index, ("", None))
+
+    def findData(self, data) -> int:
+        return next((index for index, (_text, value) in enumerate(self.items) if value == data), -1)
+
+    def itemData(self, index: int):
+        return self.items[index][1]
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    @property
+    def currentData(self):
+        return self.items[self.currentIndex][1] if 0 <= self.currentIndex < len(self.items) else None
+
+
 class _Ui:
-    """``self.ui`` of the panel: a widget stand-in for every name."""
+    """``self.ui`` of the panel: a widget stand-in for every name (combo boxes hold their items)."""
 
     def __init__(self) -> None:
         self._widgets: dict[str, _Widget] = {}
 
     def __getattr__(self, name: str) -> _Widget:
+        if name.endswith("ComboBox"):
+            return self._widgets.setdefault(name, _ComboBox())
         return self._widgets.setdefault(name, _Widget(text="", value=0, enabled=True, toolTip="", currentData=None))
 
 
@@ -83,6 +115,25 @@ class _QTimer:
         pass  # never fires: the tests call what they need themselves
 
 
+class _QPixmap:
+    """A QPixmap of an image file: records which files were read."""
+
+    loaded: list = []
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        _QPixmap.loaded.append(path)
+
+    def isNull(self) -> bool:
+        return not Path(self.path).is_file()
+
+    def width(self) -> int:
+        return 900
+
+    def scaledToWidth(self, width: int, mode: int) -> "_QPixmap":
+        return self
+
+
 @pytest.fixture()
 def slicer_python(monkeypatch, tmp_path) -> SimpleNamespace:
     """Stand-ins for ``qt`` and ``slicer`` in sys.modules; returns what they recorded."""
@@ -94,6 +145,8 @@ def slicer_python(monkeypatch, tmp_path) -> SimpleNamespace:
     qt = types.ModuleType("qt")
     qt.QTimer = _QTimer
     qt.QIcon = lambda path: path
+    qt.QPixmap = _QPixmap
+    qt.Qt = SimpleNamespace(SmoothTransformation=1)
     slicer = types.ModuleType("slicer")
     for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode"):
         setattr(slicer, name, base(name))
@@ -113,6 +166,7 @@ def slicer_python(monkeypatch, tmp_path) -> SimpleNamespace:
     i18n.translate = lambda context, text: text
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
     wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.WithinRange = lambda minimum, maximum: (minimum, maximum)
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
         setattr(scripted, name, base(name))
@@ -194,6 +248,123 @@ def test_a_run_that_ends_after_the_scene_was_closed_adds_nothing_and_shows_no_er
     assert slicer_python.errors == []
     assert "nothing was added" in widget.ui.statusLabel.text
     assert run.cleaned and widget._run is None
+
+
+# --- the Training section ---------------------------------------------------------------------------------------
+
+
+class _TrainingRun:
+    """A training run as the panel polls it: its state, the progress in its run folder's log.csv, its result."""
+
+    def __init__(self, run_dir: Path, epochs: int, state: str = "running", result=None, message: str = "") -> None:
+        self.run_dir, self.config, self.state, self._result, self.message = run_dir, {"epochs": epochs}, state, result, message
+        self.progress, self.started_at, self.cancel_requested, self.cleaned = (0.0, "starting"), time.monotonic(), False, False
+
+    def poll(self) -> str:
+        return self.state
+
+    def training_progress(self):
+        from SDMOrganSegLib import mrmltraining
+
+        return mrmltraining.read_training_progress(self.run_dir, self.config["epochs"])
+
+    def result(self):
+        return self._result
+
+    def cleanup(self) -> None:
+        self.cleaned = True
+
+
+def _log(run_dir: Path, rows: list) -> None:
+    import csv
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "log.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["epoch", "val_mean_dice", "loss", "eta_s"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _training_panel(module, tmp_path: Path):
+    widget = module.SDMOrganSegWidget()
+    widget.ui, widget.logic = _Ui(), module.SDMOrganSegLogic()
+    widget._parameterNode = SimpleNamespace(
+        model="", trainingSource=module.TrainingSource.SCENE, trainingVolumes=[], trainingSegmentations=[],
+        trainingOutputFolder=tmp_path / "run", trainingDataFolder=Path("."), inputVolume=None, levels="0", evaluatedSegmentation=None,
+        referenceSegmentation=None, metricsTable=None,
+    )
+    return widget
+
+
+def test_the_training_poll_shows_epoch_loss_dice_eta_and_the_curve_as_it_changes(module, slicer_python, tmp_path):
+    widget = _training_panel(module, tmp_path)
+    run = widget._trainingRun = _TrainingRun(tmp_path / "run", 20)
+    _log(run.run_dir, [{"epoch": 0, "val_mean_dice": 0.84}, {"epoch": 1, "loss": -5.8, "val_mean_dice": 0.845, "eta_s": 1140}])
+    _QPixmap.loaded.clear()
+    widget._onPollTraining()
+    assert widget.ui.trainingStatusLabel.text == (
+        "Epoch 1/20: loss -5.8000, validation Dice 0.845 (best 0.845; before fine-tuning 0.840), about 19 min left"
+    )
+    assert widget.ui.trainingProgressBar.value == 5
+    assert _QPixmap.loaded == [], "no curve image yet"
+    (run.run_dir / "curves.png").write_bytes(b"png")
+    widget._onPollTraining()
+    widget._onPollTraining()
+    assert _QPixmap.loaded == [str(run.run_dir / "curves.png")], "the curve is read once, when it appears"
+    os.utime(run.run_dir / "curves.png", ns=(time.time_ns() + 10**9,) * 2)  # rewritten at the next validation
+    widget._onPollTraining()
+    assert len(_QPixmap.loaded) == 2
+    run.cancel_requested = True
+    widget._onPollTraining()
+    assert widget.ui.trainingStatusLabel.text.startswith("Cancelling")
+    assert widget._trainingRun is run and not run.cleaned
+
+
+def test_a_finished_training_puts_the_model_in_the_selector_and_selects_it(module, slicer_python, tmp_path):
+    import shutil
+
+    from SDMOrganSegLib.modelfiles import shipped_models
+
+    widget = _training_panel(module, tmp_path)
+    model_dir = tmp_path / "run" / "best"
+    shutil.copytree(shipped_models()["hippocampus"], model_dir)
+    run = widget._trainingRun = _TrainingRun(tmp_path / "run", 2, "done", {
+        "model_dir": str(model_dir), "epoch": 2,
+        "summary": {"anterior hippocampus": {"dice": {"mean": 0.81}}, "posterior hippocampus": {"dice": {"mean": 0.86}}},
+    })
+    _log(run.run_dir, [{"epoch": 0, "val_mean_dice": 0.83}, {"epoch": 2, "loss": -5.9, "val_mean_dice": 0.835}])
+    widget._onPollTraining()
+    assert slicer_python.errors == [] and run.cleaned and widget._trainingRun is None
+    assert widget._loadedModelFolders == [str(model_dir)] and widget._parameterNode.model == str(model_dir)
+    combo = widget.ui.modelComboBox
+    assert combo.currentData == str(model_dir) and combo.items[combo.currentIndex][0] == "hippocampus (folder)"
+    assert ("Fine-tune hippocampus (folder)", str(model_dir)) in widget.ui.trainingStartComboBox.items
+    text = widget.ui.trainingStatusLabel.text
+    assert text.startswith(f"Done: the model in {model_dir} is in the model selector and selected.")
+    assert "anterior hippocampus 0.810, posterior hippocampus 0.860" in text and "before fine-tuning: 0.830" in text
+
+
+def test_a_cancelled_training_says_the_checkpoint_is_kept_and_the_button_resumes(module, slicer_python, tmp_path):
+    widget = _training_panel(module, tmp_path)
+    run = widget._trainingRun = _TrainingRun(tmp_path / "run", 20, "cancelled")
+    _log(run.run_dir, [{"epoch": 0, "val_mean_dice": 0.83}, {"epoch": 1, "loss": -5.8}, {"epoch": 2, "loss": -5.9}])
+    (run.run_dir / "checkpoint.pt").write_bytes(b"state")
+    widget._parameterNode.trainingVolumes, widget._parameterNode.trainingSegmentations = ["volume 1", "volume 2"], ["segments 1", "segments 2"]
+    widget._onPollTraining()
+    assert slicer_python.errors == [] and run.cleaned
+    assert widget.ui.trainingStatusLabel.text == (
+        f"Cancelled after epoch 2; the checkpoint is kept in {run.run_dir}: Resume training continues from it."
+    )
+    assert widget.ui.trainButton.text == "Resume training" and widget.ui.trainButton.enabled
+
+
+def test_a_failed_training_shows_its_one_line_and_the_button_asks_for_what_is_missing(module, slicer_python, tmp_path):
+    widget = _training_panel(module, tmp_path)
+    run = widget._trainingRun = _TrainingRun(tmp_path / "run", 20, "failed", message="segment 'tumour' of 'case 1' is none of the organs")
+    widget._onPollTraining()
+    assert slicer_python.errors == ["segment 'tumour' of 'case 1' is none of the organs"] and run.cleaned
+    assert widget.ui.trainButton.text == "Train" and not widget.ui.trainButton.enabled
+    assert "at least two volume + segmentation pairs" in widget.ui.trainButton.toolTip
 
 
 def test_missing_and_outdated_packages_are_installed_after_asking(module, packages, slicer_python):
@@ -359,7 +530,7 @@ def _kill_leftovers(*pids: int) -> None:
 
 @posix_only
 def test_cancel_kills_the_worker_behind_the_launcher(tmp_path, monkeypatch):
-    monkeypatch.setattr(mrmllogic, "CANCEL_GRACE_S", 0.3)
+    monkeypatch.setattr(background, "CANCEL_GRACE_S", 0.3)
     run, launcher_pid, worker_pid = _started_run(tmp_path)
     try:
         run.cancel()

@@ -170,7 +170,7 @@ def test_train_help_shows_every_default():
     text = " ".join(train.format_help().split())
     for action in train._actions:
         if action.option_strings and action.default not in (None, False) and action.default is not argparse.SUPPRESS:
-            shown = {"--patch": "32,48,32", "--lr": "5e-4", "--sdm-weight": "10"}.get(action.option_strings[0], str(action.default))
+            shown = {"--patch": "32,48,32", "--lr": "5e-4", "--sdm-weight": "10", "--sdm-scale": "5", "--heaviside-k": "1500"}.get(action.option_strings[0], str(action.default))
             assert f"default {shown}" in text, action.option_strings
 
 

@@ -27,6 +27,8 @@ COMPATIBLE = {
     "QCheckBox": "bool",
     "QLineEdit": "str",
     "QComboBox": "enum",  # a plain str needs a Choice annotation; this module uses enums
+    "QSpinBox": "int",
+    "ctkPathLineEdit": "path",  # pathlib.Path
 }
 
 
@@ -61,9 +63,12 @@ def _parameter_fields() -> dict[str, str]:
             for statement in node.body:
                 if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
                     annotation = ast.unparse(statement.annotation)
+                    if annotation.startswith("Annotated["):  # Annotated[int, WithinRange(1, 10000)]: an int
+                        annotation = ast.unparse(statement.annotation.slice.elts[0])
                     kind = (
                         "node" if annotation.startswith("vtkMRML") else
                         "enum" if annotation in enums else
+                        "path" if annotation == "pathlib.Path" else
                         annotation if annotation in ("bool", "str", "int", "float") else "other"
                     )
                     fields[statement.target.id] = kind
@@ -113,6 +118,34 @@ def test_parameter_bindings_match_the_parameter_node():
         assert COMPATIBLE.get(cls) == fields[parameter], f"{widget} ({cls}) cannot show {parameter!r} ({fields[parameter]})"
     for parameter in ("inputVolume", "device", "levels", "show2D", "show3D", "referenceSegmentation", "segmentMatching"):
         assert parameter in bindings.values(), f"{parameter} should be bound to a widget"
+    for parameter in ("trainingSource", "trainingSegmentation", "trainingVolume", "trainingDataFolder", "trainingMode", "trainingEpochs",
+                      "trainingOutputFolder"):
+        assert parameter in bindings.values(), f"{parameter} should be bound to a widget"
+
+
+def _section(name: str) -> ET.Element:
+    return next(element for element in ET.parse(UI_FILE).getroot().iter("widget") if element.get("name") == name)
+
+
+def test_training_section_is_collapsed_by_default_and_holds_the_training_widgets():
+    section = _section("trainingCollapsibleButton")
+    assert section.get("class") == "ctkCollapsibleButton"
+    assert section.find("property[@name='collapsed']/bool").text == "true"
+    inside = {element.get("name"): element.get("class") for element in section.iter("widget")}
+    expected = {
+        "trainingSourceComboBox": "QComboBox", "trainingSceneWidget": "QWidget", "trainingSegmentationSelector": "qMRMLNodeComboBox",
+        "trainingVolumeSelector": "qMRMLNodeComboBox", "addTrainingPairButton": "QPushButton", "removeTrainingPairButton": "QPushButton",
+        "trainingPairsListWidget": "QListWidget", "trainingFolderWidget": "QWidget", "trainingDataFolderPathLineEdit": "ctkPathLineEdit",
+        "trainingStartComboBox": "QComboBox", "trainingModeComboBox": "QComboBox", "trainingEpochsSpinBox": "QSpinBox",
+        "trainingOutputPathLineEdit": "ctkPathLineEdit", "trainButton": "QPushButton", "trainingProgressBar": "QProgressBar",
+        "trainingStatusLabel": "QLabel", "trainingCurveLabel": "QLabel",
+    }
+    for name, cls in expected.items():
+        assert inside.get(name) == cls, f"{name}: {inside.get(name)}, expected {cls} inside the Training section"
+    for name in ("trainingDataFolderPathLineEdit", "trainingOutputPathLineEdit"):  # folders, not files
+        element = _section(name)
+        assert "ctkPathLineEdit::Dirs" in element.find("property[@name='filters']/set").text
+        assert element.find("property[@name='options']/set").text == "ctkPathLineEdit::ShowDirsOnly"
 
 
 def test_mrml_widgets_receive_the_scene():
@@ -135,7 +168,7 @@ def _qt_only_ui(tmp_path: Path) -> Path:
             element.set("class", bases[cls])
             for prop in list(element.findall("property")):
                 # Properties of the Slicer classes (nodeTypes, collapsed...) do not exist on the Qt base.
-                if prop.get("name") in ("nodeTypes", "showChildNodeTypes", "addEnabled", "removeEnabled", "noneEnabled", "collapsed", "text", "editTriggers") and bases[cls] != "QTableView":
+                if prop.get("name") in ("nodeTypes", "showChildNodeTypes", "addEnabled", "removeEnabled", "noneEnabled", "collapsed", "text", "editTriggers", "filters", "options") and bases[cls] != "QTableView":
                     element.remove(prop)
     for tag in ("customwidgets", "connections"):
         for found in root.findall(tag):
@@ -145,7 +178,8 @@ def _qt_only_ui(tmp_path: Path) -> Path:
     return path
 
 
-def test_ui_loads_in_qt_with_slicer_classes_mapped(tmp_path):
+def _load_qt_widget(tmp_path):
+    """The .ui file loaded by PySide6's QUiLoader (offscreen), Slicer's classes mapped to their Qt bases."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="PySide6 is not installed")
     QtUiTools = pytest.importorskip("PySide6.QtUiTools", reason="PySide6 QtUiTools is not installed")
@@ -157,12 +191,70 @@ def test_ui_loads_in_qt_with_slicer_classes_mapped(tmp_path):
     widget = loader.load(file)
     file.close()
     assert widget is not None, loader.errorString()
+    return app, widget, QtWidgets
+
+
+def test_ui_loads_in_qt_with_slicer_classes_mapped(tmp_path):
+    app, widget, QtWidgets = _load_qt_widget(tmp_path)
     for name, element in _widgets().items():
-        child = widget if widget.objectName() == name else widget.findChild(QtCore.QObject, name)
+        child = widget if widget.objectName() == name else widget.findChild(QtWidgets.QWidget, name)
         assert child is not None, f"{name} was not created by QUiLoader"
     assert widget.findChild(QtWidgets.QLineEdit, "levelsLineEdit").text() == "0, 0.1, 0.2, 0.3"
     assert widget.findChild(QtWidgets.QCheckBox, "show2DCheckBox").isChecked()
     assert widget.findChild(QtWidgets.QPushButton, "applyButton").text() == "Apply"
+    assert widget.findChild(QtWidgets.QPushButton, "trainButton").text() == "Train"
+    epochs = widget.findChild(QtWidgets.QSpinBox, "trainingEpochsSpinBox")
+    assert (epochs.minimum(), epochs.maximum(), epochs.value()) == (1, 10000, 20)
+    widget.deleteLater()
+    app.processEvents()
+
+
+def test_bound_widgets_show_and_return_the_parameter_values(module, tmp_path):
+    """What Slicer's parameterNodeWrapper does with each binding of the .ui file, done on the PySide6 widgets:
+    a combo box lists an enum's labels and maps the index back to the member, a spin box takes the range of
+    the WithinRange annotation, check boxes and line edits hold the value; every default survives the round trip."""
+    import enum
+    import pathlib
+    import typing
+
+    app, widget, QtWidgets = _load_qt_widget(tmp_path)
+    hints = typing.get_type_hints(module.SDMOrganSegParameterNode, include_extras=True)
+    checked = set()
+    for name, parameter in _parameter_bindings().items():
+        hint = hints[parameter]
+        kind = typing.get_origin(hint)
+        base = typing.get_args(hint)[0] if kind is typing.Annotated else hint
+        default = getattr(module.SDMOrganSegParameterNode, parameter, None)
+        child = widget.findChild(QtWidgets.QWidget, name)
+        if isinstance(base, type) and issubclass(base, enum.Enum):
+            assert isinstance(child, QtWidgets.QComboBox)
+            child.clear()
+            child.addItems([member.label() for member in base])
+            child.setCurrentIndex(list(base).index(default))
+            assert list(base)[child.currentIndex()] is default and child.currentText() == default.label()
+        elif base is int:
+            assert isinstance(child, QtWidgets.QSpinBox)
+            limits = next(iter(typing.get_args(hint)[1:]), None)  # WithinRange(1, 10000), stood in as (1, 10000)
+            if limits is not None:
+                child.setRange(*limits)
+            child.setValue(default)
+            assert child.value() == default
+            child.setValue(0)
+            assert child.value() == 1, "zero epochs must not be possible"
+        elif base is bool:
+            child.setChecked(default)
+            assert child.isChecked() is default
+        elif base is str:
+            child.setText(default)
+            assert child.text() == default
+        elif base is pathlib.Path:
+            assert _widgets()[name].get("class") == "ctkPathLineEdit"  # ctkPathLineEdit <-> pathlib.Path in Slicer
+        else:
+            assert _widgets()[name].get("class") == "qMRMLNodeComboBox", name
+        checked.add(parameter)
+    assert {"trainingSource", "trainingMode", "trainingEpochs", "trainingOutputFolder", "trainingDataFolder"} <= checked
+    assert module.SDMOrganSegParameterNode.trainingMode is module.TrainingMode.SDM_DICE
+    assert [member.value for member in module.TrainingMode] == ["sdm+dice", "sdm", "l1+dice", "dice"]
     widget.deleteLater()
     app.processEvents()
 
@@ -191,7 +283,7 @@ def module(monkeypatch):
     stand_ins = {
         "qt": types.ModuleType("qt"),
         "slicer.i18n": types.SimpleNamespace(tr=lambda text: text, translate=lambda context, text: text),
-        "slicer.parameterNodeWrapper": types.SimpleNamespace(parameterNodeWrapper=lambda cls: cls),
+        "slicer.parameterNodeWrapper": types.SimpleNamespace(parameterNodeWrapper=lambda cls: cls, WithinRange=lambda minimum, maximum: (minimum, maximum)),
         "slicer.ScriptedLoadableModule": types.SimpleNamespace(**{
             name: type(name, (), {"__init__": lambda self, *args, **kwargs: None})
             for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest")
@@ -246,3 +338,31 @@ def test_module_logic_segments_and_measures_on_a_real_scene(module, tmp_path, mo
     assert float(table.GetTable().GetValueByName(0, "Dice").ToDouble()) == pytest.approx(1.0)
     saved = logic.saveTableCsv(table, str(tmp_path / "metrics.csv"))
     assert saved.read_text(encoding="utf-8").splitlines()[0] == "Organ,Dice,HD (mm),HD95 (mm),ASD (mm)"
+
+
+def test_module_logic_prepares_a_training_from_scene_pairs(module, tmp_path):
+    """The Logic the Training section calls: the scene's pairs become the run's data folder, the settings come
+    from the model to fine-tune; a problem is one line and leaves the scene as it was."""
+    import slicer
+
+    from SDMOrganSegLib import headless
+
+    data = REPO / "Testing" / "Data" / "hippocampus"
+    pairs = []
+    for case in ("hippocampus_001", "hippocampus_003"):
+        volume = headless.load_volume(data / "imagesTr" / f"{case}.nii.gz")
+        segmentation = headless.load_segmentation(data / "labelsTr" / f"{case}.nii.gz")
+        for index, name in enumerate(("anterior hippocampus", "posterior hippocampus")):
+            segmentation.GetSegmentation().GetNthSegment(index).SetName(name)
+        pairs.append((volume, segmentation))
+    logic = module.SDMOrganSegLogic()
+    before = slicer.mrmlScene.GetNumberOfNodes()
+    config = logic.prepareTraining(str(tmp_path / "run"), "hippocampus", "sdm+dice", 10, "cpu", pairs=pairs)
+    assert slicer.mrmlScene.GetNumberOfNodes() == before
+    assert config["data_dir"] == str(tmp_path / "run" / "data") and config["init_model"].endswith("hippocampus")
+    assert sorted(p.name for p in (tmp_path / "run" / "data" / "labelsTr").iterdir()) == [f"{v.GetName()}.nii.gz" for v, _ in pairs]
+    pairs[1][1].GetSegmentation().GetNthSegment(1).SetName("Segment_2")
+    with pytest.raises(module.SDMOrganSegError, match="segment 'Segment_2' of"):
+        logic.prepareTraining(str(tmp_path / "other"), "hippocampus", "sdm+dice", 10, "cpu", pairs=pairs)
+    assert slicer.mrmlScene.GetNumberOfNodes() == before
+    assert logic.trainingPresets().keys() == {"cpu", "paper"}
