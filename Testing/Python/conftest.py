@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 TORCH_MODULES = [
     "test_batch.py", "test_distributed_batch.py", "test_distributed_training.py", "test_network_losses.py",
-    "test_performance_paths.py", "test_reliability.py", "test_shipped_model.py", "test_training.py",
+    "test_performance_paths.py", "test_postprocessing.py", "test_reliability.py", "test_shipped_model.py", "test_training.py",
 ]
 collect_ignore = [] if HAVE_TORCH else TORCH_MODULES
 
@@ -172,3 +172,19 @@ def single_threaded_environment() -> dict[str, str]:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "SDMOrganSeg"), os.environ.get("PYTHONPATH", "")])}
+
+
+def assert_corrupted_copy_refused(model_dir: Path, tmp_path: Path) -> None:
+    """A copy of a shipped model with 8 bytes of its weights zeroed is refused by its checksum."""
+    import shutil
+
+    from SDMOrganSegLib.errors import SDMOrganSegError
+    from SDMOrganSegLib.modelfiles import WEIGHTS_FILE, load_model
+
+    copy = tmp_path / model_dir.name
+    shutil.copytree(model_dir, copy)
+    with open(copy / WEIGHTS_FILE, "r+b") as handle:
+        handle.seek(-100, 2)
+        handle.write(b"\0" * 8)
+    with pytest.raises(SDMOrganSegError, match="checksum mismatch"):
+        load_model(copy)

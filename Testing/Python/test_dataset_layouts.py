@@ -93,6 +93,7 @@ def test_missing_or_region_based_entries_are_named(tmp_path):
 
 
 def test_train_command_runs_on_an_nnunet_dataset(tmp_path):
+    pytest.importorskip("torch", reason="training needs PyTorch")
     folder = nnunet_dataset(tmp_path)
     run = tmp_path / "run"
     done = subprocess.run(

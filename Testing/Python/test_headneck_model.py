@@ -5,16 +5,14 @@ through the sliding window with its geometry kept."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import DATA, REPO
+from conftest import assert_corrupted_copy_refused, DATA, REPO
 
 pytest.importorskip("torch")
 
-from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
 from SDMOrganSegLib.inference import segment_image  # noqa: E402
 from SDMOrganSegLib.metrics import organ_metrics  # noqa: E402
 from SDMOrganSegLib.modelfiles import WEIGHTS_FILE, load_model, resolve_model, sha256_of  # noqa: E402
@@ -86,10 +84,4 @@ def test_full_resolution_planning_ct_keeps_its_geometry(model):
 
 
 def test_corrupted_copy_is_refused(tmp_path):
-    copy = tmp_path / "headneck-oar"
-    shutil.copytree(MODEL, copy)
-    with open(copy / WEIGHTS_FILE, "r+b") as handle:
-        handle.seek(-100, 2)
-        handle.write(b"\0" * 8)
-    with pytest.raises(SDMOrganSegError, match="checksum mismatch"):
-        load_model(copy)
+    assert_corrupted_copy_refused(MODEL, tmp_path)

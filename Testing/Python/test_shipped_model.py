@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import HIPPOCAMPUS, REPO
+from conftest import assert_corrupted_copy_refused, HIPPOCAMPUS, REPO
 
-from SDMOrganSegLib.errors import SDMOrganSegError
 from SDMOrganSegLib.inference import segment_image
 from SDMOrganSegLib.metrics import organ_metrics
 from SDMOrganSegLib.modelfiles import WEIGHTS_FILE, load_model, resolve_model, sha256_of
@@ -47,10 +45,4 @@ def test_reaches_the_dice_its_card_claims(case):
 
 
 def test_corrupted_copy_is_refused(tmp_path):
-    copy = tmp_path / "hippocampus"
-    shutil.copytree(MODEL, copy)
-    with open(copy / WEIGHTS_FILE, "r+b") as handle:
-        handle.seek(-100, 2)
-        handle.write(b"\0" * 8)
-    with pytest.raises(SDMOrganSegError, match="checksum mismatch"):
-        load_model(copy)
+    assert_corrupted_copy_refused(MODEL, tmp_path)
