@@ -111,6 +111,7 @@ def test_an_unannotated_channel_gets_exactly_zero_gradient_and_all_annotated_is_
     probability = torch.sigmoid(-15 * pred.detach())
     dice = (2 * (probability * target_mask).sum((2, 3, 4)) + 1e-5) / (probability.sum((2, 3, 4)) + target_mask.sum((2, 3, 4)) + 1e-5)
     assert float(soft_dice_loss(probability, target_mask)) == pytest.approx(float((3 - dice.sum(1)).mean()), rel=1e-6)
+    pred = pred.detach()
     assert float(l1_loss(pred, target_sdm, annotated)) == pytest.approx(
         float(((pred - target_sdm).abs().mean((2, 3, 4)) * annotated).sum(1).mean()), rel=1e-6
     )
