@@ -13,6 +13,7 @@ tensors only, loaded with ``weights_only=True``), ``cache/`` (preprocessed cases
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -406,10 +407,11 @@ class Trainer:
             return {"normalization": "paper"}
         return {"normalization": config.sdm_normalization, "scale_mm": float(config.sdm_scale_mm)}
 
+    @functools.cached_property
     def organs_with_volume_ranges(self) -> list[Organ]:
         """The organs with the smallest and largest volume (ml) of each in the training labels where it was
         annotated and present, for the card's plausibility check of predictions (widened to the base
-        model's range when fine-tuning)."""
+        model's range when fine-tuning). Computed once, after the data are prepared: every saved card uses it."""
         import dataclasses
 
         organs = []
@@ -423,6 +425,7 @@ class Trainer:
             organs.append(dataclasses.replace(organ, volume_ml=(round(min(volumes), 3), round(max(volumes), 3)) if volumes else None))
         return organs
 
+    @functools.cached_property
     def training_extent_mm(self) -> tuple[float, float, float]:
         """Largest physical extent (x, y, z) mm of the training images."""
         extents = [np.asarray(case.image.shape[::-1], float) * np.asarray(case.spacing, float) for case in self.train_cases]
@@ -445,7 +448,7 @@ class Trainer:
             "world_size": self.ranks.world_size,
         }
         description = f"UNet3D ({config.preset} preset) trained with {config.mode} by SDMOrganSeg {__version__}"
-        extent = self.training_extent_mm()
+        extent = self.training_extent_mm
         if self.base is not None:
             training["base_model"] = base_model_record(self.base.card, self.base.directory)
             description = f"{self.base.card.name} fine-tuned with {config.mode} on {config.data_dir} by SDMOrganSeg {__version__}"
@@ -455,7 +458,7 @@ class Trainer:
             name=config.model_name,
             description=description,
             architecture=self.network.config,
-            organs=self.organs_with_volume_ranges(),
+            organs=self.organs_with_volume_ranges,
             modality=config.modality,
             field_of_view=config.field_of_view,
             input_extent_mm=extent,
