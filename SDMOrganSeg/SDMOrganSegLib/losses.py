@@ -25,6 +25,8 @@ from .architecture import output_activation_for  # noqa: F401  (the activation a
 from .sdm import HEAVISIDE_K
 
 MODES = ("dice", "sdm", "l1+dice", "sdm+dice")
+#: How the Dice term pools a batch: per case (Eq. 1 per patch, the paper) or over the batch; see soft_dice_loss.
+DICE_REDUCTIONS = ("case", "batch")
 
 _SPATIAL = (2, 3, 4)
 
@@ -37,17 +39,40 @@ def _batch_organ_mean(per_case_organ: torch.Tensor, annotated: torch.Tensor | No
     return per_case_organ.sum(1).mean()
 
 
-def soft_dice_loss(probability: torch.Tensor, target_mask: torch.Tensor, epsilon: float = 1e-5, annotated: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 1 averaged over the batch: ``N - sum_t (2 sum y p + eps) / (sum y + sum p + eps)``.
+def soft_dice_loss(
+    probability: torch.Tensor,
+    target_mask: torch.Tensor,
+    epsilon: float = 1e-5,
+    annotated: torch.Tensor | None = None,
+    reduction: str = "case",
+) -> torch.Tensor:
+    """Eq. 1: ``N - sum_t (2 sum y p + eps) / (sum y + sum p + eps)``, summed over organs (as the paper).
 
-    Summing over organs (not averaging) follows the paper. An organ absent from both target and
-    prediction scores 1 (loss 0) thanks to ``epsilon``; gradients stay finite. Unannotated organs
-    (``annotated`` 0) add nothing.
+    ``reduction="case"`` (the paper's, Eq. 1 per patch) takes each case's Dice and averages over the batch.
+    An organ absent from a patch then scores ``eps / (sum p + eps)`` whatever the prediction, so false
+    positives of organs absent from the patch get (almost) no gradient; on patches holding a few of many
+    organs (CT) the network learns to paint absent organs anywhere. ``reduction="batch"`` sums ``y p``, ``y``
+    and ``p`` over the whole batch before the ratio (one Dice per organ, as nnU-Net's batch Dice), so an
+    organ present in any patch of the batch penalises its false positives in all of them. With a batch of
+    one the two are the same. Unannotated (case, organ) entries (``annotated`` 0) add nothing in either:
+    their voxels are left out of the batch sums and an organ annotated in no case of the batch has no term.
     """
+    if reduction not in DICE_REDUCTIONS:
+        raise ValueError(f"unknown Dice reduction {reduction!r}; choose one of {', '.join(DICE_REDUCTIONS)}")
     intersection = (probability * target_mask).sum(_SPATIAL)
     total = probability.sum(_SPATIAL) + target_mask.sum(_SPATIAL)
-    dice = (2 * intersection + epsilon) / (total + epsilon)
-    return _batch_organ_mean(1 - dice, annotated)
+    if reduction == "case":
+        dice = (2 * intersection + epsilon) / (total + epsilon)
+        return _batch_organ_mean(1 - dice, annotated)
+    if annotated is not None:
+        keep = annotated.to(intersection.dtype) > 0
+        intersection = torch.where(keep, intersection, torch.zeros_like(intersection))
+        total = torch.where(keep, total, torch.zeros_like(total))
+        present = keep.any(0)
+    else:
+        present = torch.ones(intersection.shape[1], dtype=torch.bool, device=intersection.device)
+    dice = (2 * intersection.sum(0) + epsilon) / (total.sum(0) + epsilon)
+    return torch.where(present, 1 - dice, torch.zeros_like(dice)).sum()
 
 
 def product_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, epsilon: float = 1e-6, annotated: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,11 +100,13 @@ def smooth_heaviside(sdm: torch.Tensor, k: float = HEAVISIDE_K) -> torch.Tensor:
 class SDMSegmentationLoss(nn.Module):
     """The training objective for one of :data:`MODES`; returns the total and its named parts."""
 
-    def __init__(self, mode: str = "sdm+dice", sdm_weight: float = 10.0, k: float = HEAVISIDE_K) -> None:
+    def __init__(self, mode: str = "sdm+dice", sdm_weight: float = 10.0, k: float = HEAVISIDE_K, dice_reduction: str = "case") -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.mode, self.sdm_weight, self.k = mode, sdm_weight, k
+        if dice_reduction not in DICE_REDUCTIONS:
+            raise ValueError(f"unknown Dice reduction {dice_reduction!r}; choose one of {', '.join(DICE_REDUCTIONS)}")
+        self.mode, self.sdm_weight, self.k, self.dice_reduction = mode, sdm_weight, k, dice_reduction
 
     def forward(
         self, pred: torch.Tensor, target_sdm: torch.Tensor, target_mask: torch.Tensor, annotated: torch.Tensor | None = None
@@ -87,7 +114,7 @@ class SDMSegmentationLoss(nn.Module):
         pred = pred.float()  # losses in float32 under autocast
         parts: dict[str, torch.Tensor] = {}
         if self.mode == "dice":
-            parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask, annotated=annotated)
+            parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask, annotated=annotated, reduction=self.dice_reduction)
             total = parts["dice"]
         else:
             parts["l1"] = l1_loss(pred, target_sdm, annotated)
@@ -98,6 +125,6 @@ class SDMSegmentationLoss(nn.Module):
             if self.mode == "sdm":
                 total = sdm_term
             else:
-                parts["dice"] = soft_dice_loss(smooth_heaviside(pred, self.k), target_mask, annotated=annotated)
+                parts["dice"] = soft_dice_loss(smooth_heaviside(pred, self.k), target_mask, annotated=annotated, reduction=self.dice_reduction)
                 total = parts["dice"] + self.sdm_weight * sdm_term
         return total, {name: float(value.detach()) for name, value in parts.items()}

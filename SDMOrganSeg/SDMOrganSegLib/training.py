@@ -33,7 +33,7 @@ from .errors import SDMOrganSegError
 from .finetuning import base_model_record, organs_for_data, refuse_contradictions
 from .files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device, tta_axes
-from .losses import MODES, SDMSegmentationLoss, output_activation_for
+from .losses import DICE_REDUCTIONS, MODES, SDMSegmentationLoss, output_activation_for
 from .modelfiles import ModelCard, Organ, organs_from_labels, read_card, save_model, shipped_models
 from .network import UNet3D, preset
 from .preprocessing import DEFAULT_INTENSITY
@@ -56,6 +56,7 @@ class TrainingConfig:
     lr_step: int = 25
     sdm_weight: float = 10.0  #: lambda of Eq. 5
     heaviside_k: float = HEAVISIDE_K
+    dice_reduction: str = "case"  #: "case" (Eq. 1 per patch, the paper's) or "batch" (one Dice per organ over the batch)
     sdm_normalization: str = "paper"  #: ground-truth SDM normalisation, one of sdm.SDM_NORMALIZATIONS
     sdm_scale_mm: float = 5.0  #: distance that maps to 1 for the "clip" and "tanh" normalisations
     depth: int | None = None  #: architecture overrides of the preset (None: the preset's)
@@ -353,6 +354,8 @@ class Trainer:
             raise SDMOrganSegError(f"unknown SDM normalisation {config.sdm_normalization!r}; choose one of {', '.join(SDM_NORMALIZATIONS)}")
         if not config.sdm_scale_mm > 0 or not config.heaviside_k > 0:
             raise SDMOrganSegError("the SDM scale (mm) and the Heaviside steepness k must be positive")
+        if config.dice_reduction not in DICE_REDUCTIONS:
+            raise SDMOrganSegError(f"unknown Dice reduction {config.dice_reduction!r}; choose one of {', '.join(DICE_REDUCTIONS)}")
         if not 0 <= config.foreground_fraction <= 1:
             raise SDMOrganSegError("the foreground fraction must lie in [0, 1]")
         self.config = config
@@ -564,7 +567,7 @@ class Trainer:
         self.patch_size = tuple(config.patch_size) if config.patch_size else whole_volume_patch(self.train_cases, self.network.size_multiple)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_decay)
-        loss_function = SDMSegmentationLoss(config.mode, config.sdm_weight, config.heaviside_k)
+        loss_function = SDMSegmentationLoss(config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction)
         use_amp = device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 

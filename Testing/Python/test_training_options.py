@@ -121,6 +121,48 @@ def test_an_unannotated_channel_gets_exactly_zero_gradient_and_all_annotated_is_
     assert float(product_loss(target_sdm, target_sdm)) == pytest.approx(expected, rel=1e-5) and expected == pytest.approx(-1.0, abs=0.01)
 
 
+def test_batch_dice_penalises_organs_painted_into_patches_that_lack_them():
+    # Case 0 holds organ 0, case 1 does not; the network paints organ 0 over half of case 1.
+    target_mask = torch.zeros(2, 1, 4, 4, 4)
+    target_mask[0, 0, :2] = 1
+    probability = torch.zeros(2, 1, 4, 4, 4)
+    probability[0, 0, :2] = 1
+    probability[1, 0, 2:] = 1
+    probability.requires_grad_(True)
+    per_case = soft_dice_loss(probability, target_mask, reduction="case")
+    (per_case_grad,) = torch.autograd.grad(per_case, probability)
+    # Per case, case 1's Dice is eps / (32 + eps) whatever it paints: its gradient is eps-sized.
+    assert per_case_grad[1].abs().max() < 1e-6
+    batch = soft_dice_loss(probability, target_mask, reduction="batch")
+    (batch_grad,) = torch.autograd.grad(batch, probability)
+    # Over the batch: Dice = 2*32 / (32 + 64) = 2/3, and d loss / d p = 2*I / T^2 = 64 / 96^2 on case 1's voxels.
+    assert float(batch.detach()) == pytest.approx(1 / 3, rel=1e-5)
+    assert batch_grad[1].min() > 0 and float(batch_grad[1, 0, 2, 0, 0]) == pytest.approx(64 / 96**2, rel=1e-4)
+    # A batch of one: the two reductions are the same (Eq. 1).
+    one = probability.detach()[:1]
+    assert float(soft_dice_loss(one, target_mask[:1], reduction="batch")) == pytest.approx(float(soft_dice_loss(one, target_mask[:1])), rel=1e-6)
+
+
+def test_batch_dice_leaves_unannotated_entries_out_exactly():
+    torch.manual_seed(1)
+    probability = torch.rand(2, 2, 5, 5, 5).requires_grad_(True)
+    target_mask = (torch.rand(2, 2, 5, 5, 5) < 0.3).float()
+    annotated = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # organ 1 contoured in no case of the batch
+    loss = soft_dice_loss(probability, target_mask, annotated=annotated, reduction="batch")
+    (grad,) = torch.autograd.grad(loss, probability)
+    assert (grad[:, 1] == 0).all() and (grad[:, 0] != 0).all()
+    # Organ 1 has no term; organ 0 is the Dice of both cases pooled.
+    p, y = probability.detach()[:, 0], target_mask[:, 0]
+    expected = 1 - (2 * (p * y).sum() + 1e-5) / (p.sum() + y.sum() + 1e-5)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    # Case 1 not contoured for organ 0: only case 0's voxels count, so case 1 gets no gradient.
+    loss = soft_dice_loss(probability, target_mask, annotated=torch.tensor([[1.0, 1.0], [0.0, 1.0]]), reduction="batch")
+    (grad,) = torch.autograd.grad(loss, probability)
+    assert (grad[1, 0] == 0).all() and (grad[0, 0] != 0).all()
+    with pytest.raises(ValueError, match="Dice reduction"):
+        soft_dice_loss(probability, target_mask, reduction="mean")
+
+
 def _write_case(folder, name, image, labels):
     for sub, array in (("imagesTr", image), ("labelsTr", labels)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
