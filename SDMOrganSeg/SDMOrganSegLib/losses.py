@@ -92,6 +92,18 @@ def l1_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, annotated: torch.T
     return _batch_organ_mean((pred_sdm - target_sdm).abs().mean(dim=_SPATIAL), annotated)
 
 
+def cross_entropy_loss(organ_logit: torch.Tensor, target_mask: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy of ``sigmoid(organ_logit)`` against the masks, averaged over voxels and batch,
+    summed over organs like Eq. 4.
+
+    Unlike Dice, its gradient with respect to the logit is ``p - y`` at every voxel: it does not vanish on a
+    confidently wrong voxel, nor on an organ absent from the patch. nnU-Net trains with Dice + cross-entropy
+    for this reason (Isensee et al., Nature Methods 2021).
+    """
+    per_voxel = nn.functional.binary_cross_entropy_with_logits(organ_logit, target_mask, reduction="none")
+    return _batch_organ_mean(per_voxel.mean(dim=_SPATIAL), annotated)
+
+
 def smooth_heaviside(sdm: torch.Tensor, k: float = HEAVISIDE_K) -> torch.Tensor:
     """``sigmoid(-k * sdm)``: near 1 inside the organ (negative SDM), near 0 outside."""
     return torch.sigmoid(-k * sdm)
@@ -100,13 +112,15 @@ def smooth_heaviside(sdm: torch.Tensor, k: float = HEAVISIDE_K) -> torch.Tensor:
 class SDMSegmentationLoss(nn.Module):
     """The training objective for one of :data:`MODES`; returns the total and its named parts."""
 
-    def __init__(self, mode: str = "sdm+dice", sdm_weight: float = 10.0, k: float = HEAVISIDE_K, dice_reduction: str = "case") -> None:
+    def __init__(
+        self, mode: str = "sdm+dice", sdm_weight: float = 10.0, k: float = HEAVISIDE_K, dice_reduction: str = "case", ce_weight: float = 0.0
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
         if dice_reduction not in DICE_REDUCTIONS:
             raise ValueError(f"unknown Dice reduction {dice_reduction!r}; choose one of {', '.join(DICE_REDUCTIONS)}")
-        self.mode, self.sdm_weight, self.k, self.dice_reduction = mode, sdm_weight, k, dice_reduction
+        self.mode, self.sdm_weight, self.k, self.dice_reduction, self.ce_weight = mode, sdm_weight, k, dice_reduction, ce_weight
 
     def forward(
         self, pred: torch.Tensor, target_sdm: torch.Tensor, target_mask: torch.Tensor, annotated: torch.Tensor | None = None
@@ -116,6 +130,7 @@ class SDMSegmentationLoss(nn.Module):
         if self.mode == "dice":
             parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask, annotated=annotated, reduction=self.dice_reduction)
             total = parts["dice"]
+            organ_logit = -pred
         else:
             parts["l1"] = l1_loss(pred, target_sdm, annotated)
             sdm_term = parts["l1"]
@@ -127,4 +142,8 @@ class SDMSegmentationLoss(nn.Module):
             else:
                 parts["dice"] = soft_dice_loss(smooth_heaviside(pred, self.k), target_mask, annotated=annotated, reduction=self.dice_reduction)
                 total = parts["dice"] + self.sdm_weight * sdm_term
+            organ_logit = -self.k * pred  # the smooth Heaviside's logit
+        if self.ce_weight:
+            parts["ce"] = cross_entropy_loss(organ_logit, target_mask, annotated)
+            total = total + self.ce_weight * parts["ce"]
         return total, {name: float(value.detach()) for name, value in parts.items()}

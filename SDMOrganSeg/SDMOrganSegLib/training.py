@@ -56,6 +56,7 @@ class TrainingConfig:
     lr_step: int = 25
     sdm_weight: float = 10.0  #: lambda of Eq. 5
     heaviside_k: float = HEAVISIDE_K
+    ce_weight: float = 0.0  #: weight of a binary cross-entropy term on the organ probability (0: the paper's losses)
     dice_reduction: str = "case"  #: "case" (Eq. 1 per patch, the paper's) or "batch" (one Dice per organ over the batch)
     sdm_normalization: str = "paper"  #: ground-truth SDM normalisation, one of sdm.SDM_NORMALIZATIONS
     sdm_scale_mm: float = 5.0  #: distance that maps to 1 for the "clip" and "tanh" normalisations
@@ -354,6 +355,8 @@ class Trainer:
             raise SDMOrganSegError(f"unknown SDM normalisation {config.sdm_normalization!r}; choose one of {', '.join(SDM_NORMALIZATIONS)}")
         if not config.sdm_scale_mm > 0 or not config.heaviside_k > 0:
             raise SDMOrganSegError("the SDM scale (mm) and the Heaviside steepness k must be positive")
+        if not config.ce_weight >= 0:
+            raise SDMOrganSegError("the cross-entropy weight must be 0 or positive")
         if config.dice_reduction not in DICE_REDUCTIONS:
             raise SDMOrganSegError(f"unknown Dice reduction {config.dice_reduction!r}; choose one of {', '.join(DICE_REDUCTIONS)}")
         if not 0 <= config.foreground_fraction <= 1:
@@ -567,7 +570,7 @@ class Trainer:
         self.patch_size = tuple(config.patch_size) if config.patch_size else whole_volume_patch(self.train_cases, self.network.size_multiple)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_decay)
-        loss_function = SDMSegmentationLoss(config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction)
+        loss_function = SDMSegmentationLoss(config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction, config.ce_weight)
         use_amp = device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 

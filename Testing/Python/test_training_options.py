@@ -163,6 +163,33 @@ def test_batch_dice_leaves_unannotated_entries_out_exactly():
         soft_dice_loss(probability, target_mask, reduction="mean")
 
 
+def test_cross_entropy_term_is_the_mean_bce_and_keeps_a_gradient_where_dice_has_none():
+    # One organ voxel predicted confidently outside (+0.9): through sigmoid(-15 sdm) the Dice gradient is
+    # k * p * (1 - p) * 2 / T with p = sigmoid(-13.5) ~ 1.4e-6; the cross-entropy's is -k * (p - y) / N ~ +15 / N.
+    target_mask = torch.zeros(1, 1, 2, 2, 2)
+    target_mask[0, 0, 0, 0, 0] = 1
+    target_sdm = torch.where(target_mask > 0, -0.2, 0.2)
+    pred = torch.full((1, 1, 2, 2, 2), 0.9, requires_grad=True)
+    dice_only = SDMSegmentationLoss("sdm+dice", sdm_weight=0.0, k=15.0)
+    with_ce = SDMSegmentationLoss("sdm+dice", sdm_weight=0.0, k=15.0, ce_weight=1.0)
+    (dice_grad,) = torch.autograd.grad(dice_only(pred, target_sdm, target_mask)[0], pred)
+    total, parts = with_ce(pred, target_sdm, target_mask)
+    (ce_grad,) = torch.autograd.grad(total, pred)
+    assert abs(float(dice_grad[0, 0, 0, 0, 0])) < 1e-4
+    p = 1 / (1 + np.exp(15 * 0.9))
+    assert float(ce_grad[0, 0, 0, 0, 0] - dice_grad[0, 0, 0, 0, 0]) == pytest.approx(15 * (1 - p) / 8, rel=1e-4)
+    # Its value: the mean over voxels of -y log p - (1 - y) log(1 - p), for the Dice-only logit too.
+    expected = (-np.log(p) + 7 * -np.log(1 - p)) / 8
+    assert parts["ce"] == pytest.approx(expected, rel=1e-5)
+    _, parts = SDMSegmentationLoss("dice", ce_weight=0.5)(torch.zeros(1, 1, 2, 2, 2), target_sdm, target_mask)
+    assert parts["ce"] == pytest.approx(np.log(2), rel=1e-6)
+    # Unannotated channels stay out of it exactly.
+    pred2 = torch.rand(2, 2, 3, 3, 3).requires_grad_(True)
+    loss, _ = SDMSegmentationLoss("dice", ce_weight=1.0)(pred2, pred2.detach(), (pred2.detach() < 0.5).float(), torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    (grad,) = torch.autograd.grad(loss, pred2)
+    assert (grad[0, 1] == 0).all() and (grad[1, 1] != 0).all()
+
+
 def _write_case(folder, name, image, labels):
     for sub, array in (("imagesTr", image), ("labelsTr", labels)):
         (folder / sub).mkdir(parents=True, exist_ok=True)

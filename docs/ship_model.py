@@ -1,0 +1,96 @@
+"""Copy a finished run's best model into ``Resources/Models/NAME`` with its validation metrics measured as shipped.
+
+    python docs/ship_model.py RUN --data DATA --to Resources/Models/NAME --command "..." [--command "..."]
+                              [--note TEXT] [--goal TEXT]
+
+The card's ``metrics`` are those of the default inference (no test-time augmentation, no post-processing),
+which is what ``segment``, the batch script and the panel give unless asked otherwise, so that
+``Testing/Python/test_shipped_model.py`` and ``test_headneck_model.py`` can reproduce them per case. Where
+the model was trained with flips, ``metrics["tta_per_organ"]`` adds the same summary with ``--tta``.
+``training.commands`` records the exact commands; the markdown table printed at the end goes into the
+model's README (its human-readable card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SDMOrganSeg"))
+
+
+def metrics_table(per_organ: dict, cases_per_organ: dict[str, int] | None = None) -> str:
+    """Markdown rows ``organ | n | Dice | HD | HD95 | ASD`` (mean ± std) of a ``summarize`` result."""
+    rows = ["| organ | cases | Dice | HD (mm) | HD95 (mm) | ASD (mm) |", "|---|---|---|---|---|---|"]
+    for organ, metrics in per_organ.items():
+        cells = [f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}" if m in metrics else "–" for m in ("dice", "hd", "hd95", "asd")]
+        count = metrics["dice"]["n"] if "dice" in metrics else 0
+        rows.append(f"| {organ} | {count} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def ship(run: Path, data: Path, target: Path, commands: list[str], note: str, goal: str) -> None:
+    from SDMOrganSegLib.inference import tta_axes
+    from SDMOrganSegLib.modelfiles import load_model, save_model
+    from SDMOrganSegLib.training import annotated_case_names, evaluate_model_on_split, summarize
+
+    model = load_model(run / "best")
+    card = model.card
+    results, prepared = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=False)
+    epoch = card.metrics.get("epoch") or card.training.get("epochs_trained")
+    card.metrics = {
+        "split": "validation",
+        "cases": len(prepared),
+        "per_organ": summarize(results),
+        "per_case": {organ: {m: [round(v, 5) for v in values] for m, values in metrics.items()} for organ, metrics in results.items()},
+        "case_names": [c.name for c in prepared],
+        "organ_case_names": annotated_case_names(prepared, card.organs),
+        "epoch": epoch,
+        "tta": False,
+        "note": "metrics at the model spacing on whole validation volumes (organs only where annotated), default "
+        "inference (no test-time augmentation, no post-processing); HD/HD95/ASD in mm",
+    }
+    if tta_axes(card):
+        tta_results, _ = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=True)
+        card.metrics["tta_per_organ"] = summarize(tta_results)
+    if goal:
+        card.metrics["goal"] = goal
+    card.training["commands"] = commands
+    if note:
+        card.training["note"] = note
+    # Written beside the target and swapped in, so a failure leaves the shipped model as it was.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        save_model(model.network, card, staging / "model", overwrite=True)
+        if (target / "README.md").is_file():
+            shutil.copy2(target / "README.md", staging / "model" / "README.md")
+        if target.exists():
+            shutil.rmtree(target)
+        (staging / "model").rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"shipped {run / 'best'} (epoch {epoch}) to {target}\n")
+    print("Default inference:\n" + metrics_table(card.metrics["per_organ"]))
+    if "tta_per_organ" in card.metrics:
+        print("\nWith --tta:\n" + metrics_table(card.metrics["tta_per_organ"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="run folder (best/ and cache/)")
+    parser.add_argument("--data", type=Path, required=True, help="the data folder it was trained on")
+    parser.add_argument("--to", type=Path, required=True, help="model folder to (re)write, e.g. Resources/Models/hippocampus")
+    parser.add_argument("--command", action="append", default=[], help="an exact command that made the run (repeat for several)")
+    parser.add_argument("--note", default="", help="training note for the card")
+    parser.add_argument("--goal", default="", help="the goal the metrics are measured against, and whether it was met")
+    args = parser.parse_args()
+    ship(args.run, args.data, args.to, args.command, args.note, args.goal)
+
+
+if __name__ == "__main__":
+    main()
