@@ -190,6 +190,30 @@ def test_cross_entropy_term_is_the_mean_bce_and_keeps_a_gradient_where_dice_has_
     assert (grad[0, 1] == 0).all() and (grad[1, 1] != 0).all()
 
 
+def test_prior_output_bias_starts_the_network_at_each_organs_average_target():
+    from SDMOrganSegLib.dataset import PreparedCase
+    from SDMOrganSegLib.training import prior_output_bias
+
+    # Organ 0 fills 1/8 of case a and 1/4 of case b; organ 1 is contoured in case a only (1/8).
+    sdms_a = np.ones((2, 4, 4, 4), np.float16)
+    sdms_a[:, :2, :2, :2] = -0.5
+    sdms_b = np.ones((2, 4, 4, 4), np.float16)
+    sdms_b[0, :2, :2, :] = -0.5
+    cases = [
+        PreparedCase("a", np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), sdms_a, (1.0, 1.0, 1.0)),
+        PreparedCase("b", np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), sdms_b, (1.0, 1.0, 1.0), np.array([True, False])),
+    ]
+    logit = prior_output_bias(cases, "dice")
+    fraction = (8 + 16) / 128
+    assert logit[0] == pytest.approx(np.log((1 - fraction) / fraction)) and logit[1] == pytest.approx(np.log(7.0))
+    assert 1 / (1 + np.exp(logit[1])) == pytest.approx(1 / 8)  # sigmoid(-z): the organ's fraction
+    sdm_bias = prior_output_bias(cases, "sdm+dice")
+    assert np.tanh(sdm_bias[1]) == pytest.approx(7 / 8 - 0.5 / 8)  # mean target SDM of case a
+    # Organs filling almost nothing are clipped, not infinite.
+    sdms_a[:] = 1
+    assert np.all(np.isfinite(prior_output_bias(cases[:1], "dice"))) and np.tanh(prior_output_bias(cases[:1], "sdm")[0]) == pytest.approx(0.95)
+
+
 def _write_case(folder, name, image, labels):
     for sub, array in (("imagesTr", image), ("labelsTr", labels)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
