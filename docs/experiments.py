@@ -1,6 +1,6 @@
 """Controlled training experiments: evaluate finished runs per case, then compare configurations.
 
-    python docs/experiments.py evaluate RUN [RUN ...] --data DATA [--tta]
+    python docs/experiments.py evaluate RUN [RUN ...] --data DATA [--tta] [--largest-component]
     python docs/experiments.py compare RUNS_DIR --baseline NAME [--tta] [--markdown FILE]
 
 ``evaluate`` scores each run's ``best/`` model on its card's validation split (Dice, HD, HD95, ASD per
@@ -28,22 +28,23 @@ sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 METRICS = ("dice", "hd", "hd95", "asd")
 
 
-def evaluate(runs: list[Path], data: Path, tta: bool) -> None:
+def evaluate(runs: list[Path], data: Path, tta: bool, largest_component: bool = False) -> None:
     from SDMOrganSegLib.modelfiles import load_model
     from SDMOrganSegLib.training import annotated_case_names, evaluate_model_on_split
 
     for run in runs:
         model = load_model(run / "best")
-        results, prepared = evaluate_model_on_split(model, data, run / "cache", "cpu", tta)
+        results, prepared = evaluate_model_on_split(model, data, run / "cache", "cpu", tta, largest_component=largest_component)
         names = annotated_case_names(prepared, model.card.organs)
         record = {
             "run": run.name,
             "epoch": model.card.metrics.get("epoch") or model.card.training.get("epochs_trained"),
             "tta": tta,
+            "largest_component": largest_component,
             "per_case": {organ: {m: [float(v) for v in values] for m, values in metrics.items()} for organ, metrics in results.items()},
             "case_names": names,
         }
-        target = run / ("eval-tta.json" if tta else "eval.json")
+        target = run / ("eval" + ("-tta" if tta else "") + ("-lcc" if largest_component else "") + ".json")
         target.write_text(json.dumps(record) + "\n")
         means = {organ: round(float(np.mean(m["dice"])), 4) for organ, m in results.items() if m["dice"]}
         print(f"{run.name}: epoch {record['epoch']}, Dice {means}", flush=True)
@@ -110,6 +111,7 @@ def main() -> None:
     ev.add_argument("runs", nargs="+", type=Path)
     ev.add_argument("--data", type=Path, required=True)
     ev.add_argument("--tta", action="store_true")
+    ev.add_argument("--largest-component", action="store_true", help="keep each organ's largest component first (eval[-tta]-lcc.json)")
     cmp = commands.add_parser("compare")
     cmp.add_argument("runs_dir", type=Path)
     cmp.add_argument("--baseline", required=True)
@@ -117,7 +119,7 @@ def main() -> None:
     cmp.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     if args.command == "evaluate":
-        evaluate(args.runs, args.data, args.tta)
+        evaluate(args.runs, args.data, args.tta, args.largest_component)
     else:
         text = compare(args.runs_dir, args.baseline, args.tta)
         print(text)

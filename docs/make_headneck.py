@@ -1,7 +1,7 @@
-"""Tables and figures of docs/headneck.md from the two head-and-neck CT runs (dice and sdm+dice).
+"""Tables and figures of docs/headneck.md from two head-and-neck CT runs (a Dice-only and an SDM one).
 
-    python docs/experiments.py evaluate runs/hn/dice runs/hn/sdm+dice --data ../shared/data/openkbp-hn
-    python docs/make_headneck.py [--runs runs/hn] [--data ../shared/data/openkbp-hn] [--case hn_201]
+    python docs/experiments.py evaluate runs/hn/dice-ce runs/hn/sdm+dice-ce --data ../shared/data/openkbp-hn
+    python docs/make_headneck.py [--runs runs/hn] [--compare dice-ce sdm+dice-ce] [--data ...] [--case hn_201]
 
 Reads each run's ``eval.json`` (per-case metrics on the 32 validation cases, organs only where annotated)
 and ``log.csv``; prints the per-organ table with the paper's Table 2/3 figures beside it and the paired
@@ -34,8 +34,8 @@ from SDMOrganSegLib.contours import DEFAULT_LEVELS, LEVEL_COLORS  # noqa: E402
 from SDMOrganSegLib.inference import segment_image  # noqa: E402
 from SDMOrganSegLib.modelfiles import load_model  # noqa: E402
 
-RUNS = ("dice", "sdm+dice")
-RUN_STYLE = {"dice": "tab:blue", "sdm+dice": "tab:green", "sdm+dice-clip20-k15": "tab:orange"}
+RUNS = ["dice-ce", "sdm+dice-ce"]  #: the compared runs, baseline first (--compare)
+RUN_STYLE = {"dice-ce": "tab:blue", "sdm+dice-ce": "tab:green", "dice": "tab:gray", "sdm+dice": "tab:olive", "sdm+dice-clip20-k15": "tab:orange"}
 #: Xue et al. 2020, Tables 2 and 3 (MICCAI 2015 / PDDCA test set, about 1 mm voxels): (Dice, HD95 mm) of
 #: their backbone trained with Dice only and with SDM + Dice.
 PAPER = {
@@ -59,6 +59,11 @@ def _cell(values) -> str:
     return text + (f" ({infinite} empty)" if infinite else "")
 
 
+def _mode(run: str) -> str:
+    """The paper's row a run compares with: its Dice-only or its SDM + Dice model."""
+    return "sdm+dice" if run.startswith("sdm") else "dice"
+
+
 def table(runs: Path) -> str:
     evaluations = {run: json.loads((runs / run / "eval.json").read_text()) for run in RUNS if (runs / run / "eval.json").is_file()}
     organs = list(evaluations[RUNS[0]]["per_case"])
@@ -75,7 +80,7 @@ def table(runs: Path) -> str:
             if index:
                 reference = evaluations[RUNS[0]]["per_case"][organ]
                 p = " / ".join(f"{wilcoxon_p(np.asarray(metrics[m], float), np.asarray(reference[m], float)):.2g}" for m in ("dice", "hd95"))
-            paper = "; ".join(PAPER[organ][run]) if organ in PAPER else ""
+            paper = "; ".join(PAPER[organ][_mode(run)]) if organ in PAPER else ""
             lines.append(f"| {organ if index == 0 else ''} | {len(metrics['dice']) if index == 0 else ''} | {run} | " + " | ".join(cells) + f" | {p} | {paper} |")
             if organ in GOAL_ORGANS:
                 goal[run].append(float(np.mean(metrics["dice"])))
@@ -154,7 +159,9 @@ def main() -> None:
     parser.add_argument("--runs", default=str(REPO / "runs" / "hn"))
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "openkbp-hn"))
     parser.add_argument("--case", default="hn_201", help="validation case for the figure")
+    parser.add_argument("--compare", nargs=2, default=RUNS, metavar=("BASELINE", "OTHER"), help="run folder names (default %(default)s)")
     args = parser.parse_args()
+    RUNS[:] = args.compare
     runs, out_dir = Path(args.runs), REPO / "docs" / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
     print(table(runs))

@@ -6,7 +6,8 @@
 The card's ``metrics`` are those of the default inference (no test-time augmentation, no post-processing),
 which is what ``segment``, the batch script and the panel give unless asked otherwise, so that
 ``Testing/Python/test_shipped_model.py`` and ``test_headneck_model.py`` can reproduce them per case. Where
-the model was trained with flips, ``metrics["tta_per_organ"]`` adds the same summary with ``--tta``.
+the model was trained with flips, ``metrics["tta_per_organ"]`` adds the same summary with ``--tta``, and
+``metrics["largest_component_per_organ"]`` with ``--largest-component``.
 ``training.commands`` records the exact commands; the markdown table printed at the end goes into the
 model's README (its human-readable card).
 """
@@ -54,6 +55,9 @@ def ship(run: Path, data: Path, target: Path, commands: list[str], note: str, go
         "note": "metrics at the model spacing on whole validation volumes (organs only where annotated), default "
         "inference (no test-time augmentation, no post-processing); HD/HD95/ASD in mm",
     }
+    # The two inference options, each alone, for the card's README.
+    lcc_results, _ = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=False, largest_component=True)
+    card.metrics["largest_component_per_organ"] = summarize(lcc_results)
     if tta_axes(card):
         tta_results, _ = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=True)
         card.metrics["tta_per_organ"] = summarize(tta_results)
@@ -76,6 +80,7 @@ def ship(run: Path, data: Path, target: Path, commands: list[str], note: str, go
         shutil.rmtree(staging, ignore_errors=True)
     print(f"shipped {run / 'best'} (epoch {epoch}) to {target}\n")
     print("Default inference:\n" + metrics_table(card.metrics["per_organ"]))
+    print("\nWith --largest-component:\n" + metrics_table(card.metrics["largest_component_per_organ"]))
     if "tta_per_organ" in card.metrics:
         print("\nWith --tta:\n" + metrics_table(card.metrics["tta_per_organ"]))
 

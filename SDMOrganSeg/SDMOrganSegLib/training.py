@@ -226,9 +226,11 @@ def whole_volume_patch(cases: Sequence[PreparedCase], multiple: int) -> tuple[in
 
 def evaluate_cases(
     network: torch.nn.Module, cases: Sequence[PreparedCase], organs: Sequence[Organ], device: torch.device, surface: bool = True,
-    window_zyx: Sequence[int] | None = None, mirror_axes: Sequence[int] = (),
+    window_zyx: Sequence[int] | None = None, mirror_axes: Sequence[int] = (), largest_component: bool = False,
 ) -> dict[str, dict[str, list[float]]]:
-    """Per organ, lists over cases of Dice (and HD, HD95, ASD with ``surface``) on whole volumes.
+    """Per organ, lists over cases of Dice (and HD, HD95, ASD with ``surface``) on whole volumes; with
+    ``largest_component``, after keeping each organ's largest connected component (``segment
+    --largest-component``).
 
     Organs not annotated in a case (partial labels) are skipped for that case: the lists hold only the
     cases where the organ was contoured, in case order (``case_names`` of :func:`annotated_case_names`).
@@ -239,6 +241,10 @@ def evaluate_cases(
     for case in cases:
         output = predict_array(network, case.image, device, window=window_zyx, overlap=0.5 if window_zyx else 0.25, mirror_axes=mirror_axes)
         prediction = sdms_to_label_map(output, label_values)
+        if largest_component:
+            from .postprocessing import keep_largest_component
+
+            keep_largest_component(prediction, label_values)
         for index, organ in enumerate(organs):
             if case.annotated is not None and not case.annotated[index]:
                 continue
@@ -723,7 +729,8 @@ class Trainer:
 
 
 def evaluate_model_on_split(
-    model: Any, data_dir: str | Path, cache_dir: Path | None, device: str = "auto", tta: bool = False, split_name: str = "validation"
+    model: Any, data_dir: str | Path, cache_dir: Path | None, device: str = "auto", tta: bool = False, split_name: str = "validation",
+    largest_component: bool = False,
 ) -> tuple[dict[str, dict[str, list[float]]], list[PreparedCase]]:
     """Per-organ, per-case metrics of a loaded model on the cases of its card's split (partial labels
     honoured when the data folder has ``annotations.json``), with its card's window and, with ``tta``,
@@ -739,7 +746,10 @@ def evaluate_model_on_split(
             case.annotated = annotations[case.name]
     mirror = tta_axes(card) if tta else ()
     window = tuple(reversed(card.window)) if card.window else None
-    return evaluate_cases(model.network, prepared, card.organs, resolve_device(device), window_zyx=window, mirror_axes=mirror), prepared
+    results = evaluate_cases(
+        model.network, prepared, card.organs, resolve_device(device), window_zyx=window, mirror_axes=mirror, largest_component=largest_component
+    )
+    return results, prepared
 
 
 def finalize_best_model(run_dir: str | Path, data_dir: str | Path, device: str = "auto", tta: bool = False) -> dict[str, Any]:
