@@ -239,7 +239,8 @@ def evaluate_cases(
     label_values = [organ.label for organ in organs]
     results: dict[str, dict[str, list[float]]] = {o.name: {"dice": [], "hd": [], "hd95": [], "asd": []} for o in organs}
     for case in cases:
-        output = predict_array(network, case.image, device, window=window_zyx, overlap=0.5 if window_zyx else 0.25, mirror_axes=mirror_axes)
+        # segment's default overlap, so that validation and card metrics are what users get.
+        output = predict_array(network, case.image, device, window=window_zyx, overlap=0.25, mirror_axes=mirror_axes)
         prediction = sdms_to_label_map(output, label_values)
         if largest_component:
             from .postprocessing import keep_largest_component
