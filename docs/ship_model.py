@@ -1,13 +1,15 @@
 """Copy a finished run's best model into ``Resources/Models/NAME`` with its validation metrics measured as shipped.
 
     python docs/ship_model.py RUN --data DATA --to Resources/Models/NAME --command "..." [--command "..."]
-                              [--note TEXT] [--goal TEXT]
+                              [--tta-default] [--note TEXT] [--goal TEXT]
 
-The card's ``metrics`` are those of the default inference (no test-time augmentation, no post-processing),
-which is what ``segment``, the batch script and the panel give unless asked otherwise, so that
-``Testing/Python/test_shipped_model.py`` and ``test_headneck_model.py`` can reproduce them per case. Where
-the model was trained with flips, ``metrics["tta_per_organ"]`` adds the same summary with ``--tta``, and
-``metrics["largest_component_per_organ"]`` with ``--largest-component``.
+``--tta-default`` makes mirroring test-time augmentation the model's default inference (the card's
+``inference.tta``; callers can still say ``--no-tta``). The card's ``metrics`` are those of the default
+inference (with or without TTA as the card says, no post-processing), which is what ``segment``, the batch
+script and the panel give unless asked otherwise, so that ``Testing/Python/test_shipped_model.py`` and
+``test_headneck_model.py`` can reproduce them per case. Where the model was trained with flips,
+``metrics["other_tta_per_organ"]`` adds the summary with the other TTA setting, and
+``metrics["largest_component_per_organ"]`` the default with ``--largest-component``.
 ``training.commands`` records the exact commands; the markdown table printed at the end goes into the
 model's README (its human-readable card).
 """
@@ -34,14 +36,16 @@ def metrics_table(per_organ: dict, cases_per_organ: dict[str, int] | None = None
     return "\n".join(rows)
 
 
-def ship(run: Path, data: Path, target: Path, commands: list[str], note: str, goal: str) -> None:
+def ship(run: Path, data: Path, target: Path, commands: list[str], note: str, goal: str, tta_default: bool = False) -> None:
     from SDMOrganSegLib.inference import tta_axes
     from SDMOrganSegLib.modelfiles import load_model, save_model
     from SDMOrganSegLib.training import annotated_case_names, evaluate_model_on_split, summarize
 
     model = load_model(run / "best")
     card = model.card
-    results, prepared = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=False)
+    tta = tta_default and bool(tta_axes(card))
+    card.inference = {"tta": True} if tta else {}
+    results, prepared = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=tta)
     epoch = card.metrics.get("epoch") or card.training.get("epochs_trained")
     card.metrics = {
         "split": "validation",
@@ -51,16 +55,16 @@ def ship(run: Path, data: Path, target: Path, commands: list[str], note: str, go
         "case_names": [c.name for c in prepared],
         "organ_case_names": annotated_case_names(prepared, card.organs),
         "epoch": epoch,
-        "tta": False,
+        "tta": tta,
         "note": "metrics at the model spacing on whole validation volumes (organs only where annotated), default "
-        "inference (no test-time augmentation, no post-processing); HD/HD95/ASD in mm",
+        f"inference ({'with' if tta else 'no'} mirroring test-time augmentation, no post-processing); HD/HD95/ASD in mm",
     }
     # The two inference options, each alone, for the card's README.
-    lcc_results, _ = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=False, largest_component=True)
+    lcc_results, _ = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=tta, largest_component=True)
     card.metrics["largest_component_per_organ"] = summarize(lcc_results)
     if tta_axes(card):
-        tta_results, _ = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=True)
-        card.metrics["tta_per_organ"] = summarize(tta_results)
+        other_results, _ = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=not tta)
+        card.metrics["other_tta_per_organ"] = summarize(other_results)
     if goal:
         card.metrics["goal"] = goal
     card.training["commands"] = commands
@@ -79,10 +83,10 @@ def ship(run: Path, data: Path, target: Path, commands: list[str], note: str, go
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"shipped {run / 'best'} (epoch {epoch}) to {target}\n")
-    print("Default inference:\n" + metrics_table(card.metrics["per_organ"]))
+    print(f"Default inference ({'with' if tta else 'no'} TTA):\n" + metrics_table(card.metrics["per_organ"]))
     print("\nWith --largest-component:\n" + metrics_table(card.metrics["largest_component_per_organ"]))
-    if "tta_per_organ" in card.metrics:
-        print("\nWith --tta:\n" + metrics_table(card.metrics["tta_per_organ"]))
+    if "other_tta_per_organ" in card.metrics:
+        print(f"\nWith {'--no-tta' if tta else '--tta'}:\n" + metrics_table(card.metrics["other_tta_per_organ"]))
 
 
 def main() -> None:
@@ -92,9 +96,10 @@ def main() -> None:
     parser.add_argument("--to", type=Path, required=True, help="model folder to (re)write, e.g. Resources/Models/hippocampus")
     parser.add_argument("--command", action="append", default=[], help="an exact command that made the run (repeat for several)")
     parser.add_argument("--note", default="", help="training note for the card")
+    parser.add_argument("--tta-default", action="store_true", help="make mirroring test-time augmentation the model's default inference")
     parser.add_argument("--goal", default="", help="the goal the metrics are measured against, and whether it was met")
     args = parser.parse_args()
-    ship(args.run, args.data, args.to, args.command, args.note, args.goal)
+    ship(args.run, args.data, args.to, args.command, args.note, args.goal, args.tta_default)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     segment.add_argument("--levels", type=_levels, default=(0.0, 0.1, 0.2, 0.3), help="SDM iso-contour levels (default 0,0.1,0.2,0.3)")
     segment.add_argument("--window", type=_triple(int), default=None, help="sliding-window size x,y,z in voxels at the model spacing (default: the model card's)")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction in [0, 0.9] (default 0.25)")
-    segment.add_argument("--tta", action="store_true", help="mirroring test-time augmentation: also predict the left-right mirrored volume and average (twice the network time)")
+    segment.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="mirroring test-time augmentation: also predict the left-right mirrored volume and average (twice the network time); default: as the model card says (on for the shipped hippocampus model)")
     segment.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each organ in the label map")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
     segment.add_argument("--memory-gb", type=float, default=None, help="memory budget in GB: above it the volume is processed in tiles, or refused if even tiles don't fit (default: $SDMORGANSEG_MEMORY_GB, else 80%% of the available RAM)")

@@ -401,7 +401,7 @@ def segment_image(
     cancel: CancelCheck | None = None,
     *,
     memory_gb: float | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     largest_component: bool = False,
 ) -> SegmentationResult:
     """Segment ``image`` with ``model``.
@@ -421,7 +421,7 @@ def segment_image(
             sliding-window tiles, saying so in ``result.notes``; when even the smallest tiles would not fit, it
             is refused with the memory needed.
         tta: mirroring test-time augmentation over :func:`tta_axes` (twice the network time when the model was
-            trained with flips).
+            trained with flips); None: the card's ``inference["tta"]`` (off when the card does not say).
         largest_component: keep only each organ's largest connected component in the label map
             (:func:`SDMOrganSegLib.postprocessing.keep_largest_component`); the SDMs stay as predicted.
 
@@ -443,6 +443,8 @@ def segment_image(
             f"window {'x'.join(str(int(w)) for w in window)} is smaller than this network's minimum of {smallest_side} voxels a side "
             f"(it pads its input to multiples of {smallest_side}); use a window of at least {smallest_side},{smallest_side},{smallest_side}"
         )
+    if tta is None:
+        tta = bool(card.inference.get("tta", False))
     mirror_axes = tta_axes(card) if tta else ()
     settings = {"tta": bool(tta), "tta_mirror_axes": list(mirror_axes), "largest_component": bool(largest_component)}
     if tta and not mirror_axes:

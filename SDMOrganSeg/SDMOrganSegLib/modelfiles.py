@@ -74,6 +74,8 @@ class ModelCard:
     field_of_view: str = ""  #: what the training images show, in words (e.g. "head and neck planning CT")
     input_extent_mm: tuple[float, float, float] | None = None  #: largest training image extent (x, y, z) mm
     heaviside_k: float = HEAVISIDE_K
+    #: Inference defaults the model was measured with, e.g. ``{"tta": true}``; a caller's explicit choice wins.
+    inference: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
@@ -95,6 +97,7 @@ class ModelCard:
             "field_of_view": self.field_of_view,
             "input_extent_mm": list(self.input_extent_mm) if self.input_extent_mm else None,
             "heaviside_k": self.heaviside_k,
+            "inference": self.inference,
             "training": self.training,
             "metrics": self.metrics,
             "weights_sha256": self.weights_sha256,
@@ -132,6 +135,7 @@ class ModelCard:
                 field_of_view=str(values.get("field_of_view") or ""),
                 input_extent_mm=tuple(float(v) for v in values["input_extent_mm"]) if values.get("input_extent_mm") else None,
                 heaviside_k=float(values.get("heaviside_k", HEAVISIDE_K)),
+                inference=dict(values.get("inference") or {}),
                 training=dict(values.get("training") or {}),
                 metrics=dict(values.get("metrics") or {}),
                 weights_sha256=str(values.get("weights_sha256", "")),

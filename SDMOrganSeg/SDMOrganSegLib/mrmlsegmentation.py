@@ -91,7 +91,7 @@ def compute_outputs(
     cancel: CancelCheck | None = None,
     fraction: tuple[float, float] = (0.0, 1.0),
     *,
-    tta: bool = False,
+    tta: bool | None = None,
     largest_component: bool = False,
 ) -> ComputedOutputs:
     """Segment ``image`` with a model folder and contour the SDMs; no MRML involved.
@@ -222,7 +222,7 @@ class SDMSegmentationLogic:
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
         *,
-        tta: bool = False,
+        tta: bool | None = None,
         largest_component: bool = False,
     ) -> OutputNodes:
         """Segment a volume node and add the outputs to the scene (all or nothing).

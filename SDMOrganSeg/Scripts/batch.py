@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--levels", default="0,0.1,0.2,0.3", help="SDM iso-contour levels (default 0,0.1,0.2,0.3)")
     parser.add_argument("--format", default="nifti", metavar="nifti|nrrd[,dicom-seg][,rtstruct]",
                         help="image output format (default nifti); dicom-seg / rtstruct add seg.dcm / rtstruct.dcm for DICOM series inputs")
-    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (twice the network time)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="mirroring test-time augmentation (twice the network time); default: as the model card says")
     parser.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each organ in the label map")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--pictures", action="store_true",
@@ -142,7 +142,7 @@ def _settings(path: Path, args: argparse.Namespace, context: dict[str, Any], ref
     """What a case's summary.json records of the run that made it, beyond its file names."""
     return {
         "input": str(path), "model_folder": str(context["model_dir"]), "reference": str(reference) if reference else None,
-        "tta": bool(args.tta), "largest_component": bool(args.largest_component), "sdm_levels": list(context["levels"]),
+        "tta": args.tta, "largest_component": bool(args.largest_component), "sdm_levels": list(context["levels"]),
     }
 
 

@@ -30,3 +30,27 @@ def test_mirrored_prediction_is_the_mean_of_the_flipped_outputs():
     # The two paths differ only in the order of float32 sums.
     np.testing.assert_allclose(tta, expected, atol=float32_tolerance(network, np.abs(expected).max()))
     assert np.abs(tta - plain).max() > 1e-3  # a random network is not mirror-symmetric: TTA changed it
+
+
+def test_the_cards_inference_default_decides_tta_unless_the_caller_does(tmp_path):
+    import SimpleITK as sitk
+
+    from SDMOrganSegLib.inference import segment_image
+    from SDMOrganSegLib.modelfiles import LoadedModel, ModelCard, load_model, organs_from_labels, save_model
+
+    torch.manual_seed(2)
+    network = UNet3D(preset("cpu", 1, 1)).eval()
+    card = ModelCard(name="m", architecture=network.config, organs=organs_from_labels({1: "organ"}), inference={"tta": True})
+    save_model(network, card, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.card.inference == {"tta": True}  # survives the card file
+    image = sitk.GetImageFromArray(np.random.default_rng(3).normal(size=(20, 24, 18)).astype(np.float32))
+    by_default = segment_image(image, loaded, "cpu")
+    assert by_default.settings["tta"] is True and by_default.settings["tta_mirror_axes"] == [2]
+    explicit_off = segment_image(image, loaded, "cpu", tta=False)
+    assert explicit_off.settings["tta"] is False
+    sdm_on, sdm_off = (sitk.GetArrayFromImage(r.sdms["organ"]) for r in (by_default, explicit_off))
+    assert np.abs(sdm_on - sdm_off).max() > 1e-3
+    # A card that says nothing: no TTA, as before.
+    plain = LoadedModel(card=ModelCard(name="p", architecture=network.config, organs=card.organs), network=network, directory=tmp_path)
+    assert segment_image(image, plain, "cpu").settings["tta"] is False
