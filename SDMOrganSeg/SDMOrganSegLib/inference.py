@@ -437,6 +437,11 @@ def segment_image(
 
     chosen = resolve_device(device)
     notes.extend(input_warnings(image, card.modality, card.field_of_view, card.input_extent_mm))
+    if card.architecture.output_activation == "none":
+        notes.append(
+            "this model was trained with Dice only: its 'SDM' outputs are logits (negative inside, 0 on the boundary), "
+            "not normalised distances, so only the 0 iso-contour is meaningful"
+        )
     smallest_side = minimum_window(model.network)
     if window is not None and min(window) < smallest_side:
         raise SDMOrganSegError(

@@ -81,3 +81,21 @@ def test_the_card_keeps_volume_ranges_modality_and_terminology(tmp_path):
     with pytest.raises(SDMOrganSegError, match="terminology"):
         ModelCard.from_dict(bad)
     assert dataclasses.replace(card.organs[0], terminology=None) == card.organs[0]  # terminology is not identity
+
+
+def test_a_dice_only_model_says_its_outputs_are_logits_not_distances():
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from SDMOrganSegLib.inference import segment_image
+    from SDMOrganSegLib.modelfiles import LoadedModel, ModelCard, organs_from_labels
+    from SDMOrganSegLib.network import UNet3D, preset
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32))
+    said = {}
+    for activation in ("none", "tanh"):
+        torch.manual_seed(0)
+        network = UNet3D(preset("cpu", 1, 1, output_activation=activation)).eval()
+        model = LoadedModel(ModelCard(name=activation, architecture=network.config, organs=organs_from_labels({1: "organ"})), network, REPO)
+        said[activation] = [n for n in segment_image(image, model, "cpu").notes if "logits" in n]
+    assert len(said["none"]) == 1 and "only the 0 iso-contour is meaningful" in said["none"][0] and said["tanh"] == []
