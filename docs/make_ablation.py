@@ -1,6 +1,9 @@
 """Tables and figures of docs/ablation.md from the four finished runs in runs/ablation/.
 
-    python docs/make_ablation.py [--runs runs/ablation] [--data ../shared/data/hippocampus] [--case NAME]
+    python docs/make_ablation.py [--runs runs/ablation] [--data ../shared/data/hippocampus] [--case NAME] [--prefix ablation_]
+
+``--runs`` holds one run folder (or a link to one) per mode: dice, sdm, l1+dice, sdm+dice. The figures'
+file names start with ``--prefix`` (``recipe_`` for the four modes on the final recipe).
 
 Reads each run's best/model.json (metrics written by `sdmorganseg train --finalize`), prints the Table 1
 style markdown, and writes docs/figures/: ablation_curves.png (validation Dice per epoch of the four runs),
@@ -74,7 +77,7 @@ def _slice_of(image: sitk.Image, z: int) -> np.ndarray:
     return sitk.GetArrayFromImage(image)[z]
 
 
-def figures(runs: Path, data: Path, case: str, out_dir: Path) -> None:
+def figures(runs: Path, data: Path, case: str, out_dir: Path, prefix: str = "ablation_") -> None:
     image = sitk.ReadImage(str(data / "imagesTr" / f"{case}.nii.gz"))
     labels = sitk.ReadImage(str(data / "labelsTr" / f"{case}.nii.gz"))
     label_array = np.rint(sitk.GetArrayFromImage(labels)).astype(int)
@@ -93,7 +96,7 @@ def figures(runs: Path, data: Path, case: str, out_dir: Path) -> None:
     axis.set_title(f"{case}, axial slice {z}: both labels")
     axis.axis("off")
     figure.tight_layout()
-    figure.savefig(out_dir / "ablation_contours.png", dpi=100)
+    figure.savefig(out_dir / f"{prefix}contours.png", dpi=100)
     plt.close(figure)
 
     # Figure 4 style: SDM of the anterior label with iso-contours, ground truth vs predictions.
@@ -111,7 +114,7 @@ def figures(runs: Path, data: Path, case: str, out_dir: Path) -> None:
         axis.axis("off")
     figure.suptitle("anterior hippocampus: SDM iso-contours 0 (red), 0.1 (orange), 0.2 (yellow), 0.3 (green)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(out_dir / "ablation_sdm_levels.png", dpi=100)
+    figure.savefig(out_dir / f"{prefix}sdm_levels.png", dpi=100)
     plt.close(figure)
 
 
@@ -120,12 +123,13 @@ def main() -> None:
     parser.add_argument("--runs", default=str(REPO / "runs" / "ablation"))
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"))
     parser.add_argument("--case", default="hippocampus_003", help="validation case for the figures")
+    parser.add_argument("--prefix", default="ablation_", help="start of the figure file names")
     args = parser.parse_args()
     runs, out_dir = Path(args.runs), REPO / "docs" / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
     print(table(runs))
-    curves(runs, out_dir / "ablation_curves.png")
-    figures(runs, Path(args.data), args.case, out_dir)
+    curves(runs, out_dir / f"{args.prefix}curves.png")
+    figures(runs, Path(args.data), args.case, out_dir, args.prefix)
     print(f"figures written to {out_dir}")
 
 

@@ -36,13 +36,18 @@ def metrics_table(per_organ: dict, cases_per_organ: dict[str, int] | None = None
     return "\n".join(rows)
 
 
-def ship(run: Path, data: Path, target: Path, commands: list[str], note: str, goal: str, tta_default: bool = False) -> None:
+def ship(
+    run: Path, data: Path, target: Path, commands: list[str], note: str, goal: str, tta_default: bool = False,
+    modality: str | None = None, field_of_view: str = "",
+) -> None:
     from SDMOrganSegLib.inference import tta_axes
     from SDMOrganSegLib.modelfiles import load_model, save_model
     from SDMOrganSegLib.training import annotated_case_names, evaluate_model_on_split, summarize
 
     model = load_model(run / "best")
     card = model.card
+    card.modality = modality or card.modality
+    card.field_of_view = field_of_view or card.field_of_view
     tta = tta_default and bool(tta_axes(card))
     card.inference = {"tta": True} if tta else {}
     results, prepared = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=tta)
@@ -97,9 +102,11 @@ def main() -> None:
     parser.add_argument("--command", action="append", default=[], help="an exact command that made the run (repeat for several)")
     parser.add_argument("--note", default="", help="training note for the card")
     parser.add_argument("--tta-default", action="store_true", help="make mirroring test-time augmentation the model's default inference")
+    parser.add_argument("--modality", choices=["CT", "MR"], help="set the card's modality (when the run did not)")
+    parser.add_argument("--field-of-view", default="", help="set the card's field of view, in words (when the run did not)")
     parser.add_argument("--goal", default="", help="the goal the metrics are measured against, and whether it was met")
     args = parser.parse_args()
-    ship(args.run, args.data, args.to, args.command, args.note, args.goal, args.tta_default)
+    ship(args.run, args.data, args.to, args.command, args.note, args.goal, args.tta_default, args.modality, args.field_of_view)
 
 
 if __name__ == "__main__":
