@@ -11,6 +11,7 @@ automatically when no model is installed) they are the SDMs of the reference seg
 picture says so.
 
     python docs/make_screenshot.py [--case hippocampus_003] [--model M] [--out docs/screenshot.png] [--icons]
+    python docs/make_screenshot.py --data Testing/Data/openkbp-hn --case hn_235 --model headneck-oar --out docs/screenshot_headneck.png
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ def reference_outputs(image: sitk.Image, labels_path: Path):
     )
 
 
-def make_outputs(case: str, model: str | None, use_reference: bool):
+def make_outputs(case: str, model: str | None, use_reference: bool, data: Path = DATA):
     """Volume node and the run's OutputNodes in a headless scene, plus a caption."""
     from SDMOrganSegLib import headless, modelfiles, mrmllogic
 
     session = headless.start()
-    image_path = DATA / "imagesTr" / f"{case}.nii.gz"
+    image_path = data / "imagesTr" / f"{case}.nii.gz"
     volume = headless.load_volume(image_path, name=case)
     logic = mrmllogic.SDMSegmentationLogic(session.scene)
     if not use_reference:
@@ -80,7 +81,7 @@ def make_outputs(case: str, model: str | None, use_reference: bool):
             print(f"note: {error}; drawing the reference segmentation's SDMs instead", file=sys.stderr)
             use_reference = True
     if use_reference:
-        computed = reference_outputs(mrmllogic.volume_node_to_sitk(volume), DATA / "labelsTr" / f"{case}.nii.gz")
+        computed = reference_outputs(mrmllogic.volume_node_to_sitk(volume), data / "labelsTr" / f"{case}.nii.gz")
         caption = f"{case}: reference SDMs (no model)"
     else:
         computed = mrmllogic.compute_outputs(mrmllogic.volume_node_to_sitk(volume), model_dir, "cpu")
@@ -97,7 +98,8 @@ def _axial_slice_actor(volume, k: int, upsample: int = 4) -> tuple[vtk.vtkImageA
 
     image = mrmllogic.volume_node_to_sitk(volume)
     array = sitk.GetArrayFromImage(image).astype(np.float32)
-    low, high = np.percentile(array, [1, 99.5])
+    # CT in a soft-tissue window (HU); other images between percentiles.
+    low, high = (-160.0, 240.0) if array.min() < -500 else np.percentile(array, [1, 99.5])
     plane = np.clip((array[k] - low) / max(high - low, 1e-6), 0, 1)
     data = vtk.vtkImageData()
     data.SetDimensions(plane.shape[1], plane.shape[0], 1)
@@ -308,6 +310,7 @@ def write_icon(rgba: np.ndarray, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="hippocampus_003", help="hippocampus test case (default hippocampus_003)")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with imagesTr/ and labelsTr/ (default Testing/Data/hippocampus)")
     parser.add_argument("--model", default=None, help="model folder or shipped name (default: the shipped model)")
     parser.add_argument("--reference-sdm", action="store_true", help="draw the reference segmentation's SDMs instead of a model's")
     parser.add_argument("--out", default=str(REPO / "docs" / "screenshot.png"), help="output PNG (default docs/screenshot.png)")
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         write_icon(draw_icon(128, line_width=7.0, ring_step=11.0, radius=26.0), REPO / "Resources" / "Icons" / "SDMOrganSeg.png")
         write_icon(draw_icon(128, line_width=4.5, ring_step=8.0, radius=31.0), REPO / "SDMOrganSeg.png")
         print("wrote Resources/Icons/SDMOrganSeg.png and SDMOrganSeg.png")
-    volume, outputs, caption = make_outputs(args.case, args.model, args.reference_sdm)
+    volume, outputs, caption = make_outputs(args.case, args.model, args.reference_sdm, args.data)
     out = Path(args.out)
     for scale in (1.0, 0.85, 0.7, 0.55):  # the README wants it under MAX_BYTES; busy contours compress worse
         render(volume, outputs, caption, out, scale)
