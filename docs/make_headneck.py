@@ -92,7 +92,7 @@ def table(runs: Path) -> str:
 
 def curves(runs: Path, out: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for run in RUN_STYLE:
+    for run in RUNS:
         if not (runs / run / "log.csv").is_file():
             continue
         rows = list(csv.DictReader((runs / run / "log.csv").open()))
