@@ -510,6 +510,7 @@ class Trainer:
             intensity=dict(config.intensity),
             window=self.patch_size if config.sliding_window else None,
             heaviside_k=config.heaviside_k,
+            inference=dict(self.base.card.inference) if self.base is not None else {},  # a fine-tuned model is used as its base
             training=training,
             metrics=metrics,
         )

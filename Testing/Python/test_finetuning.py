@@ -33,7 +33,7 @@ def test_the_base_card_gives_the_network_the_preprocessing_and_a_lower_learning_
     settings = fine_tuning_settings(SHIPPED)
     assert (settings["preset"], settings["depth"], settings["base_channels"], settings["max_channels"]) == ("cpu", 4, 8, 64)
     assert settings["spacing"] == (1.0, 1.0, 1.0) and settings["intensity"] == {"method": "percentile", "lower": 0.5, "upper": 99.5}
-    assert settings["sdm_normalization"] == "paper" and settings["heaviside_k"] == 1500.0 and settings["sliding_window"] is False
+    assert settings["sdm_normalization"] == "clip" and settings["sdm_scale_mm"] == 5.0 and settings["heaviside_k"] == 15.0 and settings["sliding_window"] is False
     assert settings["mode"] == "sdm+dice" and settings["patch_size"] == (32, 48, 32) and settings["flip"] is True
     assert settings["modality"] == "MR" and settings["learning_rate"] == FINE_TUNING_LEARNING_RATE < 5e-4
     # Training settings may change; the base's values, given explicitly, are no contradiction.
@@ -49,8 +49,8 @@ def test_the_base_card_gives_the_network_the_preprocessing_and_a_lower_learning_
         ({"mode": "dice"}, "mode dice: output activation none (the model's: tanh)"),
         ({"preset": "paper"}, "network: depth 6, 24-384 channels, 2 outputs (the model's: depth 4, 8-64 channels, 2 outputs)"),
         ({"base_channels": 16}, "network: depth 4, 16-64 channels"),
-        ({"sdm_normalization": "tanh"}, "sdm normalization: tanh (the model's: paper)"),
-        ({"heaviside_k": 50.0}, "heaviside k: 50 (the model's: 1500)"),
+        ({"sdm_normalization": "tanh"}, "sdm normalization: tanh (the model's: clip)"),
+        ({"heaviside_k": 50.0}, "heaviside k: 50 (the model's: 15)"),
         ({"sliding_window": True}, "sliding window: on (the model's: whole volumes)"),
         ({"modality": "CT"}, "modality: CT (the model's: MR)"),
     ],
@@ -133,11 +133,11 @@ def test_cli_fine_tuning_starts_from_the_base_and_keeps_what_it_is(fine_tuned):
     assert (card.architecture, card.spacing, card.intensity, card.heaviside_k, card.window, card.modality, card.field_of_view) == (
         SHIPPED.architecture, SHIPPED.spacing, SHIPPED.intensity, SHIPPED.heaviside_k, SHIPPED.window, SHIPPED.modality, SHIPPED.field_of_view
     )
-    assert card.training["sdm"] == {"normalization": "paper"} and card.training["epochs_trained"] == 2
+    assert card.training["sdm"] == {"normalization": "clip", "scale_mm": 5.0} and card.inference == {"tta": True} and card.training["epochs_trained"] == 2
     assert card.training["config"]["learning_rate"] == FINE_TUNING_LEARNING_RATE and card.training["config"]["init_model"] == "hippocampus"
     assert card.training["base_model"] == {
         "name": "hippocampus", "folder": str(shipped_models()["hippocampus"]), "weights_sha256": SHIPPED.weights_sha256,
-        "validation_dice": {"anterior hippocampus": 0.8256, "posterior hippocampus": 0.8589},
+        "validation_dice": {o: m["dice"]["mean"] for o, m in SHIPPED.metrics["per_organ"].items()},
     }
     assert card.training["data"] == str(HIPPOCAMPUS) and "--init hippocampus" in card.training["command"]
     # best/ is the base (epoch 0) unless an epoch validated better.

@@ -237,7 +237,7 @@ def test_fine_tuning_from_the_scene_cancel_resume_and_segment(session, pairs, tm
     assert (card.spacing, card.intensity, card.heaviside_k, card.window, card.modality) == (
         base.spacing, base.intensity, base.heaviside_k, base.window, base.modality
     )
-    assert card.training["sdm"] == {"normalization": "paper"} and card.architecture == base.architecture
+    assert card.training["sdm"] == {"normalization": "clip", "scale_mm": 5.0} and card.inference == {"tta": True} and card.architecture == base.architecture
     assert card.training["base_model"]["name"] == "hippocampus" and card.training["base_model"]["weights_sha256"] == base.weights_sha256
     assert card.training["config"]["learning_rate"] == FINE_TUNING_LEARNING_RATE and card.training["data"] == str(run_dir / "data")
     assert card.metrics["split"] == "validation" and set(card.metrics["per_organ"]) == set(ORGANS.values())
