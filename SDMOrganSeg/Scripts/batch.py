@@ -390,6 +390,8 @@ def _segment_cases(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
                 f"--format {','.join(formats[1])} writes DICOM that refers to the input's slices, but no input is a DICOM series folder; "
                 "give DICOM series folders, or use --format nifti or nrrd"
             )
+        if args.tta is None:  # the card's default, recorded as what was done
+            args.tta = bool(card.inference.get("tta", False))
         session = headless.start()
         context = {
             "scene": session.scene, "logic": mrmllogic.SDMSegmentationLogic(session.scene), "model_dir": model_dir,
