@@ -90,6 +90,21 @@ def table(runs: Path) -> str:
     return "\n".join(lines)
 
 
+def validation_table(runs: Path) -> str:
+    """Validation Dice per organ at each validated epoch of the compared runs (from their log.csv)."""
+    lines = []
+    for run in RUNS:
+        rows = [r for r in csv.DictReader((runs / run / "log.csv").open()) if r.get("val_mean_dice")]
+        organs = [k[len("val_dice_"):] for k in rows[0] if k.startswith("val_dice_")] if rows else []
+        if not lines:
+            lines += ["| training | epoch | " + " | ".join(organs) + " | mean of 7 | mean of the goal's 5 |", "|---" * (len(organs) + 4) + "|"]
+        for r in rows:
+            values = [float(r[f"val_dice_{o}"]) for o in organs]
+            goal = np.mean([float(r[f"val_dice_{o}"]) for o in GOAL_ORGANS])
+            lines.append(f"| {run} | {r['epoch']} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {float(r['val_mean_dice']):.3f} | {goal:.3f} |")
+    return "\n".join(lines)
+
+
 def curves(runs: Path, out: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     for run in RUNS:
@@ -164,7 +179,9 @@ def main() -> None:
     RUNS[:] = args.compare
     runs, out_dir = Path(args.runs), REPO / "docs" / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(table(runs))
+    print(validation_table(runs) + "\n")
+    if all((runs / run / "eval.json").is_file() for run in RUNS):
+        print(table(runs))
     curves(runs, out_dir / "headneck_curves.png")
     case_figure(runs, Path(args.data), args.case, out_dir / "headneck_case.png")
     print(f"figures written to {out_dir}")
