@@ -116,10 +116,14 @@ def test_a_rerun_after_a_crash_keeps_complete_cases_and_does_the_rest(cohort, im
         assert ("complete from an earlier run" in rows[case]["notes"]) == (case != CASES[2])
     assert (output / "overview.png").read_bytes().startswith(b"\x89PNG")
 
-    # Other settings (--tta): the complete cases are not taken as this run's, and not replaced either.
+    # Other settings (TTA the other way than the shipped model's card does it): the complete cases are not
+    # taken as this run's, and not replaced either.
     (output / "summary.csv").unlink()
     (output / "overview.png").unlink()
-    other = run_batch(2, images, output, "--pictures", "--tta")
+    from SDMOrganSegLib.modelfiles import read_card, resolve_model
+
+    other_tta = "--no-tta" if read_card(resolve_model(None)).inference.get("tta") else "--tta"
+    other = run_batch(2, images, output, "--pictures", other_tta)
     assert other.returncode == 1
     assert all(row["status"] == "failed" and "already exists" in row["reason"] for row in _rows(output).values())
 
