@@ -38,7 +38,7 @@ def metrics_table(per_organ: dict, cases_per_organ: dict[str, int] | None = None
 
 def ship(
     run: Path, data: Path, target: Path, commands: list[str], note: str, goal: str, tta_default: bool = False,
-    modality: str | None = None, field_of_view: str = "",
+    modality: str | None = None, field_of_view: str = "", description: str = "",
 ) -> None:
     from SDMOrganSegLib.inference import tta_axes
     from SDMOrganSegLib.modelfiles import load_model, save_model
@@ -48,6 +48,7 @@ def ship(
     card = model.card
     card.modality = modality or card.modality
     card.field_of_view = field_of_view or card.field_of_view
+    card.description = description or card.description
     tta = tta_default and bool(tta_axes(card))
     card.inference = {"tta": True} if tta else {}
     results, prepared = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=tta)
@@ -104,9 +105,10 @@ def main() -> None:
     parser.add_argument("--tta-default", action="store_true", help="make mirroring test-time augmentation the model's default inference")
     parser.add_argument("--modality", choices=["CT", "MR"], help="set the card's modality (when the run did not)")
     parser.add_argument("--field-of-view", default="", help="set the card's field of view, in words (when the run did not)")
+    parser.add_argument("--description", default="", help="replace the card's one-line description (what the model is, its limits)")
     parser.add_argument("--goal", default="", help="the goal the metrics are measured against, and whether it was met")
     args = parser.parse_args()
-    ship(args.run, args.data, args.to, args.command, args.note, args.goal, args.tta_default, args.modality, args.field_of_view)
+    ship(args.run, args.data, args.to, args.command, args.note, args.goal, args.tta_default, args.modality, args.field_of_view, args.description)
 
 
 if __name__ == "__main__":
