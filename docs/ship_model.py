@@ -42,33 +42,27 @@ def ship(
 ) -> None:
     from SDMOrganSegLib.inference import tta_axes
     from SDMOrganSegLib.modelfiles import load_model, save_model
-    from SDMOrganSegLib.training import annotated_case_names, evaluate_model_on_split, summarize
+    from SDMOrganSegLib.training import evaluate_model_on_split, split_metrics_record, summarize
 
     model = load_model(run / "best")
     card = model.card
     card.modality = modality or card.modality
     card.field_of_view = field_of_view or card.field_of_view
     card.description = description or card.description
-    tta = tta_default and bool(tta_axes(card))
+    mirrored = bool(tta_axes(card))  # trained with flips: TTA has something to mirror
+    tta = tta_default and mirrored
     card.inference = {"tta": True} if tta else {}
     results, prepared = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=tta)
     epoch = card.metrics.get("epoch") or card.training.get("epochs_trained")
-    card.metrics = {
-        "split": "validation",
-        "cases": len(prepared),
-        "per_organ": summarize(results),
-        "per_case": {organ: {m: [round(v, 5) for v in values] for m, values in metrics.items()} for organ, metrics in results.items()},
-        "case_names": [c.name for c in prepared],
-        "organ_case_names": annotated_case_names(prepared, card.organs),
-        "epoch": epoch,
-        "tta": tta,
-        "note": "metrics at the model spacing on whole validation volumes (organs only where annotated), default "
+    card.metrics = split_metrics_record(
+        results, prepared, card.organs, epoch, tta,
+        "metrics at the model spacing on whole validation volumes (organs only where annotated), default "
         f"inference ({'with' if tta else 'no'} mirroring test-time augmentation, no post-processing); HD/HD95/ASD in mm",
-    }
+    )
     # The two inference options, each alone, for the card's README.
     lcc_results, _ = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=tta, largest_component=True)
     card.metrics["largest_component_per_organ"] = summarize(lcc_results)
-    if tta_axes(card):
+    if mirrored:
         other_results, _ = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=not tta)
         card.metrics["other_tta_per_organ"] = summarize(other_results)
     if goal:

@@ -762,17 +762,26 @@ def finalize_best_model(run_dir: str | Path, data_dir: str | Path, device: str =
     model = load_model(run_dir / "best")
     card = model.card
     results, prepared = evaluate_model_on_split(model, data_dir, run_dir / "cache", device, tta)
-    summary = summarize(results)
-    card.metrics = {
+    card.metrics = split_metrics_record(
+        results, prepared, card.organs, card.metrics.get("epoch"), tta,
+        "metrics at the model spacing on whole validation volumes (organs only where annotated); HD/HD95/ASD in mm",
+    )
+    save_model(model.network, card, run_dir / "best", overwrite=True)
+    return card.metrics["per_organ"]
+
+
+def split_metrics_record(
+    results: dict[str, dict[str, list[float]]], prepared: Sequence[PreparedCase], organs: Sequence[Organ], epoch: int | None, tta: bool, note: str
+) -> dict[str, Any]:
+    """A card's ``metrics``: the summary and per-case values of :func:`evaluate_model_on_split`'s results."""
+    return {
         "split": "validation",
         "cases": len(prepared),
-        "per_organ": summary,
+        "per_organ": summarize(results),
         "per_case": {organ: {m: [round(v, 5) for v in values] for m, values in metrics.items()} for organ, metrics in results.items()},
         "case_names": [c.name for c in prepared],
-        "organ_case_names": annotated_case_names(prepared, card.organs),
-        "epoch": card.metrics.get("epoch"),
+        "organ_case_names": annotated_case_names(prepared, organs),
+        "epoch": epoch,
         "tta": bool(tta),
-        "note": "metrics at the model spacing on whole validation volumes (organs only where annotated); HD/HD95/ASD in mm",
+        "note": note,
     }
-    save_model(model.network, card, run_dir / "best", overwrite=True)
-    return summary
