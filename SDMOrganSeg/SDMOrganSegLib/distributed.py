@@ -160,6 +160,9 @@ def process_group(backend: str, environ: Mapping[str, str] | None = None) -> Ite
         # No teardown after a failure: NCCL's can block on a peer that is gone. The process exits anyway.
         raise
     else:
+        # Every rank done before any tears its connections down: a rank that destroys the group while a peer
+        # still has gloo traffic in flight makes the peer abort ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -105,7 +105,7 @@ def test_the_ranks_slices_are_exactly_the_single_process_batch(tmp_path, batch, 
 
 
 _WEIGHTING = """
-import json, sys
+import copy, json, sys
 import torch
 sys.path.insert(0, {library!r})
 from SDMOrganSegLib import distributed
@@ -113,6 +113,9 @@ from SDMOrganSegLib import distributed
 with distributed.process_group("gloo") as ranks:
     torch.manual_seed(0)
     network = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    # The one-process reference on a copy: a backward through the wrapped module's own parameters would fire
+    # DistributedDataParallel's gradient hooks on one rank only (an all-reduce the other rank never joins).
+    single = copy.deepcopy(network)
     inputs, targets = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
     model = distributed.data_parallel(network, ranks, torch.device("cpu"))
     report = {{}}
@@ -124,10 +127,10 @@ with distributed.process_group("gloo") as ranks:
         network.zero_grad()
         loss.backward()
         gradient = torch.cat([p.grad.reshape(-1) for p in network.parameters()])
-        network.zero_grad()
-        expected_loss = ((network(inputs[:total]) - targets[:total]) ** 2).mean()  # one process, the whole batch
+        single.zero_grad()
+        expected_loss = ((single(inputs[:total]) - targets[:total]) ** 2).mean()  # one process, the whole batch
         expected_loss.backward()
-        expected = torch.cat([p.grad.reshape(-1) for p in network.parameters()])
+        expected = torch.cat([p.grad.reshape(-1) for p in single.parameters()])
         report[total] = [float((gradient - expected).abs().max() / expected.abs().max()), abs(values["loss"] - float(expected_loss)) / float(expected_loss)]
     with open({out!r} + f"/rank{{ranks.rank}}.json", "w") as handle:
         json.dump(report, handle)

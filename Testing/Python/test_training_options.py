@@ -154,7 +154,7 @@ def test_batch_dice_leaves_unannotated_entries_out_exactly():
     # Organ 1 has no term; organ 0 is the Dice of both cases pooled.
     p, y = probability.detach()[:, 0], target_mask[:, 0]
     expected = 1 - (2 * (p * y).sum() + 1e-5) / (p.sum() + y.sum() + 1e-5)
-    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
     # Case 1 not contoured for organ 0: only case 0's voxels count, so case 1 gets no gradient.
     loss = soft_dice_loss(probability, target_mask, annotated=torch.tensor([[1.0, 1.0], [0.0, 1.0]]), reduction="batch")
     (grad,) = torch.autograd.grad(loss, probability)
