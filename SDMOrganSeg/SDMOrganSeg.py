@@ -155,10 +155,12 @@ class TrainingMode(enum.Enum):
     SDM = "sdm"
     L1_DICE = "l1+dice"
     DICE = "dice"
+    DUAL = "dual"
 
     def label(self) -> str:
         return {TrainingMode.SDM_DICE: _("SDM + Dice (the paper's)"), TrainingMode.SDM: _("SDM only"),
-                TrainingMode.L1_DICE: _("L1 on the SDM + Dice"), TrainingMode.DICE: _("Dice only (no SDM output)")}[self]
+                TrainingMode.L1_DICE: _("L1 on the SDM + Dice"), TrainingMode.DICE: _("Dice only (no SDM output)"),
+                TrainingMode.DUAL: _("Dual heads: segmentation (Dice) + SDM")}[self]
 
 
 #: Marker item data of the scratch entries of the training start combo box: SCRATCH + preset name.

@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
+#: Output heads of a :class:`UNetConfig` (training mode ``dual`` uses two).
+HEADS = ("single", "dual")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Architecture of a :class:`UNet3D`; stored in each model card so the weights can be rebuilt."""
@@ -23,6 +27,18 @@ class UNetConfig:
     norm_groups: int = 8  #: group-norm groups (reduced where a layer has fewer channels)
     negative_slope: float = 0.01  #: leaky ReLU slope
     output_activation: str = "tanh"  #: "tanh" for SDM models, "none" for Dice-only logits
+    #: "single": one output per organ (an SDM, or a Dice-only logit); "dual": an SDM head (tanh) and a
+    #: segmentation head (logits) on the same decoder, output as the organs' SDMs then the organs' logits.
+    heads: str = "single"
+
+    def __post_init__(self) -> None:
+        if self.heads not in HEADS:
+            raise ValueError(f"unknown heads {self.heads!r}; choose one of {', '.join(HEADS)}")
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the network's output: one per organ, or two (SDM, then logit) for dual heads."""
+        return self.out_channels * (2 if self.heads == "dual" else 1)
 
     def channels(self, level: int) -> int:
         return min(self.base_channels * 2**level, self.max_channels)
@@ -54,5 +70,20 @@ def preset(name: str, in_channels: int = 1, out_channels: int = 1, **overrides: 
 
 
 def output_activation_for(mode: str) -> str:
-    """The network's output activation for a training mode: logits for Dice-only, tanh SDM otherwise."""
+    """The network's (SDM head's) output activation for a training mode: logits for Dice-only, tanh SDM otherwise."""
     return "none" if mode == "dice" else "tanh"
+
+
+def heads_for(mode: str) -> str:
+    """The output heads a training mode trains: two for ``dual``, one otherwise."""
+    return "dual" if mode == "dual" else "single"
+
+
+def split_heads(output: Any, architecture: UNetConfig) -> tuple[Any, Any]:
+    """The SDM channels and the channels the label map is made from, of a network output ``(channels, ...)``
+    (numpy or torch): the same channels for single-head models; for dual heads, the SDM head's and the
+    segmentation head's (both negative inside, see :func:`SDMOrganSegLib.sdm.sdms_to_label_map`)."""
+    organs = architecture.out_channels
+    if architecture.heads == "dual":
+        return output[:organs], output[organs:]
+    return output, output

@@ -22,7 +22,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from .architecture import PRESETS, UNetConfig, output_activation_for, preset
+from .architecture import PRESETS, UNetConfig, heads_for, output_activation_for, preset
 from .errors import SDMOrganSegError
 from .modelfiles import ModelCard, Organ, organ_key
 
@@ -35,16 +35,22 @@ def _preset_of(card: ModelCard) -> str:
     arch = card.architecture
     recorded = card.training.get("config", {}).get("preset")
     for name in ([recorded] if recorded in PRESETS else []) + sorted(PRESETS):
-        if _network(name, arch.depth, arch.base_channels, arch.max_channels, arch.output_activation, arch.out_channels) == arch:
+        if _network(name, arch.depth, arch.base_channels, arch.max_channels, arch.output_activation, arch.out_channels, arch.heads) == arch:
             return name
     raise SDMOrganSegError(
         f"the network of model {card.name} ({_describe_network(arch)}) is not one this trainer builds; it cannot be fine-tuned here"
     )
 
 
-def _network(name: str, depth: int | None, base: int | None, largest: int | None, activation: str, organs: int) -> UNetConfig:
+def _network(name: str, depth: int | None, base: int | None, largest: int | None, activation: str, organs: int, heads: str = "single") -> UNetConfig:
     overrides = {k: v for k, v in (("depth", depth), ("base_channels", base), ("max_channels", largest)) if v is not None}
-    return preset(name, 1, organs, output_activation=activation, **overrides)
+    return preset(name, 1, organs, output_activation=activation, heads=heads, **overrides)
+
+
+def _mode_of(arch: UNetConfig) -> str:
+    """The loss mode a model's network was trained with, where its card does not say: dual for two heads,
+    Dice-only for logits, the paper's sdm+dice otherwise."""
+    return "dual" if arch.heads == "dual" else ("dice" if arch.output_activation == "none" else "sdm+dice")
 
 
 def _describe_network(arch: UNetConfig) -> str:
@@ -81,8 +87,8 @@ def default_settings(card: ModelCard) -> dict[str, Any]:
     recorded = card.training.get("config", {})
     activation = card.architecture.output_activation
     mode = recorded.get("mode")
-    if not mode or output_activation_for(mode) != activation:
-        mode = "dice" if activation == "none" else "sdm+dice"
+    if not mode or output_activation_for(mode) != activation or heads_for(mode) != card.architecture.heads:
+        mode = _mode_of(card.architecture)
     defaults: dict[str, Any] = {
         "mode": mode, "learning_rate": FINE_TUNING_LEARNING_RATE, "flip": bool(recorded.get("flip", True)),
         "field_of_view": card.field_of_view,
@@ -117,14 +123,16 @@ def contradictions(card: ModelCard, settings: Mapping[str, Any]) -> list[str]:
     arch = card.architecture
     if any(key in settings for key in ("preset", "depth", "base_channels", "max_channels", "mode")):
         kept = kept_settings(card)
-        mode = settings.get("mode") or ("dice" if arch.output_activation == "none" else "sdm+dice")
+        mode = settings.get("mode") or _mode_of(arch)
         sizes = ("depth", "base_channels", "max_channels")
         # A preset given without sizes means the preset's sizes; no preset given, the model's.
         name, values = (settings["preset"], [settings.get(k) for k in sizes]) if settings.get("preset") else (kept["preset"], [settings.get(k, kept[k]) for k in sizes])
-        built = _network(name, *values, output_activation_for(mode), len(card.organs))
+        built = _network(name, *values, output_activation_for(mode), len(card.organs), heads_for(mode))
         if built.output_activation != arch.output_activation:
             problems.append(f"mode {mode}: output activation {built.output_activation} (the model's: {arch.output_activation})")
-        if dataclasses.replace(built, output_activation=arch.output_activation) != arch:
+        elif built.heads != arch.heads:
+            problems.append(f"mode {mode}: {built.heads} output head(s) (the model's: {arch.heads})")
+        if dataclasses.replace(built, output_activation=arch.output_activation, heads=arch.heads) != arch:
             problems.append(f"network: {_describe_network(built)} (the model's: {_describe_network(arch)})")
     kept = kept_settings(card)
     for key in ("spacing", "intensity", "sdm_normalization", "sdm_scale_mm", "heaviside_k", "modality"):

@@ -26,6 +26,7 @@ from . import distributed
 from .errors import CancelCheck, ProgressCallback, SDMOrganSegError, check_cancel
 from .files import available_memory_bytes, worker_threads
 from .imageio import check_volume, image_from_array
+from .architecture import split_heads
 from .modelfiles import LoadedModel, ModelCard, Organ
 from .plausibility import input_warnings, volume_warnings
 from .postprocessing import keep_largest_component
@@ -196,7 +197,8 @@ def predict_array(
     outputs averaged (2, 4 or 8 network calls per tile).
     """
     network = network.to(device)
-    organs = network.config.out_channels if hasattr(network, "config") else None
+    config = getattr(network, "config", None)
+    organs = getattr(config, "output_channels", getattr(config, "out_channels", None))
     shape = volume.shape
     if window is None or all(w >= s for w, s in zip(window, shape)):
         windows = [tuple(slice(0, s) for s in shape)]
@@ -437,11 +439,13 @@ def segment_image(
 
     chosen = resolve_device(device)
     notes.extend(input_warnings(image, card.modality, card.field_of_view, card.input_extent_mm))
-    if card.architecture.output_activation == "none":
+    if card.architecture.output_activation == "none" and card.architecture.heads != "dual":
         notes.append(
             "this model was trained with Dice only: its 'SDM' outputs are logits (negative inside, 0 on the boundary), "
             "not normalised distances, so only the 0 iso-contour is meaningful"
         )
+    if card.architecture.heads == "dual":
+        notes.append("dual-head model: the label map comes from its segmentation head, the SDMs and their iso-contours from its SDM head")
     smallest_side = minimum_window(model.network)
     if window is not None and min(window) < smallest_side:
         raise SDMOrganSegError(
@@ -458,7 +462,7 @@ def segment_image(
     window_zyx = _window_zyx(window or card.window)
     grid = resampled_size(image, card.spacing) if needs_resampling(image, card.spacing) else image.GetSize()
     model_shape = tuple(int(s) for s in reversed(grid))
-    window_zyx = _plan_window(image, model_shape, len(card.organs), model.network, window_zyx, memory_budget_bytes(memory_gb), notes)
+    window_zyx = _plan_window(image, model_shape, card.architecture.output_channels, model.network, window_zyx, memory_budget_bytes(memory_gb), notes)
 
     report(0.0, "preparing the volume")
     working = sitk.Cast(image, sitk.sitkFloat32)
@@ -514,9 +518,12 @@ def segment_image(
 
     # Organs side by side: ITK's resampling and the copies release the GIL (2.7 s instead of 3.0 s for 9 CT
     # organs on 2 cores, benchmarks/bench_segment.py).
+    sdm_output, label_output = split_heads(output, card.architecture)
     with ThreadPoolExecutor(worker_threads()) as pool:
-        sdm_images = dict(zip((organ.name for organ in card.organs), pool.map(to_input_grid, output)))
-    sdm_arrays = [sitk.GetArrayViewFromImage(sdm) for sdm in sdm_images.values()]
+        sdm_images = dict(zip((organ.name for organ in card.organs), pool.map(to_input_grid, sdm_output)))
+        # A dual-head model's label map comes from its segmentation head, resampled the same way.
+        label_images = sdm_images.values() if label_output is sdm_output else list(pool.map(to_input_grid, label_output))
+    sdm_arrays = [sitk.GetArrayViewFromImage(sdm) for sdm in label_images]
     # The per-organ arrays as they are: stacking them would copy every SDM once more (1.9 GB for 9 CT organs).
     label_map = sdms_to_label_map(sdm_arrays, card.label_values)
     if largest_component:

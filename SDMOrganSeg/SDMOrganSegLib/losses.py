@@ -14,6 +14,12 @@ Modes (``--mode`` of the trainer):
 * ``sdm``: product loss (Eq. 4) + L1 on the tanh SDM output.
 * ``l1+dice``: Dice on ``sigmoid(-k * sdm)`` + lambda * L1.
 * ``sdm+dice``: Dice on ``sigmoid(-k * sdm)`` + lambda * (product + L1) (Eq. 5), lambda = 10, k = 1500.
+* ``dual``: two heads on one decoder (``pred`` has ``2 * organs`` channels: tanh SDMs, then logits). The
+  segmentation head's logit ``z`` gets Dice on ``sigmoid(-z)`` (and the cross-entropy with ``ce_weight``), as
+  ``dice``; the SDM head gets lambda * (product + L1) against the normalised SDM, as ``sdm``. The
+  segmentation never passes through a steep Heaviside, so the SDM term shapes the shared features without
+  costing the Dice term its gradient (distance-regression multi-task training: Audebert et al., CVIU 2019;
+  compared with the paper's coupling in Ma et al., MIDL 2020).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from torch import nn
 from .architecture import output_activation_for  # noqa: F401  (the activation a mode trains; re-exported)
 from .sdm import HEAVISIDE_K
 
-MODES = ("dice", "sdm", "l1+dice", "sdm+dice")
+MODES = ("dice", "sdm", "l1+dice", "sdm+dice", "dual")
 #: How the Dice term pools a batch: per case (Eq. 1 per patch, the paper) or over the batch; see soft_dice_loss.
 DICE_REDUCTIONS = ("case", "batch")
 
@@ -121,13 +127,23 @@ class SDMSegmentationLoss(nn.Module):
         if dice_reduction not in DICE_REDUCTIONS:
             raise ValueError(f"unknown Dice reduction {dice_reduction!r}; choose one of {', '.join(DICE_REDUCTIONS)}")
         self.mode, self.sdm_weight, self.k, self.dice_reduction, self.ce_weight = mode, sdm_weight, k, dice_reduction, ce_weight
+        #: Parts as Python floats (a wait for the device per part) or as detached tensors (the trainer sums them on the device).
+        self.float_parts = True
 
     def forward(
         self, pred: torch.Tensor, target_sdm: torch.Tensor, target_mask: torch.Tensor, annotated: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         pred = pred.float()  # losses in float32 under autocast
         parts: dict[str, torch.Tensor] = {}
-        if self.mode == "dice":
+        if self.mode == "dual":
+            organs = target_mask.shape[1]
+            sdm, logit = pred[:, :organs], pred[:, organs:]
+            parts["l1"] = l1_loss(sdm, target_sdm, annotated)
+            parts["product"] = product_loss(sdm, target_sdm, annotated=annotated)
+            parts["dice"] = soft_dice_loss(torch.sigmoid(-logit), target_mask, annotated=annotated, reduction=self.dice_reduction)
+            total = parts["dice"] + self.sdm_weight * (parts["l1"] + parts["product"])
+            organ_logit = -logit
+        elif self.mode == "dice":
             parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask, annotated=annotated, reduction=self.dice_reduction)
             total = parts["dice"]
             organ_logit = -pred
@@ -146,4 +162,4 @@ class SDMSegmentationLoss(nn.Module):
         if self.ce_weight:
             parts["ce"] = cross_entropy_loss(organ_logit, target_mask, annotated)
             total = total + self.ce_weight * parts["ce"]
-        return total, {name: float(value.detach()) for name, value in parts.items()}
+        return total, {name: float(value.detach()) if self.float_parts else value.detach() for name, value in parts.items()}

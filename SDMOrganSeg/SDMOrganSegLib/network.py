@@ -1,9 +1,11 @@
 """The paper's deep 3D UNet backbone, with a configurable depth and width.
 
-Shapes: input ``(batch, in_channels, z, y, x)``, output ``(batch, out_channels, z, y, x)`` of the same
-spatial size. Each output channel is one organ's normalised SDM, in [-1, 1] through ``tanh`` and negative
-inside the organ; a Dice-only model (``output_activation="none"``) gives unbounded logits with the same
-sign convention.
+Shapes: input ``(batch, in_channels, z, y, x)``, output ``(batch, config.output_channels, z, y, x)`` of the
+same spatial size. Each output channel is one organ's normalised SDM, in [-1, 1] through ``tanh`` and
+negative inside the organ; a Dice-only model (``output_activation="none"``) gives unbounded logits with the
+same sign convention. A dual-head model (``heads="dual"``) outputs ``2 * out_channels`` channels: the organs'
+tanh SDMs from ``head``, then the organs' segmentation logits (negative inside) from ``segmentation_head``,
+two 1x1x1 convolutions on the same last decoder features.
 
 Paper preset: 6 downsamplings (7 resolution levels, 6 skip connections), 24 channels doubling up to 384,
 group normalisation, leaky ReLU, trilinear upsampling followed by a 3x3x3 convolution instead of a
@@ -76,6 +78,8 @@ class UNet3D(nn.Module):
             [UpBlock(c.channels(level + 1), c.channels(level), c.channels(level), g, s) for level in reversed(range(c.depth))]
         )
         self.head = nn.Conv3d(c.channels(0), c.out_channels, kernel_size=1)
+        if c.heads == "dual":
+            self.segmentation_head = nn.Conv3d(c.channels(0), c.out_channels, kernel_size=1)
 
     @property
     def size_multiple(self) -> int:
@@ -97,9 +101,12 @@ class UNet3D(nn.Module):
         x = skips.pop()
         for decoder in self.decoders:
             x = decoder(x, skips.pop())
-        x = self.head(x)
+        features = x
+        x = self.head(features)
         if self.config.output_activation == "tanh":
             x = torch.tanh(x)
+        if self.config.heads == "dual":
+            x = torch.cat([x, self.segmentation_head(features)], dim=1)
         if any(pad):
             x = x[(...,) + tuple(slice(0, size) for size in spatial)]
         return x

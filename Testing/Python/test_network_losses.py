@@ -72,7 +72,7 @@ def test_smooth_heaviside_sign_convention():
 @pytest.mark.parametrize("mode", MODES)
 def test_gradients_finite_on_empty_organs(mode):
     torch.manual_seed(1)
-    network = UNet3D(preset("cpu", 1, 2, output_activation="none" if mode == "dice" else "tanh"))
+    network = UNet3D(preset("cpu", 1, 2, output_activation="none" if mode == "dice" else "tanh", heads="dual" if mode == "dual" else "single"))
     image = torch.randn(1, 1, 16, 16, 16)
     target_sdm = torch.ones(1, 2, 16, 16, 16)  # both organs absent
     target_mask = torch.zeros(1, 2, 16, 16, 16)
@@ -80,7 +80,7 @@ def test_gradients_finite_on_empty_organs(mode):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in network.parameters() if p.grad is not None)
-    expected = {"dice": {"dice"}, "sdm": {"l1", "product"}, "l1+dice": {"l1", "dice"}, "sdm+dice": {"l1", "product", "dice"}}[mode]
+    expected = {"dice": {"dice"}, "sdm": {"l1", "product"}, "l1+dice": {"l1", "dice"}, "sdm+dice": {"l1", "product", "dice"}, "dual": {"l1", "product", "dice"}}[mode]
     assert set(parts) == expected
 
 

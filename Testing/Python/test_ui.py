@@ -254,7 +254,7 @@ def test_bound_widgets_show_and_return_the_parameter_values(module, tmp_path):
         checked.add(parameter)
     assert {"trainingSource", "trainingMode", "trainingEpochs", "trainingOutputFolder", "trainingDataFolder"} <= checked
     assert module.SDMOrganSegParameterNode.trainingMode is module.TrainingMode.SDM_DICE
-    assert [member.value for member in module.TrainingMode] == ["sdm+dice", "sdm", "l1+dice", "dice"]
+    assert [member.value for member in module.TrainingMode] == ["sdm+dice", "sdm", "l1+dice", "dice", "dual"]
     widget.deleteLater()
     app.processEvents()
 
