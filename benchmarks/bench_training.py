@@ -76,13 +76,13 @@ def step_timings(preset: str, cases, labels, batch: int, patch_xyz, steps: int, 
     for index in range(steps + 2):
         started = time.perf_counter()
         try:
-            images, target_sdm, target_mask = next(batches)
+            images, target_sdm, target_mask, _ = next(batches)
         except StopIteration:
             batches = sampler.batches(batch, rng)
-            images, target_sdm, target_mask = next(batches)
+            images, target_sdm, target_mask, _ = next(batches)
         if images.shape[0] < batch:  # the epoch's last, short batch: take a full one
             batches = sampler.batches(batch, rng)
-            images, target_sdm, target_mask = next(batches)
+            images, target_sdm, target_mask, _ = next(batches)
         images = images.contiguous(memory_format=layout)
         drawn = time.perf_counter()
         prediction = network(images)

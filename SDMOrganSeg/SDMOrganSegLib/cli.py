@@ -133,14 +133,19 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     sdm.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     train = commands.add_parser("train", help="train a model on a folder of images and label maps", description="Train the SDM UNet (paper schedule by default) on DATA (imagesTr/ + labelsTr/ + labels.json). Rerunning with the same OUT resumes.")
-    train.add_argument("data", help="data folder: imagesTr/ and labelsTr/ (same file names) and labels.json, or an nnU-Net v2 raw dataset or MSD task folder (dataset.json)")
+    train.add_argument("data", help="data folder: imagesTr/ and labelsTr/ (same file names) and labels.json, or an nnU-Net v2 raw dataset or MSD task folder (dataset.json), or a data pack (.npz) of 'sdmorganseg pack'")
     train.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, curves.png, best/ model")
     train.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="architecture (default cpu; paper = 6 downsamplings, 24-384 channels)")
-    train.add_argument("--mode", default="sdm+dice", choices=["dice", "sdm", "l1+dice", "sdm+dice"], help="training loss (default sdm+dice, Eq. 5)")
+    train.add_argument("--mode", default="sdm+dice", choices=["dice", "sdm", "l1+dice", "sdm+dice", "dual"], help="training loss (default sdm+dice, Eq. 5); dual = a segmentation head (Dice, + CE with --ce-weight) and an SDM head (--sdm-weight x (product + L1)) on one decoder")
     train.add_argument("--epochs", type=int, default=200)
     train.add_argument("--batch-size", type=int, default=2, help="patches per optimiser step, in all: under torchrun each of the N processes takes batch/N (a multiple of N)")
     train.add_argument("--patch", type=_patch, default=(32, 48, 32), help="training patch x,y,z voxels, or 'whole' for whole volumes (the largest training case) (default 32,48,32)")
-    train.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4; 5e-6 with --init)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-4 for Adam, 0.01 for SGD; 5e-6 with --init)")
+    train.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="Adam, or SGD with Nesterov momentum 0.99 and weight decay 3e-5 (nnU-Net's) (default %(default)s)")
+    train.add_argument("--lr-schedule", default="step", choices=["step", "poly"], help="step: x --lr-decay every --lr-step epochs; poly: lr x (1 - epoch/epochs)^0.9 (nnU-Net's) (default %(default)s)")
+    train.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast of the network (losses stay float32); auto = bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16, AMX), float32 on other CPUs (default %(default)s)")
+    train.add_argument("--augment", default="basic", choices=["basic", "strong"], help="basic = flips and intensity scale/shift; strong adds nnU-Net's rotation, scaling, noise, brightness, contrast and gamma (default %(default)s)")
+    train.add_argument("--time-budget", type=float, default=None, metavar="MINUTES", help="fit the number of epochs (at most --epochs) to this wall time, from the speed measured up to the first validation, so the schedule ends with the budget")
     train.add_argument("--lr-decay", type=float, default=0.8, help="learning-rate factor (default 0.8)...")
     train.add_argument("--lr-step", type=int, default=25, help="...applied every this many epochs (default 25)")
     train.add_argument("--sdm-weight", type=float, default=10.0, help="lambda of Eq. 5 (default 10)")
@@ -149,7 +154,7 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     train.add_argument("--heaviside-k", type=float, default=1500.0, help="steepness k of the smooth Heaviside sigmoid(-k sdm) in the Dice term (default %(default)s, the paper's)")
     train.add_argument("--dice-reduction", default="case", choices=["case", "batch"], help="Dice term per case (Eq. 1 per patch, the paper's) or one Dice per organ over the whole batch, which also penalises organs painted into patches that lack them; under torchrun, over each process's share of the batch (default %(default)s)")
     train.add_argument("--ce-weight", type=float, default=0.0, help="add this weight times a binary cross-entropy on the organ probability (the Heaviside's for SDM modes): a gradient at every voxel, as nnU-Net's Dice + CE (default %(default)s: the paper's losses)")
-    train.add_argument("--output-bias", default="zero", choices=["zero", "prior"], help="initial output-layer bias: zero, or prior = each organ's average target (its voxel fraction; the mean SDM), so an untrained network starts at 'background' where organs are tiny, e.g. CT (default %(default)s)")
+    train.add_argument("--output-bias", default="zero", choices=["zero", "prior", "soft-prior"], help="initial output-layer bias: zero, or prior = each organ's average target (its voxel fraction; the mean SDM), so an untrained network starts at 'background' where organs are tiny, e.g. CT; soft-prior = the same with the fraction floored at 5 %% so the smallest organs keep a usable gradient (default %(default)s)")
     train.add_argument("--depth", type=int, default=None, help="number of downsamplings (default: the preset's)")
     train.add_argument("--base-channels", type=int, default=None, help="channels at full resolution (default: the preset's)")
     train.add_argument("--max-channels", type=int, default=None, help="cap on the channel doubling (default: the preset's)")
@@ -171,6 +176,14 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     train.add_argument("--finalize", action="store_true", help="after training, evaluate best/ on the validation split with all metrics and store them in its card")
     train.add_argument("--init", metavar="MODEL", default=None, help="fine-tune: start from this model's weights (model folder or shipped name); its organs (matched by name in DATA's labels), network and preprocessing (spacing, intensity, SDM normalisation, k, window) are kept, and given options that contradict them are refused; the learning rate defaults to 5e-6, the loss mode, patch and flips to the model's")
     _show_defaults(train)
+
+    pack = commands.add_parser("pack", help="read a data folder into one compressed file that train accepts", description="Read, check and resample every case of DATA as train would, and write them into one .npz data pack (images stored compactly, label maps as they are), to train where the data folder or SimpleITK is not (e.g. a GPU server).")
+    pack.add_argument("data", help="data folder (as for train)")
+    pack.add_argument("--out", required=True, help="pack file to write (.npz)")
+    pack.add_argument("--spacing", type=_triple(float), default=None, help="resample to x,y,z mm (default: keep the data's spacing); train must use the same")
+    pack.add_argument("--intensity", type=_intensity, default=None, help="intensity normalisation as for train (default percentile); train must use the same")
+    pack.add_argument("--split", help="split JSON to store in the pack (train uses it unless given --split)")
+    pack.add_argument("--overwrite", action="store_true", help="replace an existing pack file")
     if given_only:
         for action in train._actions:
             if action.dest != "help":
@@ -324,17 +337,38 @@ def run_sdm(args: argparse.Namespace) -> int:
 
 
 #: ``train`` options (argparse dest) -> the TrainingConfig field they set, where the names differ.
-_CONFIG_FIELDS = {"patch": "patch_size", "lr": "learning_rate", "sdm_scale": "sdm_scale_mm", "no_flip": "flip", "split": "split_file", "name": "model_name"}
+_CONFIG_FIELDS = {"patch": "patch_size", "lr": "learning_rate", "time_budget": "time_budget_min", "sdm_scale": "sdm_scale_mm", "no_flip": "flip", "split": "split_file", "name": "model_name"}
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from .datapack import write_pack
+    from .preprocessing import DEFAULT_INTENSITY
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise SDMOrganSegError(f"{args.out} exists; give --overwrite to replace it, or another --out")
+
+    def show(done: int, total: int, name: str) -> None:
+        if sys.stderr.isatty():
+            print(f"\rpacking {done}/{total}: {name}   ", end="", file=sys.stderr, flush=True)
+
+    record = write_pack(args.data, args.out, args.intensity or dict(DEFAULT_INTENSITY), args.spacing, args.split, show)
+    size = Path(args.out).stat().st_size / 1e6
+    print(f"{'' if not sys.stderr.isatty() else chr(10)}wrote {args.out}: {len(record['cases'])} cases, {size:.1f} MB")
+    return 0
 
 
 def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .datapack import is_pack
     from .dataset import check_case_headers, find_cases
 
-    # Cases on mismatched grids are refused from their headers, before PyTorch is even loaded.
-    check_case_headers(find_cases(args.data))
+    if not is_pack(args.data):
+        # Cases on mismatched grids are refused from their headers, before PyTorch is even loaded.
+        check_case_headers(find_cases(args.data))
+    learning_rate = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 5e-4)
     fields = dict(
         data_dir=args.data, out_dir=args.out, preset=args.preset, mode=args.mode, epochs=args.epochs,
-        batch_size=args.batch_size, patch_size=args.patch, learning_rate=args.lr, lr_decay=args.lr_decay,
+        batch_size=args.batch_size, patch_size=args.patch, learning_rate=learning_rate, lr_decay=args.lr_decay,
+        optimizer=args.optimizer, lr_schedule=args.lr_schedule, precision=args.precision, augment=args.augment, time_budget_min=args.time_budget,
         lr_step=args.lr_step, sdm_weight=args.sdm_weight, validate_every=args.validate_every, seed=args.seed,
         split_file=args.split, spacing=args.spacing, flip=not args.no_flip, device=args.device,
         max_cases=args.max_cases, model_name=args.name or Path(args.data).resolve().name, threads=args.threads,
@@ -398,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_evaluate(args)
         if args.command == "sdm":
             return run_sdm(args)
+        if args.command == "pack":
+            return run_pack(args)
         return run_train(args, argv)
     except SDMOrganSegError as error:
         # End a progress line first, if one was started, so the error stays on a line of its own.

@@ -257,18 +257,11 @@ def _cache_key(case: CasePaths, settings: Mapping[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_case(
-    case: CasePaths,
-    label_values: Sequence[int],
-    intensity: Mapping[str, Any],
-    spacing: Sequence[float] | None = None,
-    sdm: Mapping[str, Any] | None = None,
-) -> PreparedCase:
-    """Read, check, resample, normalise a case and compute its ground-truth SDMs.
-
-    ``sdm`` holds the SDM normalisation, ``{"normalization": "paper" | "clip" | "tanh", "scale_mm": s}``
-    (default the paper's).
-    """
+def read_case_arrays(
+    case: CasePaths, label_values: Sequence[int], spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Read, check and resample a case: its image as float32 ``(z, y, x)`` (intensities as stored), its label
+    map (uint8, uint16 above 255 labels) and its spacing ``(x, y, z)`` mm."""
     image = read_image(case.image, "training image")
     check_volume(image, "training image", case.image)
     label_image = read_image(case.label, "label map")
@@ -287,9 +280,24 @@ def prepare_case(
         label_image.CopyInformation(read_image(case.label, "label map"))
         labels = sitk.GetArrayFromImage(resample_like(label_image, image, sitk.sitkNearestNeighbor))
     dtype = np.uint8 if max(label_values, default=0) < 256 else np.uint16
-    labels = labels.astype(dtype)
     actual_spacing = tuple(float(s) for s in image.GetSpacing())
-    normalised = normalize_intensity(sitk.GetArrayViewFromImage(image), intensity)
+    return sitk.GetArrayFromImage(image).astype(np.float32, copy=False), labels.astype(dtype), actual_spacing
+
+
+def prepare_case(
+    case: CasePaths,
+    label_values: Sequence[int],
+    intensity: Mapping[str, Any],
+    spacing: Sequence[float] | None = None,
+    sdm: Mapping[str, Any] | None = None,
+) -> PreparedCase:
+    """Read, check, resample, normalise a case and compute its ground-truth SDMs.
+
+    ``sdm`` holds the SDM normalisation, ``{"normalization": "paper" | "clip" | "tanh", "scale_mm": s}``
+    (default the paper's).
+    """
+    image, labels, actual_spacing = read_case_arrays(case, label_values, spacing)
+    normalised = normalize_intensity(image, intensity)
     sdm = dict(sdm or {})
     sdms = label_map_to_sdms(labels, label_values, actual_spacing, sdm.get("normalization", "paper"), float(sdm.get("scale_mm", 5.0)))
     return PreparedCase(case.name, normalised, labels, sdms, actual_spacing)

@@ -29,10 +29,13 @@ import torch
 
 from . import __version__, distributed
 from .dataset import PreparedCase, check_case_headers, find_cases, load_cases, make_split, read_annotations, read_label_names, read_split
+from .datapack import is_pack, read_pack, read_split_record
 from .errors import SDMOrganSegError
 from .finetuning import base_model_record, organs_for_data, refuse_contradictions
 from .files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device, tta_axes
+from .architecture import heads_for, split_heads
+from .augmentation import AUGMENTATIONS, augment_batch
 from .losses import DICE_REDUCTIONS, MODES, SDMSegmentationLoss, output_activation_for
 from .modelfiles import ModelCard, Organ, organs_from_labels, read_card, save_model, shipped_models
 from .network import UNet3D, preset
@@ -54,6 +57,11 @@ class TrainingConfig:
     learning_rate: float = 5e-4
     lr_decay: float = 0.8  #: multiplied into the learning rate every ``lr_step`` epochs
     lr_step: int = 25
+    lr_schedule: str = "step"  #: "step" (lr_decay every lr_step epochs) or "poly" (nnU-Net's (1 - epoch/epochs)^0.9)
+    optimizer: str = "adam"  #: "adam", or "sgd" (Nesterov momentum 0.99, weight decay 3e-5: nnU-Net's)
+    precision: str = "auto"  #: autocast of the network: "bf16", "fp16" (CUDA), "fp32", or "auto" (see resolve_precision)
+    augment: str = "basic"  #: "basic" (flips, intensity scale/shift) or "strong" (see augmentation.py)
+    time_budget_min: float | None = None  #: fix the epochs from the measured speed so training ends in this wall time
     sdm_weight: float = 10.0  #: lambda of Eq. 5
     heaviside_k: float = HEAVISIDE_K
     output_bias: str = "zero"  #: initial bias of the output layer: "zero" (PyTorch's default init) or "prior"; see prior_output_bias
@@ -86,7 +94,39 @@ class TrainingConfig:
 
 
 #: Initial biases of the output layer (``--output-bias``).
-OUTPUT_BIASES = ("zero", "prior")
+OUTPUT_BIASES = ("zero", "prior", "soft-prior")
+#: ``soft-prior``: the smallest organ fraction and the largest |mean SDM| the initial bias may encode.
+SOFT_PRIOR_FRACTION, SOFT_PRIOR_SDM = 0.05, 0.5
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("step", "poly")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast pays."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The autocast precision a run uses: ``auto`` is bf16 on a GPU that has it (fp16 on older ones) and on a
+    CPU with native bf16 (measured about 1.7-2x faster than float32 there, benchmarks/bench_training.py), and
+    float32 on other CPUs, where PyTorch emulates bf16 and it is slower. fp16 runs on CUDA only."""
+    if precision not in PRECISIONS:
+        raise SDMOrganSegError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision
+    if precision == "fp16":
+        raise SDMOrganSegError("--precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
+    if precision == "auto":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return precision
 
 
 def prior_output_bias(cases: Sequence[PreparedCase], mode: str) -> np.ndarray:
@@ -111,6 +151,29 @@ def prior_output_bias(cases: Sequence[PreparedCase], mode: str) -> np.ndarray:
         fractions = np.clip(fractions, 1e-4, 0.5)
         return np.log((1 - fractions) / fractions)
     return np.arctanh(np.clip(means, -0.95, 0.95))
+
+
+def initial_output_biases(cases: Sequence[PreparedCase], mode: str, kind: str) -> dict[str, np.ndarray]:
+    """Initial biases per output layer (``head``, and ``segmentation_head`` of dual models) for ``--output-bias``
+    ``prior`` or ``soft-prior``.
+
+    ``prior`` (:func:`prior_output_bias`) starts a 0.02 % organ at a probability of 0.0002, where the sigmoid's
+    slope is 0.0002: the Dice gradient reaching the logit is scaled by it, and the smallest CT organs
+    (esophagus, larynx) were never learnt. ``soft-prior`` floors the fraction at :data:`SOFT_PRIOR_FRACTION`
+    (slope 0.0475) and bounds the SDM head's start at tanh's slope 0.75 (|mean SDM| <= :data:`SOFT_PRIOR_SDM`):
+    the network still starts near "background", with gradients a rare organ can use.
+    """
+    soft = kind == "soft-prior"
+    biases = {}
+    if mode in ("dice", "dual"):
+        logit = prior_output_bias(cases, "dice")
+        if soft:
+            logit = np.minimum(logit, np.log((1 - SOFT_PRIOR_FRACTION) / SOFT_PRIOR_FRACTION))
+        biases["segmentation_head" if mode == "dual" else "head"] = logit
+    if mode != "dice":
+        sdm = prior_output_bias(cases, mode)
+        biases["head"] = np.clip(sdm, -np.arctanh(SOFT_PRIOR_SDM), np.arctanh(SOFT_PRIOR_SDM)) if soft else sdm
+    return biases
 
 
 def _patch_starts(
@@ -241,7 +304,7 @@ def evaluate_cases(
     for case in cases:
         # segment's default overlap, so that validation and card metrics are what users get.
         output = predict_array(network, case.image, device, window=window_zyx, overlap=0.25, mirror_axes=mirror_axes)
-        prediction = sdms_to_label_map(output, label_values)
+        prediction = sdms_to_label_map(split_heads(output, network.config)[1], label_values)
         if largest_component:
             from .postprocessing import keep_largest_component
 
@@ -362,7 +425,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 #: Settings that may change when a run is resumed: how long and where it runs, not what it learns.
-RESUMABLE_CHANGES = frozenset({"epochs", "device", "threads", "validate_every", "data_dir", "out_dir", "model_name"})
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "threads", "validate_every", "data_dir", "out_dir", "model_name", "precision", "time_budget_min"})
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -399,6 +462,14 @@ class Trainer:
             raise SDMOrganSegError(f"unknown Dice reduction {config.dice_reduction!r}; choose one of {', '.join(DICE_REDUCTIONS)}")
         if not 0 <= config.foreground_fraction <= 1:
             raise SDMOrganSegError("the foreground fraction must lie in [0, 1]")
+        for value, choices, what in (
+            (config.optimizer, OPTIMIZERS, "optimizer"), (config.lr_schedule, LR_SCHEDULES, "learning-rate schedule"),
+            (config.precision, PRECISIONS, "precision"), (config.augment, AUGMENTATIONS, "augmentation"),
+        ):
+            if value not in choices:
+                raise SDMOrganSegError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+        if config.time_budget_min is not None and not config.time_budget_min > 0:
+            raise SDMOrganSegError("the time budget must be a positive number of minutes")
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.say = progress or (lambda text: print(text, file=sys.stderr))
@@ -406,6 +477,8 @@ class Trainer:
         self.base = None  #: the model fine-tuning starts from (a modelfiles.LoadedModel), loaded by run()
 
     def _prepare(self) -> None:
+        if is_pack(self.config.data_dir):
+            return self._prepare_from_pack()
         config = self.config
         cases = find_cases(config.data_dir)
         check_case_headers(cases)
@@ -443,6 +516,44 @@ class Trainer:
             self.say(f"partial labels (annotations.json): {unannotated} organ channels of training cases are unknown and get no loss")
         self.say(f"{len(self.train_cases)} training and {len(self.validation_cases)} validation cases ready in {time.perf_counter() - tick:.1f} s")
         self.model_spacing = config.spacing or self.train_cases[0].spacing
+
+    def _prepare_from_pack(self) -> None:
+        """:meth:`_prepare` for a data pack (``sdmorganseg pack``): cases already resampled, SDMs computed here."""
+        config = self.config
+        pack = read_pack(config.data_dir)
+        if self.base is not None:
+            raise SDMOrganSegError("fine-tuning (--init) reads the data folder, not a pack; give the folder")
+        problems = pack.mismatches(config.intensity, config.spacing)
+        if problems:
+            raise SDMOrganSegError(f"the pack {config.data_dir} was made with other settings ({'; '.join(problems)}); pack the data again with this run's settings")
+        self.organs = organs_from_labels(pack.label_names)
+        split_path = self.out_dir / "split.json"
+        names = pack.case_names
+        if config.split_file:
+            split = read_split(config.split_file, names)
+        elif split_path.is_file():
+            split = read_split(split_path, names)
+        elif pack.split is not None:
+            split = read_split_record(pack.split, names, str(config.data_dir))
+        else:
+            split = make_split(names, config.validation_fraction, config.seed)
+        if not split_path.is_file():
+            write_text_atomic(split_path, json.dumps({**split, "seed": config.seed, "source": config.split_file or "pack"}, indent=1) + "\n")
+        self.split = split
+        train_names = split["train"][: config.max_cases] if config.max_cases else split["train"]
+        validation_names = split["validation"][: config.max_cases] if config.max_cases else split["validation"]
+        tick = time.perf_counter()
+        label_values = [o.label for o in self.organs]
+        self.train_cases = pack.prepared(train_names, label_values, self.sdm_settings(), np.float16)
+        self.validation_cases = pack.prepared(validation_names, label_values, self.sdm_settings())
+        self.partial_labels = pack.annotations is not None
+        if pack.annotations is not None:
+            organ_names = [o.name for o in self.organs]
+            for case in self.train_cases + self.validation_cases:
+                listed = pack.annotations.get(case.name, organ_names)
+                case.annotated = np.array([name in listed for name in organ_names], bool)
+        self.say(f"{len(self.train_cases)} training and {len(self.validation_cases)} validation cases from the pack ready in {time.perf_counter() - tick:.1f} s")
+        self.model_spacing = tuple(pack.spacing) if pack.spacing else self.train_cases[0].spacing
 
     def sdm_settings(self) -> dict[str, Any]:
         """The ground-truth SDM normalisation, as the dataset cache and the model card record it."""
@@ -490,6 +601,7 @@ class Trainer:
             "partial_labels": self.partial_labels,
             "torch": torch.__version__,
             "world_size": self.ranks.world_size,
+            **self._budget_record(epoch),
         }
         description = f"UNet3D ({config.preset} preset) trained with {config.mode} by SDMOrganSeg {__version__}"
         extent = self.training_extent_mm
@@ -515,6 +627,24 @@ class Trainer:
             metrics=metrics,
         )
 
+    def _budget_record(self, epoch: int) -> dict[str, Any]:
+        """What the training cost up to ``epoch``: precision, optimiser steps, training wall time (validation
+        excluded) and speed, and the machine, for the card."""
+        import platform
+
+        rows = [row for row in getattr(self, "log_rows", []) if int(row.get("epoch", 0)) <= epoch and row.get("epoch_s") not in (None, "")]
+        steps = epoch * math.ceil(len(self.train_cases) / self.config.batch_size)
+        seconds = float(sum(float(row["epoch_s"]) for row in rows))
+        device = getattr(self, "device", None)
+        if device is not None and device.type == "cuda":
+            machine = torch.cuda.get_device_name(device)
+        else:
+            machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        return {
+            "precision": getattr(self, "precision", None), "steps": steps, "training_time_s": round(seconds, 1),
+            "steps_per_s": round(steps / seconds, 3) if seconds else None, "machine": machine,
+        }
+
     def _validation_dice(self, device: torch.device, window: Sequence[int] | None) -> tuple[float, dict[str, float]]:
         """Mean validation Dice on whole volumes, and the log's ``val_mean_dice`` and ``val_dice_<organ>``."""
         results = evaluate_cases(self.network, self.validation_cases, self.organs, device, surface=False, window_zyx=window)
@@ -533,6 +663,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "log": json.dumps(log_rows),
             "config": json.dumps(self._config_record()),
+            "planned_epochs": self.planned_epochs,
         }
         with atomic_path(self.out_dir / "checkpoint.pt") as temporary:
             torch.save(state, temporary)
@@ -599,24 +730,37 @@ class Trainer:
         torch.manual_seed(config.seed)
         overrides = {k: getattr(config, k) for k in ("depth", "base_channels", "max_channels") if getattr(config, k) is not None}
         self.network = UNet3D(
-            preset(config.preset, 1, len(self.organs), output_activation=output_activation_for(config.mode), **overrides)
+            preset(config.preset, 1, len(self.organs), output_activation=output_activation_for(config.mode), heads=heads_for(config.mode), **overrides)
         ).to(device)
-        if config.output_bias == "prior" and self.base is None and state is None:
+        if config.output_bias != "zero" and self.base is None and state is None:
             with torch.no_grad():
-                self.network.head.bias.copy_(torch.as_tensor(prior_output_bias(self.train_cases, config.mode), dtype=torch.float32))
+                for layer, bias in initial_output_biases(self.train_cases, config.mode, config.output_bias).items():
+                    getattr(self.network, layer).bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
         if self.base is not None:
             if self.network.config != self.base.card.architecture:  # refuse_contradictions has said why already
                 raise SDMOrganSegError(f"the network of this run differs from that of model {self.base.card.name}; it cannot be fine-tuned")
             if state is None:
                 self.network.load_state_dict(self.base.network.state_dict())
         self.patch_size = tuple(config.patch_size) if config.patch_size else whole_volume_patch(self.train_cases, self.network.size_multiple)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_decay)
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.network.parameters(), lr=config.learning_rate, momentum=0.99, nesterov=True, weight_decay=3e-5)
+        else:
+            self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
+        self.planned_epochs = config.epochs
+        if config.lr_schedule == "poly":
+            # Per epoch, as nnU-Net: the factor for the epoch about to train; planned_epochs may be fixed later by the time budget.
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda done: max(1 - done / self.planned_epochs, 0.0) ** 0.9)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_decay)
         loss_function = SDMSegmentationLoss(config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction, config.ce_weight)
-        use_amp = device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        loss_function.float_parts = ranks.distributed  # the all-reduce takes numbers; otherwise parts stay tensors
+        self.precision = resolve_precision(config.precision, device)
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        augment_generator = torch.Generator()
 
         start_epoch, best, log_rows = 0, -1.0, []
+        self.log_rows, self.device = log_rows, device
         if state is not None:
             try:
                 self.network.load_state_dict(state["network"])
@@ -628,8 +772,11 @@ class Trainer:
                     "delete it to start over, or use another --out"
                 ) from None
             start_epoch, best, log_rows = state["epoch"], state["best_dice"], state["log"]
+            self.log_rows = log_rows
+            if config.time_budget_min and state.get("planned_epochs"):  # the length the budget fixed; otherwise --epochs (resumable)
+                self.planned_epochs = min(int(state["planned_epochs"]), config.epochs)
             self.say(f"resuming after epoch {start_epoch} (best validation Dice so far {best:.4f})")
-        if start_epoch >= config.epochs:
+        if start_epoch >= self.planned_epochs:
             self.say(f"already trained for {start_epoch} epochs")
             from .modelfiles import load_model
 
@@ -662,9 +809,12 @@ class Trainer:
             save_model(self.network, self._card({"validation_mean_dice": round(best, 5), "epoch": 0}, 0), self.out_dir / "best", overwrite=True)
             self.say(f"base model {self.base.card.name}: validation Dice {best:.4f} before fine-tuning")
         run_started, run_first_epoch = time.perf_counter(), start_epoch + 1
+        self.say(f"precision {self.precision} on {device.type}; optimizer {config.optimizer}, {config.lr_schedule} schedule, {config.augment} augmentation")
         from tqdm import tqdm
 
-        for epoch in range(start_epoch + 1, config.epochs + 1):
+        epoch = start_epoch
+        while epoch < self.planned_epochs:
+            epoch += 1
             self.network.train()
             learning_rate = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
             rng = np.random.default_rng([config.seed, epoch])
@@ -672,29 +822,38 @@ class Trainer:
             tick = time.perf_counter()
             data_time = 0.0
             # The bar only on a terminal: in a log file (nohup, batch jobs) the per-epoch lines say it all.
+            augment_generator.manual_seed(config.seed * 1_000_003 + epoch)
             bar = tqdm(
-                total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True,
+                total=steps_per_epoch, desc=f"epoch {epoch}/{self.planned_epochs}", leave=False, file=sys.stderr, dynamic_ncols=True,
                 disable=not sys.stderr.isatty() or not ranks.main,
             )
             batches = sampler.batches(config.batch_size, rng, ranks.shard)
             for step in range(steps_per_epoch):
                 data_tick = time.perf_counter()
                 images, target_sdm, target_mask, annotated = (t.to(device, non_blocking=True) for t in next(batches))
+                images, target_sdm, target_mask = augment_batch(
+                    images, target_sdm, target_mask, config.augment, self.model_spacing, augment_generator, config.sdm_normalization
+                )
                 data_time += time.perf_counter() - data_tick
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     prediction = model(images)
                 loss, parts = loss_function(prediction, target_sdm, target_mask, annotated if self.partial_labels else None)
-                values = {"loss": float(loss.detach()), **{f"loss_{k}": v for k, v in parts.items()}}
+                values = {"loss": loss.detach(), **{f"loss_{k}": v for k, v in parts.items()}}
                 if ranks.distributed:
                     total = min(config.batch_size, len(self.train_cases) - step * config.batch_size)
                     loss, values = distributed.global_batch_mean(ranks, loss, values, prediction, total)
                 self.optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if config.optimizer == "sgd":
+                    # nnU-Net clips the gradient norm at 12 with SGD: momentum 0.99 turns one outlier batch into many bad steps.
+                    scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0)
                 scaler.step(self.optimizer)
                 scaler.update()
                 for name, value in values.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}")
+                    sums[name] = sums.get(name, 0.0) + value  # tensors stay on the device: no wait for the GPU each step
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{float(sums['loss']) / (step + 1):.4f}")
                 bar.update()
             bar.close()
             self.scheduler.step()
@@ -703,10 +862,11 @@ class Trainer:
                 continue
             elapsed = time.perf_counter() - tick
             row: dict[str, Any] = {"epoch": epoch, "lr": learning_rate}
-            row.update({name: round(value / steps_per_epoch, 6) for name, value in sums.items()})
+            row.update({name: round(float(value) / steps_per_epoch, 6) for name, value in sums.items()})
             row.update({"epoch_s": round(elapsed, 3), "steps_per_s": round(steps_per_epoch / elapsed, 3), "data_share": round(data_time / elapsed, 4)})
             message = f"epoch {epoch}: loss {row['loss']:.4f}, {row['steps_per_s']:.2f} steps/s"
-            if epoch % config.validate_every == 0 or epoch == config.epochs:
+            log_rows.append(row)
+            if epoch % config.validate_every == 0 or epoch == self.planned_epochs:
                 mean_dice, fields = self._validation_dice(device, validation_window)
                 row.update(fields)
                 message += f", validation Dice {mean_dice:.4f}"
@@ -715,8 +875,17 @@ class Trainer:
                     save_model(self.network, self._card({"validation_mean_dice": round(mean_dice, 5), "epoch": epoch}, epoch), self.out_dir / "best", overwrite=True)
                     message += " (best)"
             per_epoch = (time.perf_counter() - run_started) / (epoch - run_first_epoch + 1)
-            row["eta_s"] = round(per_epoch * (config.epochs - epoch), 1)
-            log_rows.append(row)
+            if config.time_budget_min and "val_mean_dice" in row and self.planned_epochs == config.epochs and start_epoch == 0:
+                # The first validated epoch fixes the run's length from its speed (validation included), so
+                # that the schedule ends with the budget; the checkpoint keeps it for a resume.
+                fitted = max(epoch, min(config.epochs, int(config.time_budget_min * 60 / per_epoch)))
+                if fitted != self.planned_epochs:
+                    self.planned_epochs = fitted
+                    self.say(f"time budget {config.time_budget_min:g} min at {per_epoch:.2f} s an epoch: {fitted} epochs")
+            if config.time_budget_min and time.perf_counter() - run_started > config.time_budget_min * 60 * 1.1 and epoch < self.planned_epochs:
+                self.say(f"time budget {config.time_budget_min:g} min overrun by 10 %: stopping after epoch {epoch} of {self.planned_epochs}")
+                self.planned_epochs = epoch
+            row["eta_s"] = round(per_epoch * (self.planned_epochs - epoch), 1)
             _write_log(log_rows, self.out_dir / "log.csv")
             self._save_checkpoint(epoch, best, log_rows)
             if "val_mean_dice" in row:
@@ -724,7 +893,7 @@ class Trainer:
             self.say(f"{message}; ETA {_duration(row['eta_s'])} ({time.strftime('%H:%M', time.localtime(time.time() + row['eta_s']))})")
             distributed.barrier(ranks)
         if ranks.main:
-            save_model(self.network, self._card({}, config.epochs), self.out_dir / "last", overwrite=True)
+            save_model(self.network, self._card({}, self.planned_epochs), self.out_dir / "last", overwrite=True)
             if self.base is not None and read_card(self.out_dir / "best").metrics.get("epoch") == 0:
                 self.say(f"no fine-tuned epoch validated better than the base model: best/ holds its weights, last/ those of epoch {config.epochs}")
         return self.out_dir / "best"
@@ -738,11 +907,22 @@ def evaluate_model_on_split(
     honoured when the data folder has ``annotations.json``), with its card's window and, with ``tta``,
     mirroring along the axes it was trained flipped on."""
     card = model.card
-    cases = {c.name: c for c in find_cases(data_dir)}
     names = card.training["split"][split_name]
     sdm = card.training.get("sdm")
-    prepared = load_cases([cases[n] for n in names], card.label_values, card.intensity, card.spacing, cache_dir, sdm)
-    annotations = read_annotations(data_dir, card.organ_names, names)
+    if is_pack(data_dir):
+        pack = read_pack(data_dir)
+        trained_spacing = (card.training.get("config") or {}).get("spacing", card.spacing)  # None: the data's own
+        problems = pack.mismatches(card.intensity, trained_spacing)
+        if problems:
+            raise SDMOrganSegError(f"the pack {data_dir} was made with other settings than model {card.name} ({'; '.join(problems)})")
+        prepared = pack.prepared(names, card.label_values, sdm or {})
+        annotations = None if pack.annotations is None else {
+            n: np.array([o in pack.annotations.get(n, card.organ_names) for o in card.organ_names], bool) for n in names
+        }
+    else:
+        cases = {c.name: c for c in find_cases(data_dir)}
+        prepared = load_cases([cases[n] for n in names], card.label_values, card.intensity, card.spacing, cache_dir, sdm)
+        annotations = read_annotations(data_dir, card.organ_names, names)
     if annotations is not None:
         for case in prepared:
             case.annotated = annotations[case.name]

@@ -1,0 +1,273 @@
+"""The training recipe of issue 19/20: bf16 autocast, the dual-head mode, augmentation, optimiser and schedule,
+the time budget, the soft output prior, and data packs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+torch = pytest.importorskip("torch")
+
+from SDMOrganSegLib import training  # noqa: E402
+from SDMOrganSegLib.architecture import UNetConfig, split_heads  # noqa: E402
+from SDMOrganSegLib.augmentation import augment_batch, spatial_transform  # noqa: E402
+from SDMOrganSegLib.datapack import read_pack, write_pack  # noqa: E402
+from SDMOrganSegLib.dataset import PreparedCase  # noqa: E402
+from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
+from SDMOrganSegLib.losses import SDMSegmentationLoss  # noqa: E402
+from SDMOrganSegLib.network import UNet3D, preset  # noqa: E402
+from SDMOrganSegLib.sdm import label_map_to_sdms  # noqa: E402
+from SDMOrganSegLib.training import PatchSampler, Trainer, TrainingConfig, initial_output_biases, resolve_precision  # noqa: E402
+
+
+def _ball(shape, centre, radius):
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    return np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius
+
+
+# --- precision ------------------------------------------------------------------------------------------
+
+
+def test_bf16_loss_matches_float32_within_bf16_rounding():
+    torch.manual_seed(0)
+    network = UNet3D(preset("cpu", 1, 2, heads="dual"))
+    image = torch.randn(2, 1, 16, 16, 16)
+    mask = torch.zeros(2, 2, 16, 16, 16)
+    mask[:, 0, 4:10, 4:10, 4:10] = 1
+    mask[:, 1, 8:14, 2:8, 6:12] = 1
+    sdm = torch.where(mask > 0, -0.5, 0.5)
+    loss_function = SDMSegmentationLoss("dual", sdm_weight=1.0, ce_weight=1.0)
+    full, _ = loss_function(network(image), sdm, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prediction = network(image)
+    half, _ = loss_function(prediction, sdm, mask)
+    # bf16 keeps 8 significant bits: each rounding is within 2^-8 relative. Through a dozen layers of
+    # convolutions and group norms the errors add up, in the worst case, to a few 2^-8 of the loss's size;
+    # 8 x 2^-8 (3 %) bounds them, far below what a wrong dtype path (e.g. the loss in bf16 too) would give.
+    assert abs(float(half.detach()) - float(full.detach())) <= 8 * 2**-8 * abs(float(full.detach()))
+    assert prediction.dtype == torch.bfloat16 and half.dtype == torch.float32
+
+
+def test_precision_auto_falls_back_to_float32_on_a_cpu_without_bf16(monkeypatch):
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # emulated where the CPU lacks it: slower, not wrong
+    with pytest.raises(SDMOrganSegError, match="CUDA"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+# --- dual heads -----------------------------------------------------------------------------------------
+
+
+def test_dual_network_outputs_sdms_then_logits_and_both_heads_learn():
+    torch.manual_seed(1)
+    config = preset("cpu", 1, 3, heads="dual")
+    assert config.output_channels == 6 and UNetConfig.from_dict(config.to_dict()) == config
+    network = UNet3D(config)
+    output = network(torch.randn(1, 1, 16, 16, 16))
+    assert output.shape == (1, 6, 16, 16, 16)
+    assert output[:, :3].abs().max() <= 1  # tanh SDMs first
+    target_mask = (torch.rand(1, 3, 16, 16, 16) < 0.2).float()
+    target_sdm = torch.where(target_mask > 0, -0.3, 0.3)
+    loss, parts = SDMSegmentationLoss("dual", sdm_weight=1.0, ce_weight=1.0)(output, target_sdm, target_mask)
+    loss.backward()
+    assert set(parts) == {"l1", "product", "dice", "ce"}
+    assert network.head.weight.grad.abs().sum() > 0 and network.segmentation_head.weight.grad.abs().sum() > 0
+    # The SDM head's target is the normalised SDM: its L1 term is the mean |head - target| of the first channels.
+    expected_l1 = (output[:, :3] - target_sdm).abs().mean(dim=(2, 3, 4)).sum()
+    assert parts["l1"] == pytest.approx(float(expected_l1.detach()), rel=1e-5)
+    sdm, labels = split_heads(output[0].detach().numpy(), config)
+    assert sdm.shape[0] == labels.shape[0] == 3 and np.array_equal(labels, output[0, 3:].detach().numpy())
+
+
+def test_single_head_cards_without_the_field_stay_single():
+    record = preset("cpu", 1, 2).to_dict()
+    del record["heads"]
+    assert UNetConfig.from_dict(record).heads == "single"
+    with pytest.raises(ValueError, match="heads"):
+        UNetConfig(heads="triple")
+
+
+# --- augmentation ---------------------------------------------------------------------------------------
+
+
+def test_spatial_augmentation_moves_image_sdm_and_mask_together():
+    shape, spacing = (24, 32, 28), (1.0, 0.8, 2.0)  # (z, y, x) voxels; (x, y, z) mm, anisotropic on purpose
+    mask = _ball(shape, (10, 14, 16), 6) | _ball(shape, (12, 22, 8), 3)  # asymmetric
+    sdm = torch.from_numpy(label_map_to_sdms(mask.astype(np.uint8), [1], spacing, "clip", 10.0))[None]
+    image = torch.from_numpy(np.where(mask, 1.0, -1.0).astype(np.float32))[None, None]
+    masks = torch.from_numpy(mask.astype(np.float32))[None, None]
+    generator = torch.Generator().manual_seed(3)
+    import SDMOrganSegLib.augmentation as augmentation
+
+    moved = 0
+    for _ in range(20):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(augmentation, "P_ROTATION", 1.0)
+            patch.setattr(augmentation, "P_SCALE", 1.0)
+            out_image, out_sdm, out_mask = spatial_transform(image, sdm, masks, spacing, generator, "clip")
+        image_mask, sdm_mask, label_mask = out_image[0, 0] > 0, out_sdm[0, 0] < 0, out_mask[0, 0] > 0.5
+        moved += int((label_mask != torch.from_numpy(mask)).sum() > 50)
+        # Interpolation blurs the edge by at most one voxel, so the three can differ only on a one-voxel shell.
+        shell = torch.from_numpy(np.asarray(_edge(label_mask.numpy())))
+        assert ((image_mask != label_mask) & ~shell).sum() == 0
+        assert ((sdm_mask != label_mask) & ~shell).sum() == 0
+    assert moved >= 18  # the transform really moves the anatomy
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+
+
+def test_basic_augmentation_is_the_identity_and_strong_is_reproducible():
+    images, sdms, masks = torch.randn(2, 1, 8, 8, 8), torch.rand(2, 2, 8, 8, 8), torch.ones(2, 2, 8, 8, 8)
+    same = augment_batch(images, sdms, masks, "basic", (1, 1, 1), torch.Generator().manual_seed(0))
+    assert all(a is b for a, b in zip(same, (images, sdms, masks)))
+    first = augment_batch(images, sdms, masks, "strong", (1, 1, 1), torch.Generator().manual_seed(5))
+    second = augment_batch(images, sdms, masks, "strong", (1, 1, 1), torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# --- oversampling ---------------------------------------------------------------------------------------
+
+
+def test_foreground_oversampling_hits_each_organ_at_the_stated_rate():
+    shape = (20, 40, 40)
+    labels = np.zeros(shape, np.uint8)
+    labels[2:4, 2:4, 2:4] = 1  # a tiny organ in a corner
+    labels[10:18, 20:38, 20:38] = 2  # a large one
+    case = PreparedCase("c", np.zeros(shape, np.float32), labels, label_map_to_sdms(labels, [1, 2], (1, 1, 1)), (1.0, 1.0, 1.0))
+    sampler = PatchSampler([case], [1, 2], (8, 8, 8), flip=False, foreground_fraction=0.5)
+    rng = np.random.default_rng(0)
+    draws = 2000
+    hits = np.zeros(2)
+    for _ in range(draws):
+        _, _, masks, _ = next(sampler.batches(1, rng))
+        hits += masks[0].flatten(1).amax(1).numpy()
+    # Half the patches are centred on an organ drawn uniformly: each organ at least 25 % of the time. Random
+    # patches almost never hold the tiny organ (about 8 % of positions overlap it).
+    tiny_rate, binomial_sd = hits[0] / draws, np.sqrt(0.25 * 0.75 / draws)
+    assert tiny_rate >= 0.25 - 4 * binomial_sd and tiny_rate <= 0.25 + 0.1 + 4 * binomial_sd
+
+
+# --- optimiser, schedule, budget, prior ----------------------------------------------------------------
+
+
+def _tiny_data(folder, cases=4, rare=False):
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(cases):
+        labels = np.zeros((16, 24, 24), np.uint8)
+        labels[4:12, 6:16, 6:16] = 1
+        if rare:
+            labels[7:9, 18:20, 18:20] = 2  # 8 voxels of 9216: a rare, small organ
+        image = labels * 2.0 + rng.normal(0, 0.3, labels.shape)
+        for array, sub in ((image.astype(np.float32), "imagesTr"), (labels, "labelsTr")):
+            sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / sub / f"c{index}.nii.gz"))
+    names = {"1": "big"} | ({"2": "rare"} if rare else {})
+    (folder / "labels.json").write_text(json.dumps({"labels": names}))
+    return folder
+
+
+def test_poly_schedule_sgd_and_time_budget(tmp_path):
+    data = _tiny_data(tmp_path / "data")
+    config = TrainingConfig(
+        str(data), str(tmp_path / "run"), mode="dual", epochs=400, batch_size=2, patch_size=(16, 16, 16), optimizer="sgd",
+        learning_rate=0.01, lr_schedule="poly", validate_every=2, time_budget_min=0.02, device="cpu", threads=1, validation_fraction=0.5,
+    )
+    trainer = Trainer(config, progress=lambda text: None)
+    trainer.run()
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and trainer.optimizer.param_groups[0]["nesterov"]
+    rows = [json.loads(json.dumps(r)) for r in trainer.log_rows]
+    # The budget (1.2 s) fixed the run's length after the first validation, far below the 400 epochs asked.
+    assert 2 <= trainer.planned_epochs < 400 and len(rows) == trainer.planned_epochs
+    expected = [0.01 * (1 - (row["epoch"] - 1) / trainer.planned_epochs) ** 0.9 for row in rows[2:]]
+    np.testing.assert_allclose([row["lr"] for row in rows[2:]], expected, rtol=1e-9)
+    card = json.loads((tmp_path / "run" / "last" / "model.json").read_text())
+    assert card["architecture"]["heads"] == "dual" and card["training"]["precision"] in ("bf16", "fp32")
+    assert card["training"]["steps"] == trainer.planned_epochs * 1 and card["training"]["training_time_s"] > 0
+
+
+def test_soft_prior_keeps_a_usable_gradient_for_a_rare_organ(tmp_path):
+    labels = np.zeros((16, 24, 24), np.uint8)
+    labels[4:12, 6:16, 6:16] = 1
+    labels[7:9, 18:20, 18:20] = 2
+    cases = [PreparedCase("c", np.zeros(labels.shape, np.float32), labels, label_map_to_sdms(labels, [1, 2], (1, 1, 1), "clip", 5.0), (1.0, 1.0, 1.0))]
+    prior, soft = initial_output_biases(cases, "dual", "prior"), initial_output_biases(cases, "dual", "soft-prior")
+    fraction = 8 / labels.size
+    assert prior["segmentation_head"][1] == pytest.approx(np.log((1 - fraction) / fraction))
+    assert soft["segmentation_head"][1] == pytest.approx(np.log(0.95 / 0.05))
+    slope = lambda z: (1 / (1 + np.exp(-z))) * (1 - 1 / (1 + np.exp(-z)))  # noqa: E731  d sigmoid / d logit
+    # The gradient that reaches the rare organ's logit is scaled by the sigmoid's slope at the start.
+    assert slope(soft["segmentation_head"][1]) > 40 * slope(prior["segmentation_head"][1])
+    assert abs(np.tanh(soft["head"])).max() <= 0.5 + 1e-9
+
+
+# --- data packs -----------------------------------------------------------------------------------------
+
+
+def test_pack_round_trip_and_training_from_a_pack(tmp_path):
+    data = _tiny_data(tmp_path / "data")
+    pack_path = tmp_path / "data.npz"
+    intensity = {"method": "percentile", "lower": 0.5, "upper": 99.5}
+    write_pack(data, pack_path, intensity)
+    pack = read_pack(pack_path)
+    assert pack.case_names == ["c0", "c1", "c2", "c3"] and pack.label_names == {1: "big"}
+    from SDMOrganSegLib.dataset import find_cases, prepare_case
+
+    reference = prepare_case(find_cases(data)[0], [1], intensity, None, {"normalization": "clip", "scale_mm": 5.0})
+    (packed,) = pack.prepared(["c0"], [1], {"normalization": "clip", "scale_mm": 5.0})
+    step = (reference.image.max() - reference.image.min()) / 255
+    assert np.abs(packed.image - reference.image).max() <= step / 2 + 1e-6  # 256 levels: half a step of rounding
+    assert np.array_equal(packed.labels, reference.labels) and np.array_equal(packed.sdms, reference.sdms)
+    run = tmp_path / "run"
+    Trainer(TrainingConfig(str(pack_path), str(run), epochs=1, batch_size=2, patch_size=(16, 16, 16), device="cpu", threads=1, validation_fraction=0.5), progress=lambda t: None).run()
+    assert (run / "best" / "model.json").is_file()
+    with pytest.raises(SDMOrganSegError, match="other settings"):
+        Trainer(TrainingConfig(str(pack_path), str(tmp_path / "r2"), epochs=1, spacing=(2.0, 2.0, 2.0), device="cpu"), progress=lambda t: None).run()
+    (tmp_path / "bad.npz").write_bytes(b"not a pack")
+    with pytest.raises(SDMOrganSegError, match="not a data pack"):
+        read_pack(tmp_path / "bad.npz")
+
+
+# --- a dual model end to end ----------------------------------------------------------------------------
+
+
+def test_a_saved_dual_model_reproduces_its_card_through_segment(tmp_path):
+    from conftest import HIPPOCAMPUS
+
+    from SDMOrganSegLib.inference import segment_image
+    from SDMOrganSegLib.metrics import organ_metrics
+    from SDMOrganSegLib.modelfiles import load_model
+    from SDMOrganSegLib.training import finalize_best_model
+
+    run = tmp_path / "run"
+    config = TrainingConfig(
+        str(HIPPOCAMPUS), str(run), mode="dual", epochs=4, batch_size=2, validate_every=2, device="cpu", threads=1,
+        sdm_normalization="clip", sdm_scale_mm=5.0, sdm_weight=1.0, ce_weight=1.0, dice_reduction="batch", validation_fraction=0.5,
+        learning_rate=2e-3,
+    )
+    Trainer(config, progress=lambda text: None).run()
+    finalize_best_model(run, HIPPOCAMPUS, "cpu")
+    model = load_model(run / "best")
+    assert model.card.architecture.heads == "dual"
+    metrics = model.card.metrics
+    for index, case in enumerate(metrics["case_names"]):
+        image = sitk.ReadImage(str(HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz"))
+        reference = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz")))).astype(int)
+        result = segment_image(image, model, "cpu")
+        assert any("dual-head model" in note for note in result.notes)
+        prediction = sitk.GetArrayFromImage(result.labels)
+        for organ in model.card.organs:
+            dice = organ_metrics(prediction == organ.label, reference == organ.label, image.GetSpacing()).dice
+            assert dice == pytest.approx(metrics["per_case"][organ.name]["dice"][index], abs=0.01)
+            # The SDM outputs are the SDM head's: tanh values, not the segmentation logits.
+            assert np.abs(sitk.GetArrayFromImage(result.sdms[organ.name])).max() <= 1.0
