@@ -224,6 +224,12 @@ def run_segment(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(file=sys.stderr)
+    if dicom_formats:
+        from .dicomout import empty_organs_note
+
+        note = empty_organs_note(result.labels, model.card.organs, [DICOM_FILES[f] for f in dicom_formats])
+        if note:
+            result.notes.append(note)
     files = write_result(
         result, out, volume_format, args.levels, args.overwrite,
         extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)},

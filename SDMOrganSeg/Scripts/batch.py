@@ -237,8 +237,12 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
                 result.metrics = evaluate_images(computed.labels, reference_image, {o.label: o.name for o in organs})
             files = {f"{case}.seg.nrrd": lambda target: headless.save_node(outputs.segmentation, target, overwrite=True)}
             if series is not None:
-                from SDMOrganSegLib.dicomout import WRITERS
+                from SDMOrganSegLib.dicomout import WRITERS, empty_organs_note
 
+                note = empty_organs_note(computed.labels, organs, [DICOM_FILES[f] for f in dicom_formats])
+                if note:
+                    computed.notes.append(note)
+                    result.notes.append(note)
                 for fmt in dicom_formats:
                     files[DICOM_FILES[fmt]] = functools.partial(WRITERS[fmt], computed.labels, organs, series, model_name=computed.model_name)
             if reference is not None:
