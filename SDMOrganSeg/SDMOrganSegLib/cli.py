@@ -115,6 +115,7 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
     segment.add_argument("--memory-gb", type=float, default=None, help="memory budget in GB: above it the volume is processed in tiles, or refused if even tiles don't fit (default: $SDMORGANSEG_MEMORY_GB, else 80%% of the available RAM)")
     segment.add_argument("--quiet", action="store_true", help="no progress output")
+    segment.add_argument("--force", action="store_true", help="segment an image that is not of the model's modality (e.g. an MR given to a CT model), which is otherwise refused before the network runs")
 
     evaluate = commands.add_parser("evaluate", help="Dice, HD, HD95, ASD of a label map against a reference", description="Compare label map PRED with REF per organ: Dice, Hausdorff, HD95 and average symmetric surface distance in mm.")
     evaluate.add_argument("pred", help="predicted label map")
@@ -220,7 +221,7 @@ def run_segment(args: argparse.Namespace) -> int:
     result = segment_image(
         image, model, args.device, window=args.window, overlap=args.overlap,
         progress=None if args.quiet else _print_progress, memory_gb=args.memory_gb, tta=args.tta,
-        largest_component=args.largest_component,
+        largest_component=args.largest_component, force=args.force,
     )
     if not args.quiet:
         print(file=sys.stderr)

@@ -93,11 +93,12 @@ def compute_outputs(
     *,
     tta: bool | None = None,
     largest_component: bool = False,
+    force: bool = False,
 ) -> ComputedOutputs:
     """Segment ``image`` with a model folder and contour the SDMs; no MRML involved.
 
-    ``fraction`` is the part of the progress range this step reports into; ``tta`` and ``largest_component``
-    are :func:`SDMOrganSegLib.inference.segment_image`'s.
+    ``fraction`` is the part of the progress range this step reports into; ``tta``, ``largest_component``
+    and ``force`` are :func:`SDMOrganSegLib.inference.segment_image`'s.
     """
     check_cancel(cancel)  # before importing PyTorch, which takes seconds
     from .inference import segment_image  # torch: imported only when a run starts
@@ -114,7 +115,7 @@ def compute_outputs(
     def network_progress(part: float, message: str) -> None:
         report(low + (high - low) * 0.02 + (high - low) * 0.86 * part, message)
 
-    result = segment_image(image, model, device, progress=network_progress, cancel=cancel, tta=tta, largest_component=largest_component)
+    result = segment_image(image, model, device, progress=network_progress, cancel=cancel, tta=tta, largest_component=largest_component, force=force)
     surfaces: dict[str, dict[float, vtk.vtkPolyData]] = {}
     tick = time.perf_counter()
     for index, organ in enumerate(result.organs):
@@ -224,6 +225,7 @@ class SDMSegmentationLogic:
         *,
         tta: bool | None = None,
         largest_component: bool = False,
+        force: bool = False,
     ) -> OutputNodes:
         """Segment a volume node and add the outputs to the scene (all or nothing).
 
@@ -235,12 +237,13 @@ class SDMSegmentationLogic:
             show2D, show3D: show the contours in slice views / the surfaces in 3D views.
             progress: called with (fraction, message).
             cancel: ``threading.Event`` or callable; when set the run stops and leaves no nodes.
-            tta, largest_component: see :func:`SDMOrganSegLib.inference.segment_image`.
+            tta, largest_component, force: see :func:`SDMOrganSegLib.inference.segment_image`.
         """
         levels = as_levels(levels)
         image = volume_node_to_sitk(volumeNode)
         computed = compute_outputs(
-            image, model_dir, device, levels, progress, cancel, fraction=(0.0, 0.9), tta=tta, largest_component=largest_component
+            image, model_dir, device, levels, progress, cancel, fraction=(0.0, 0.9), tta=tta, largest_component=largest_component,
+            force=force,
         )
         return self.create_nodes(volumeNode, computed, show2D, show3D, progress, cancel)
 
@@ -425,11 +428,13 @@ class BackgroundRun(BackgroundProcess):
         python: str | None = None,
         env: Mapping[str, str] | None = None,
         workdir: str | Path | None = None,
+        force: bool = False,
     ) -> None:
         self.levels = as_levels(levels)
         self.model_dir = str(model_dir) if model_dir is not None else None
         self.device = device
-        super().__init__({"model_dir": self.model_dir, "device": device, "levels": list(self.levels)}, python, env, workdir)
+        request = {"model_dir": self.model_dir, "device": device, "levels": list(self.levels), "force": bool(force)}
+        super().__init__(request, python, env, workdir)
         self._image = image
 
     def _write_inputs(self, folder: Path) -> None:
@@ -497,6 +502,7 @@ def run_job(folder: Path, request: Mapping[str, Any], report: Report, cancel: Ca
     image = sitk.ReadImage(str(folder / _INPUT))
     computed = compute_outputs(
         image, request.get("model_dir"), request.get("device", "auto"), request.get("levels", DEFAULT_LEVELS), report, cancel,
+        force=bool(request.get("force", False)),
     )
     check_cancel(cancel)
     return _write_outputs(computed, folder)

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="mirroring test-time augmentation (twice the network time); default: as the model card says")
     parser.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each organ in the label map")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--force", action="store_true", help="segment cases that are not of the model's modality (e.g. an MR given to a CT model), which are otherwise failed before the network runs")
     parser.add_argument("--pictures", action="store_true",
                         help="also save <case>.png (slices with the outlines, SDM levels, reference and Dice) and overview.png (all cases, worst Dice first)")
     return parser
@@ -225,7 +226,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
     try:
         outputs = logic.segment_volume(
             volume, context["model_dir"], context["device"], context["levels"], show2D=False, show3D=False,
-            tta=args.tta, largest_component=args.largest_component,
+            tta=args.tta, largest_component=args.largest_component, force=args.force,
         )
         try:
             computed = outputs.computed
