@@ -115,6 +115,7 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
     segment.add_argument("--memory-gb", type=float, default=None, help="memory budget in GB: above it the volume is processed in tiles, or refused if even tiles don't fit (default: $SDMORGANSEG_MEMORY_GB, else 80%% of the available RAM)")
     segment.add_argument("--quiet", action="store_true", help="no progress output")
+    segment.add_argument("--pictures", action="store_true", help="also write <case>.png: axial, coronal and sagittal slices through the organs with their outlines and SDM levels, as batch.py --pictures draws them")
     segment.add_argument("--force", action="store_true", help="segment an image that is not of the model's modality (e.g. an MR given to a CT model), which is otherwise refused before the network runs")
 
     evaluate = commands.add_parser("evaluate", help="Dice, HD, HD95, ASD of a label map against a reference", description="Compare label map PRED with REF per organ: Dice, Hausdorff, HD95 and average symmetric surface distance in mm.")
@@ -214,8 +215,15 @@ def run_segment(args: argparse.Namespace) -> int:
     from .outputs import DICOM_FILES, output_names, write_result
 
     out = Path(args.out)
+    picture = None
+    if args.pictures:
+        from .files import safe_name
+        from .imageio import case_name
+
+        picture = f"{safe_name(case_name(Path(args.image)))}.png"
     # Refuse before any work rather than after minutes of inference.
-    for name in output_names(model.card.organ_names, args.levels, volume_format) + [DICOM_FILES[f] for f in dicom_formats]:
+    extra_names = [DICOM_FILES[f] for f in dicom_formats] + ([picture] if picture else [])
+    for name in output_names(model.card.organ_names, args.levels, volume_format) + extra_names:
         check_writable(inside(out, name), args.overwrite)
     started = time.perf_counter()
     result = segment_image(
@@ -231,13 +239,21 @@ def run_segment(args: argparse.Namespace) -> int:
         note = empty_organs_note(result.labels, model.card.organs, [DICOM_FILES[f] for f in dicom_formats])
         if note:
             result.notes.append(note)
+    extra_files = {
+        DICOM_FILES[f]: functools.partial(WRITERS[f], result.labels, model.card.organs, series, model_name=model.card.name)
+        for f in dicom_formats
+    }
+    if picture:
+        from .pictures import case_picture, display_window
+
+        extra_files[picture] = lambda target: case_picture(
+            target, picture[:-4], image, result.labels, result.sdms, model.card.organs, args.levels,
+            f"{picture[:-4]}, model {model.card.name}", window=display_window(model.card),
+        )
     files = write_result(
         result, out, volume_format, args.levels, args.overwrite,
         extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)},
-        extra_files={
-            DICOM_FILES[f]: functools.partial(WRITERS[f], result.labels, model.card.organs, series, model_name=model.card.name)
-            for f in dicom_formats
-        },
+        extra_files=extra_files,
     )
     for note in result.notes:
         print(note if note.startswith("warning: ") else f"note: {note}", file=sys.stderr)

@@ -107,3 +107,22 @@ def test_ct_pictures_use_the_card_window_or_soft_tissue():
     fat, muscle = grey[200, 150, 0], grey[200, 250, 0]
     # Linear grey scale over the window: -100 HU -> 0.15, 50 HU -> 0.525 (x 255, with bilinear smoothing).
     assert abs(fat - 0.15 * 255) <= 3 and abs(muscle - 0.525 * 255) <= 3
+
+
+def test_segment_writes_the_same_picture_with_pictures(tiny_model_dir, tmp_path):
+    import json
+
+    from conftest import HIPPOCAMPUS
+    from test_segment_evaluate import run_cli
+
+    image = HIPPOCAMPUS / "imagesTr" / "hippocampus_003.nii.gz"
+    out = tmp_path / "out"
+    done = run_cli("segment", str(image), "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--quiet", "--pictures")
+    assert done.returncode == 0, done.stderr
+    picture = out / "hippocampus_003.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "hippocampus_003.png" in json.loads((out / "summary.json").read_text())["outputs"]
+    from matplotlib.image import imread
+
+    pixels = imread(str(picture))
+    assert pixels.shape[1] == 1350 and pixels.shape[0] > 400  # 13.5 inches at 100 dpi, three views side by side
