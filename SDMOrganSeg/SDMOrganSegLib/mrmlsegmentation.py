@@ -24,7 +24,7 @@ from .contours import DEFAULT_LEVELS, iso_surfaces, level_color, level_tag, lps_
 from .errors import CancelCheck, ProgressCallback, SDMOrganSegError, check_cancel
 from .files import safe_name
 from .mrmlscene import (
-    ijk_to_ras_matrix, image_data_from_sitk, put_in_folder, removed_on_failure, reporter, slicer_module, unique_folder_name,
+    image_data_from_sitk, put_in_folder, removed_on_failure, reporter, sitk_ijk_to_ras, slicer_module, unique_folder_name,
     volume_node_to_sitk, vtk_matrix,
 )
 from .terminology import slicer_terminology_entry
@@ -261,7 +261,9 @@ class SDMSegmentationLogic:
         if volumeNode is None or not scene.IsNodePresent(volumeNode):
             raise SDMOrganSegError("the input volume was removed from the scene while it was being segmented; nothing was added")
         report = reporter(progress)
-        ijk_to_ras = ijk_to_ras_matrix(volumeNode)
+        # The outputs' own geometry: their image data start at index 0, while the input's extent may not
+        # (volume_node_to_sitk moved the origin to its first voxel), so the input's matrix would shift them.
+        ijk_to_ras = sitk_ijk_to_ras(computed.labels)
         if computed.labels.GetSize() != volumeNode.GetImageData().GetDimensions():
             raise SDMOrganSegError("the input volume changed while it was being segmented; run the segmentation again")
         with removed_on_failure(scene) as items:
@@ -352,7 +354,7 @@ class SDMSegmentationLogic:
         slicer = slicer_module()
         scene = self.scene
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
-        node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))  # the input volume's matrix, exactly
+        node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))  # the output image's geometry (the input's voxels)
         node.SetAndObserveImageData(image_data_from_sitk(sdm, np.float32))
         display = slicer.vtkMRMLScalarVolumeDisplayNode()
         scene.AddNode(display)

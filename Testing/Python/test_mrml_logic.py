@@ -397,6 +397,9 @@ def test_metrics_of_a_reference_against_itself_without_pytorch(session):
         assert (row["Dice"], row["HD (mm)"], row["HD95 (mm)"], row["ASD (mm)"]) == (1.0, 0.0, 0.0, 0.0)
     assert table.GetUseColumnTitleAsColumnHeader()
     assert table.GetColumnUnitLabel("HD95 (mm)") == "mm"
+    # Slicer shows "<title> [<unit>]": each unit once ("HD [mm]", not "HD (mm) [mm]").
+    shown = [table.GetColumnTitle(n) + (f" [{table.GetColumnUnitLabel(n)}]" if table.GetColumnUnitLabel(n) else "") for n in mrmllogic.METRICS_COLUMNS[1:]]
+    assert shown == ["Dice", "HD [mm]", "HD95 [mm]", "ASD [mm]"]
     for node in (table, first, second):
         scene.RemoveNode(node)
 
@@ -501,3 +504,37 @@ def test_slicer_storage_nodes_read_the_written_files(tmp_path):
     assert loaded.shape == written.shape and np.allclose(loaded, written * np.array([-1, -1, 1]), atol=1e-4)
     scene.RemoveNode(model)
     scene.RemoveNode(storage)
+
+
+def test_outputs_sit_on_the_input_voxels_when_its_extent_does_not_start_at_zero(session, models):
+    """A volume whose image data extent starts at (3, 2, 1) (a cropped volume, as Crop Volume leaves it): the
+    first output voxel is the input's voxel (3, 2, 1), not its voxel (0, 0, 0)."""
+    loaded = headless.load_volume(HIPPOCAMPUS)
+    image_data = vtk.vtkImageData()
+    image_data.DeepCopy(loaded.GetImageData())
+    nx, ny, nz = image_data.GetDimensions()
+    start = (3, 2, 1)
+    image_data.SetExtent(start[0], start[0] + nx - 1, start[1], start[1] + ny - 1, start[2], start[2] + nz - 1)
+    volume = session.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "shifted extent")
+    matrix = vtk.vtkMatrix4x4()
+    loaded.GetIJKToRASMatrix(matrix)
+    volume.SetIJKToRASMatrix(matrix)
+    volume.SetAndObserveImageData(image_data)
+    outputs = mrmllogic.SDMSegmentationLogic(session.scene).segment_volume(volume, models["hippocampus"], "cpu", "0")
+    first_input_voxel = _matrix(volume) @ np.array([*start, 1.0])
+    for node in outputs.sdm_volumes.values():
+        assert node.GetImageData().GetExtent()[0::2] == (0, 0, 0)
+        np.testing.assert_allclose(_matrix(node) @ np.array([0.0, 0, 0, 1]), first_input_voxel, atol=1e-6)
+        np.testing.assert_allclose(_matrix(node)[:3, :3], _matrix(volume)[:3, :3], atol=1e-9)
+    labelmap = outputs.segmentation.GetSegmentation().GetNthSegment(0).GetRepresentation("Binary labelmap")
+    world = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(world)
+    origin = np.array([[world.GetElement(r, c) for c in range(4)] for r in range(4)]) @ np.array([0.0, 0, 0, 1])
+    np.testing.assert_allclose(origin, first_input_voxel, atol=1e-6)
+    # Same voxels as the unshifted volume's run: the geometry moved nothing.
+    reference = mrmllogic.SDMSegmentationLogic(session.scene).segment_volume(loaded, models["hippocampus"], "cpu", "0")
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(outputs.computed.labels), sitk.GetArrayViewFromImage(reference.computed.labels))
+    for item in (outputs, reference):
+        mrmllogic.SDMSegmentationLogic(session.scene).remove_outputs(item)
+    session.scene.RemoveNode(volume)
+    session.scene.RemoveNode(loaded)
