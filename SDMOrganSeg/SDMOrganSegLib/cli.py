@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import shlex
 import signal
 import sys
@@ -180,13 +181,30 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-_progress_shown = False
+_progress_shown = False  #: a progress line is open on the terminal (not yet ended by a newline)
+_last_plain: tuple[int, str] | None = None  #: (tens of percent, stage) of the last plain progress line
 
 
 def _print_progress(fraction: float, message: str) -> None:
+    """One line redrawn in place on a terminal; in a log file (not a terminal) plain lines, one when the
+    stage changes or every 10 %, so that the file holds no carriage returns and no thousand tile lines."""
+    global _progress_shown, _last_plain
+    percent = int(fraction * 100)
+    if sys.stderr.isatty():
+        _progress_shown = True
+        print(f"\r[{percent:3d}%] {message:60s}", end="", file=sys.stderr, flush=True)
+        return
+    key = (percent // 10, re.sub(r"\d+", "#", message))
+    if _last_plain is None or key[1] != _last_plain[1] or key[0] > _last_plain[0]:
+        _last_plain = key
+        print(f"[{percent:3d}%] {message}", file=sys.stderr, flush=True)
+
+
+def _end_progress_line() -> None:
     global _progress_shown
-    _progress_shown = True
-    print(f"\r[{int(fraction * 100):3d}%] {message:60s}", end="", file=sys.stderr, flush=True)
+    if _progress_shown:
+        print(file=sys.stderr)
+        _progress_shown = False
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -231,8 +249,7 @@ def run_segment(args: argparse.Namespace) -> int:
         progress=None if args.quiet else _print_progress, memory_gb=args.memory_gb, tta=args.tta,
         largest_component=args.largest_component, force=args.force,
     )
-    if not args.quiet:
-        print(file=sys.stderr)
+    _end_progress_line()
     if dicom_formats:
         from .dicomout import empty_organs_note
 
@@ -425,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SDMOrganSegError as error:
         # End a progress line first, if one was started, so the error stays on a line of its own.
         if not getattr(error, "reported", False):  # under torchrun, a failure of another rank that rank prints
-            print(f"\nsdmorganseg: error: {error}" if _progress_shown else f"sdmorganseg: error: {error}", file=sys.stderr)
+            _end_progress_line()
+            print(f"sdmorganseg: error: {error}", file=sys.stderr)
         distributed.record_failure(f"sdmorganseg: error: {error}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
