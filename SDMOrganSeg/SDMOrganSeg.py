@@ -36,7 +36,7 @@ from slicer.util import VTKObservationMixin
 
 # Only the dependency-free part of the library is imported here: Slicer imports every module at start-up.
 from SDMOrganSegLib import dependencies, modelfiles  # package checks and model folders, without PyTorch
-from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError
+from SDMOrganSegLib.errors import CancelledError, InputMismatchError, SDMOrganSegError
 from SDMOrganSegLib.modelfiles import CARD_FILE as MODEL_CARD_FILE, DEFAULT_MODEL
 
 #: File names of a model folder (see SDMOrganSegLib.modelfiles); read here without importing PyTorch.
@@ -224,6 +224,9 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: Optional[SDMOrganSegParameterNode] = None
         self._parameterNodeGuiTag = None
         self._run = None  # mrmllogic.BackgroundRun while a segmentation runs
+        #: True from a click on Apply, Train or Compute until the run has started (packages may be installed
+        #: meanwhile, and pip's output loop processes events: a second click must find the buttons disabled).
+        self._starting = False
         self._runVolume = None
         self._lastOutputs = None
         self._loadedModelFolders: list[str] = []
@@ -280,6 +283,8 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.stopBackgroundProcesses()
         self.removeObservers()
+        # A reloaded module must not leave its predecessor's slot connected to the application.
+        slicer.app.disconnect("aboutToQuit()", self.stopBackgroundProcesses)
 
     def stopBackgroundProcesses(self) -> None:
         """Kill the segmentation and training workers and the GPU probe, each with every process it started
@@ -476,7 +481,18 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- segmentation ---
 
+    def _setStarting(self, starting: bool) -> None:
+        """While a run is being started (packages installed, inputs written): Apply, Train and Compute disabled."""
+        self._starting = starting
+        if starting:
+            for button in (self.ui.applyButton, self.ui.trainButton, self.ui.computeMetricsButton):
+                button.enabled = False
+        else:
+            self._updateButtons()
+
     def _updateButtons(self) -> None:
+        if self._starting:
+            return  # _setStarting(False) updates them
         if self._run is not None:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene")
@@ -508,10 +524,19 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
             return
         pn = self._parameterNode
-        self._run = self._startInBackground(
-            self.ui.statusLabel, _("Starting..."), "segmentation",
-            lambda: self.logic.startSegmentation(pn.inputVolume, self._currentModel(), pn.device.value, pn.levels),
-        )
+        volume, model, device, levels = pn.inputVolume, self._currentModel(), pn.device.value, pn.levels
+
+        def start():
+            try:
+                return self.logic.startSegmentation(volume, model, device, levels)
+            except InputMismatchError as error:  # checked before the worker starts: minutes saved
+                question = _("{reason}.\n\nSegment this volume with this model anyway?").format(reason=error.reason[:1].upper() + error.reason[1:])
+                if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("SDM Organ Segmentation")):
+                    self.ui.statusLabel.text = _("Not segmented: {reason}.").format(reason=error.reason)
+                    return None
+                return self.logic.startSegmentation(volume, model, device, levels, force=True)
+
+        self._run = self._startInBackground(self.ui.statusLabel, _("Starting..."), "segmentation", start)
         if self._run is None:
             return
         self._runVolume = pn.inputVolume
@@ -523,6 +548,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _startInBackground(self, statusLabel, starting: str, what: str, start):
         """Install the missing packages (after asking), then ``start()`` a background run and return it; None,
         with the reason in ``statusLabel`` (and a message box for errors), when it did not start."""
+        self._setStarting(True)
         try:
             if not self._ensureDependencies():
                 statusLabel.text = _("The required Python packages are not installed; nothing was done.")
@@ -535,6 +561,8 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:  # a bug: full details in the log, a plain sentence for the user
             logging.exception("SDMOrganSeg could not start the %s", what)
             self._showError(_("Unexpected error: {error} (details in the Python console)").format(error=error), statusLabel)
+        finally:
+            self._setStarting(False)
         return None
 
     def _onPollRun(self) -> None:
@@ -643,6 +671,8 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return problems
 
     def _updateTrainButton(self) -> None:
+        if self._starting:
+            return
         button = self.ui.trainButton
         if self._trainingRun is not None:
             button.text = _("Cancel training")
@@ -778,6 +808,7 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onComputeMetrics(self) -> None:
         pn = self._parameterNode
+        self._setStarting(True)
         try:
             if not self._ensureDependencies(forMetricsOnly=True):
                 return
@@ -790,6 +821,8 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("SDMOrganSeg could not compute the metrics")
             self._showError(_("Unexpected error: {error} (details in the Python console)").format(error=error))
             return
+        finally:
+            self._setStarting(False)
         pn.metricsTable = table
         self.ui.statusLabel.text = _("Metrics computed: table '{name}'.").format(name=table.GetName())
 
@@ -887,6 +920,10 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
         self.installedPackages, self.installNotes = [], []
         required = [dependencies.TORCH] if not forMetricsOnly else []
         required += [r for r in dependencies.REQUIRED if not forMetricsOnly or r.module in dependencies.FOR_METRICS]
+        # A package this Slicer has imported cannot be replaced under it (as TotalSegmentator refuses too).
+        loaded = [message for message in map(dependencies.loaded_too_old, required) if message]
+        if loaded:
+            raise SDMOrganSegError(loaded[0])
         unmetRequired = dependencies.unmet(required)
         # Optional packages are offered once per session: one without a wheel for this platform would
         # otherwise be asked for again at every run.
@@ -971,14 +1008,24 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
             volumeNode, modelDir, device, levels, show2D, show3D, progress, cancel
         )
 
-    def startSegmentation(self, volumeNode, model: str, device: str, levels: str):
-        """Start a segmentation in a background process; returns a ``mrmllogic.BackgroundRun`` to poll."""
+    def startSegmentation(self, volumeNode, model: str, device: str, levels: str, force: bool = False):
+        """Start a segmentation in a background process; returns a ``mrmllogic.BackgroundRun`` to poll.
+
+        An image of another modality than the model's is refused here, before the worker starts, with
+        :class:`InputMismatchError` (whose ``reason`` the panel puts to the user), unless ``force``."""
         lib = _lib()
         modelDir = self.resolveModel(model)
         image = lib.volume_node_to_sitk(volumeNode)
+        if not force:
+            from SDMOrganSegLib.plausibility import modality_mismatch
+
+            card = modelfiles.read_card(modelDir)
+            reason = modality_mismatch(image, card.modality, card.field_of_view)
+            if reason:
+                raise InputMismatchError(reason + _("; or segment it anyway"), reason=reason)
         run = lib.BackgroundRun(
             image, modelDir, device, levels, python=lib.python_executable(), env=slicer.util.startupEnvironment(),
-            workdir=slicer.app.temporaryPath,
+            workdir=slicer.app.temporaryPath, force=force,
         )
         run.start()
         return run

@@ -8,7 +8,9 @@ frees all GPU memory when it ends, and a cancel that the worker does not honour 
 a long epoch) can kill it. The worker runs in a process group of its own (:func:`start_process`), and
 killing it kills the group: in Slicer the process started is CTK's launcher and the worker its child.
 :meth:`BackgroundProcess.cleanup` (the module calls it when it is closed and when Slicer quits) does the
-same, and so does this Python's exit for runs not cleaned up.
+same, and so does this Python's exit for runs not cleaned up. A crashed Slicer runs none of that: the
+request names the caller's process id and the worker watches it (:func:`watch_parent`), ending itself
+within seconds of the caller's death, so no orphan keeps the GPU busy.
 
 Protocol, all files in a private temporary folder: the caller writes ``request.json`` (``{"job": name,
 ...}``) and whatever inputs the job needs; the worker (:func:`worker_main`) runs the job's ``run_job``
@@ -30,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -40,6 +43,10 @@ from .errors import CancelledError, SDMOrganSegError
 RESULT, PROGRESS, CANCEL, REQUEST, LOG = "result.json", "progress.json", "cancel", "request.json", "worker.log"
 #: Seconds a cancelled worker gets to stop by itself before it is killed.
 CANCEL_GRACE_S = 5.0
+#: How often the worker checks that the process that started it is still alive.
+PARENT_CHECK_S = 2.0
+#: The worker's exit status when it ends itself because its caller is gone.
+EXIT_ORPHANED = 3
 #: Job name -> library module whose ``run_job(folder, request, report, cancel)`` the worker runs; it returns
 #: a JSON-able description of its outputs for ``result.json``.
 JOBS = {"segment": "mrmlsegmentation", "train": "mrmltraining"}
@@ -124,7 +131,7 @@ class BackgroundProcess:
         self, request: Mapping[str, Any], python: str | None = None, env: Mapping[str, str] | None = None,
         workdir: str | Path | None = None,
     ) -> None:
-        self.request = {"job": self.job, **request}
+        self.request = {"job": self.job, "parent_pid": os.getpid(), **request}
         self.python = python or sys.executable
         self.env = dict(env) if env is not None else None
         self._parent_dir = workdir
@@ -237,6 +244,41 @@ class BackgroundProcess:
             self.workdir = None
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (without signalling it: ``os.kill(pid, 0)`` would end it on Windows)."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == 0x00000102  # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)  # POSIX: signal 0 only checks
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def watch_parent(pid: int, on_gone: Callable[[], None], interval: float = PARENT_CHECK_S) -> threading.Thread:
+    """Call ``on_gone()`` (from a daemon thread) once process ``pid`` no longer exists."""
+
+    def watch() -> None:
+        while process_alive(pid):
+            time.sleep(interval)
+        on_gone()
+
+    thread = threading.Thread(target=watch, name="sdmorganseg-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def worker_main(argv: Sequence[str]) -> int:
     """Entry point of the background process: ``worker_main([workdir])``; see :class:`BackgroundProcess`."""
     folder = Path(argv[0])
@@ -254,6 +296,8 @@ def worker_main(argv: Sequence[str]) -> int:
 
     try:
         request = read_json(folder / REQUEST) or {}
+        if request.get("parent_pid"):  # the caller crashed: end at once, as cleanup() would have ended us
+            watch_parent(int(request["parent_pid"]), lambda: os._exit(EXIT_ORPHANED))
         job = JOBS.get(str(request.get("job")))
         if job is None:
             raise SDMOrganSegError(f"unknown background job {request.get('job')!r}; choose one of {', '.join(JOBS)}")

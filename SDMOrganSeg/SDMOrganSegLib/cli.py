@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import shlex
 import signal
 import sys
@@ -115,6 +116,8 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
     segment.add_argument("--memory-gb", type=float, default=None, help="memory budget in GB: above it the volume is processed in tiles, or refused if even tiles don't fit (default: $SDMORGANSEG_MEMORY_GB, else 80%% of the available RAM)")
     segment.add_argument("--quiet", action="store_true", help="no progress output")
+    segment.add_argument("--pictures", action="store_true", help="also write <case>.png: axial, coronal and sagittal slices through the organs with their outlines and SDM levels, as batch.py --pictures draws them")
+    segment.add_argument("--force", action="store_true", help="segment an image that is not of the model's modality (e.g. an MR given to a CT model), which is otherwise refused before the network runs")
 
     evaluate = commands.add_parser("evaluate", help="Dice, HD, HD95, ASD of a label map against a reference", description="Compare label map PRED with REF per organ: Dice, Hausdorff, HD95 and average symmetric surface distance in mm.")
     evaluate.add_argument("pred", help="predicted label map")
@@ -191,13 +194,30 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-_progress_shown = False
+_progress_shown = False  #: a progress line is open on the terminal (not yet ended by a newline)
+_last_plain: tuple[int, str] | None = None  #: (tens of percent, stage) of the last plain progress line
 
 
 def _print_progress(fraction: float, message: str) -> None:
+    """One line redrawn in place on a terminal; in a log file (not a terminal) plain lines, one when the
+    stage changes or every 10 %, so that the file holds no carriage returns and no thousand tile lines."""
+    global _progress_shown, _last_plain
+    percent = int(fraction * 100)
+    if sys.stderr.isatty():
+        _progress_shown = True
+        print(f"\r[{percent:3d}%] {message:60s}", end="", file=sys.stderr, flush=True)
+        return
+    key = (percent // 10, re.sub(r"\d+", "#", message))
+    if _last_plain is None or key[1] != _last_plain[1] or key[0] > _last_plain[0]:
+        _last_plain = key
+        print(f"[{percent:3d}%] {message}", file=sys.stderr, flush=True)
+
+
+def _end_progress_line() -> None:
     global _progress_shown
-    _progress_shown = True
-    print(f"\r[{int(fraction * 100):3d}%] {message:60s}", end="", file=sys.stderr, flush=True)
+    if _progress_shown:
+        print(file=sys.stderr)
+        _progress_shown = False
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -226,24 +246,44 @@ def run_segment(args: argparse.Namespace) -> int:
     from .outputs import DICOM_FILES, output_names, write_result
 
     out = Path(args.out)
+    picture = None
+    if args.pictures:
+        from .files import safe_name
+        from .imageio import case_name
+
+        picture = f"{safe_name(case_name(Path(args.image)))}.png"
     # Refuse before any work rather than after minutes of inference.
-    for name in output_names(model.card.organ_names, args.levels, volume_format) + [DICOM_FILES[f] for f in dicom_formats]:
+    extra_names = [DICOM_FILES[f] for f in dicom_formats] + ([picture] if picture else [])
+    for name in output_names(model.card.organ_names, args.levels, volume_format) + extra_names:
         check_writable(inside(out, name), args.overwrite)
     started = time.perf_counter()
     result = segment_image(
         image, model, args.device, window=args.window, overlap=args.overlap,
         progress=None if args.quiet else _print_progress, memory_gb=args.memory_gb, tta=args.tta,
-        largest_component=args.largest_component,
+        largest_component=args.largest_component, force=args.force,
     )
-    if not args.quiet:
-        print(file=sys.stderr)
+    _end_progress_line()
+    if dicom_formats:
+        from .dicomout import empty_organs_note
+
+        note = empty_organs_note(result.labels, model.card.organs, [DICOM_FILES[f] for f in dicom_formats])
+        if note:
+            result.notes.append(note)
+    extra_files = {
+        DICOM_FILES[f]: functools.partial(WRITERS[f], result.labels, model.card.organs, series, model_name=model.card.name)
+        for f in dicom_formats
+    }
+    if picture:
+        from .pictures import case_picture, display_window
+
+        extra_files[picture] = lambda target: case_picture(
+            target, picture[:-4], image, result.labels, result.sdms, model.card.organs, args.levels,
+            f"{picture[:-4]}, model {model.card.name}", window=display_window(model.card),
+        )
     files = write_result(
         result, out, volume_format, args.levels, args.overwrite,
         extra_summary={"input": str(args.image), "model_folder": str(model.directory), "command_s": round(time.perf_counter() - started, 3)},
-        extra_files={
-            DICOM_FILES[f]: functools.partial(WRITERS[f], result.labels, model.card.organs, series, model_name=model.card.name)
-            for f in dicom_formats
-        },
+        extra_files=extra_files,
     )
     for note in result.notes:
         print(note if note.startswith("warning: ") else f"note: {note}", file=sys.stderr)
@@ -438,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SDMOrganSegError as error:
         # End a progress line first, if one was started, so the error stays on a line of its own.
         if not getattr(error, "reported", False):  # under torchrun, a failure of another rank that rank prints
-            print(f"\nsdmorganseg: error: {error}" if _progress_shown else f"sdmorganseg: error: {error}", file=sys.stderr)
+            _end_progress_line()
+            print(f"sdmorganseg: error: {error}", file=sys.stderr)
         distributed.record_failure(f"sdmorganseg: error: {error}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import re
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -73,6 +74,22 @@ def unmet(requirements: Iterable[Requirement]) -> list[tuple[Requirement, str]]:
     """(requirement, problem) for each requirement the installed packages do not meet."""
     found = [(requirement, problem(requirement)) for requirement in requirements]
     return [(requirement, reason) for requirement, reason in found if reason is not None]
+
+
+def loaded_too_old(requirement: Requirement) -> str | None:
+    """A one-line refusal when this process has imported the package and it is too old: pip would replace
+    its files under the running code (and on Windows fail on the locked ones); only a restart loads the new
+    version. None otherwise."""
+    if requirement.module not in sys.modules:
+        return None
+    reason = problem(requirement)
+    if not reason or reason == "not installed":
+        return None
+    return (
+        f"{requirement.distribution} {installed_version(requirement)} is loaded in this Slicer session and is older than the "
+        f"{requirement.minimum} needed; it cannot be upgraded while loaded: restart Slicer and run again: the "
+        "upgrade is then offered before anything loads it"
+    )
 
 
 def describe(found: Sequence[tuple[Requirement, str]]) -> str:

@@ -6,16 +6,25 @@ and referencing every slice they lie on by its SOP Instance UID.
   stacks them (:func:`SDMOrganSegLib.imageio.dicom_series_files`); :func:`read_series` checks that each
   file's Image Position (Patient) is where the volume puts slice ``k``.
 * Segments and ROIs carry the organ's name and colour, and its terminology codes: the model card's
-  ``terminology`` (``{"category": [code, scheme, meaning], "type": [...]}``) when it has one, else the
-  SNOMED CT concept of that name in pydicom's code dictionary ("spinal cord", "liver"; a leading or trailing
-  side such as "left" or "anterior" is dropped to find it) under the category "Anatomical Structure", else
-  the generic "Tissue" (SCT 85756007) for both.
-* SEG: BINARY segments, one per organ in card order (segment number = position, not the label value),
-  empty frames left out; reading it back with highdicom gives the label map voxel for voxel.
-* RTSTRUCT: per organ and slice, the outlines of the mask traced by contourpy at level 0.5, i.e. through
-  the midpoints between inside and outside voxel centres, as CLOSED_PLANAR contours in patient (LPS) mm
-  computed from that slice's own position, orientation and pixel spacing. Holes are contours inside
-  contours (the even-odd rule reads them back); collinear points are dropped.
+  ``terminology`` (``{"category": [code, scheme, meaning], "type": [...], "modifier": [...]}``) when it has
+  one, else the SNOMED CT concept of that name in pydicom's code dictionary ("spinal cord", "liver"; a
+  leading or trailing side such as "left" or "anterior" is dropped to find it, and "left"/"right" becomes
+  the laterality modifier) under the category "Anatomical Structure", else the generic "Tissue" (SCT
+  85756007) for both.
+* Laterality (the card's ``modifier``, e.g. SCT 24028007 "Right") goes where each standard has a place for
+  it: in SEG, the Segmented Property Type Modifier Code Sequence inside the segment's Segmented Property
+  Type Code Sequence item (PS3.3 C.8.20.2); in RTSTRUCT, the same sequence inside the RT ROI Identification
+  Code Sequence item of the ROI's observation (PS3.3 C.8.8.8), beside the Segmented Property Category Code
+  Sequence of that observation.
+* Organs without a voxel are left out of both (:func:`empty_organs`; the callers say so in the notes): an
+  ROI without contours is an empty structure to a planning system, and rt-utils cannot read it.
+* SEG: BINARY segments, one per organ found, in card order (segment number = position among them, not the
+  label value), empty frames left out; reading it back with highdicom gives the label map voxel for voxel.
+* RTSTRUCT: the input's Frame of Reference module (UID and Position Reference Indicator) and, per organ and
+  slice, the outlines of the mask traced by contourpy at level 0.5, i.e. through the midpoints between
+  inside and outside voxel centres, as CLOSED_PLANAR contours in patient (LPS) mm computed from that
+  slice's own position, orientation and pixel spacing. Holes are contours inside contours (the even-odd
+  rule reads them back); collinear points are dropped.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ SEG_SERIES_NUMBER, RTSTRUCT_SERIES_NUMBER = 901, 902
 GENERIC_CATEGORY = ("85756007", "SCT", "Tissue")
 GENERIC_TYPE = ("85756007", "SCT", "Tissue")
 ANATOMICAL_STRUCTURE = ("91723000", "SCT", "Anatomical Structure")
+#: Laterality modifiers (DICOM CID 244) for an organ whose name starts or ends with the side.
+_SIDES = {"right": ("24028007", "SCT", "Right"), "r": ("24028007", "SCT", "Right"), "left": ("7771000", "SCT", "Left"), "l": ("7771000", "SCT", "Left")}
 _QUALIFIERS = {"left", "right", "l", "r", "anterior", "posterior", "superior", "inferior", "upper", "lower", "middle", "lobe"}
 #: Largest distance (mm) allowed between a file's Image Position (Patient) and where the volume puts its slice.
 _POSITION_TOLERANCE_MM = 0.01
@@ -76,16 +87,28 @@ def _keyword_index() -> dict[str, str]:
 def terminology(organ: Organ) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
     """``(category, type)``, each ``(code value, scheme designator, meaning)``: the card's, else SNOMED CT's
     concept of the organ's name (see the module docstring), else the generic "Tissue"."""
+    return terminology_codes(organ)[:2]  # type: ignore[return-value]
+
+
+def modifier(organ: Organ) -> tuple[str, str, str] | None:
+    """The organ's type modifier (laterality): the card's, else the side its name starts or ends with."""
+    return terminology_codes(organ)[2]
+
+
+def terminology_codes(organ: Organ) -> tuple[tuple[str, str, str], tuple[str, str, str], tuple[str, str, str] | None]:
+    """``(category, type, modifier or None)``, as :func:`terminology` and :func:`modifier`."""
     given = organ.terminology or {}
     if given.get("category") and given.get("type"):
         category, kind = (tuple(str(v) for v in given[key]) for key in ("category", "type"))
-        if len(category) == 3 and len(kind) == 3:
-            return category, kind  # type: ignore[return-value]
+        side = tuple(str(v) for v in given["modifier"]) if given.get("modifier") else None
+        if len(category) == 3 and len(kind) == 3 and (side is None or len(side) == 3):
+            return category, kind, side  # type: ignore[return-value]
         raise SDMOrganSegError(f"the terminology of {organ.name} in the model card must be [code, scheme, meaning] lists")
     from pydicom.sr.codedict import codes
 
     index = _keyword_index()
     words = [w for w in re.split(r"[^a-z0-9]+", organ.name.lower()) if w]
+    side = next((_SIDES[w] for w in (words[:1] + words[-1:]) if w in _SIDES), None) if len(words) > 1 else None
     candidates = [words]
     core = list(words)
     while core and core[0] in _QUALIFIERS:
@@ -97,8 +120,31 @@ def terminology(organ: Organ) -> tuple[tuple[str, str, str], tuple[str, str, str
         keyword = index.get("".join(candidate))
         if keyword:
             code = getattr(codes.SCT, keyword)
-            return ANATOMICAL_STRUCTURE, (str(code.value), str(code.scheme_designator), str(code.meaning))
-    return GENERIC_CATEGORY, GENERIC_TYPE
+            return ANATOMICAL_STRUCTURE, (str(code.value), str(code.scheme_designator), str(code.meaning)), side
+    return GENERIC_CATEGORY, GENERIC_TYPE, None
+
+
+def empty_organs(labels: sitk.Image, organs: Sequence[Organ]) -> list[Organ]:
+    """The organs with no voxel in ``labels``: left out of seg.dcm and rtstruct.dcm."""
+    present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
+    return [organ for organ in organs if organ.label not in present]
+
+
+def empty_organs_note(labels: sitk.Image, organs: Sequence[Organ], files: Sequence[str]) -> str | None:
+    """The note for the organs a DICOM output leaves out (None when every organ was found)."""
+    missing = empty_organs(labels, organs)
+    if not missing or not files:
+        return None
+    return (f"no voxel of {', '.join(o.name for o in missing)}: left out of {' and '.join(files)} "
+            "(a structure without contours would import as an empty structure)")
+
+
+def _present_organs(labels: sitk.Image, organs: Sequence[Organ], what: str) -> list[Organ]:
+    missing = {organ.label for organ in empty_organs(labels, organs)}
+    present = [organ for organ in organs if organ.label not in missing]
+    if not present:
+        raise SDMOrganSegError(f"no organ was found in this image, so {what} would be empty; check the input and the model (see the notes)")
+    return present
 
 
 def _rgb255(color: Sequence[float]) -> list[int]:
@@ -110,6 +156,7 @@ def write_dicom_seg(labels: sitk.Image, organs: Sequence[Organ], series: Sequenc
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    organs = _present_organs(labels, organs, "the DICOM Segmentation")
     array = sitk.GetArrayViewFromImage(labels)
     numbers = np.zeros(array.shape, np.uint8 if len(organs) < 256 else np.uint16)
     descriptions = []
@@ -118,8 +165,8 @@ def write_dicom_seg(labels: sitk.Image, organs: Sequence[Organ], series: Sequenc
     )
     for number, organ in enumerate(organs, start=1):
         numbers[array == organ.label] = number
-        category, kind = terminology(organ)
-        descriptions.append(hd.seg.SegmentDescription(
+        category, kind, side = terminology_codes(organ)
+        description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=organ.name[:64],
             segmented_property_category=hd.sr.CodedConcept(*category),
@@ -129,7 +176,10 @@ def write_dicom_seg(labels: sitk.Image, organs: Sequence[Organ], series: Sequenc
             tracking_uid=hd.UID(),
             tracking_id=organ.name[:64],
             display_color=hd.color.CIELabColor.from_rgb(*_rgb255(organ.color)),
-        ))
+        )
+        if side:  # highdicom has no argument for it: the standard's place, inside the type's item
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept(*side)]
+        descriptions.append(description)
     try:
         segmentation = _segmentation(hd, series, numbers, descriptions, model_name)
     except (ValueError, AttributeError) as error:  # highdicom's checks of the source series
@@ -201,7 +251,10 @@ def write_rtstruct(labels: sitk.Image, organs: Sequence[Organ], series: Sequence
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
                     "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription"):
         setattr(ds, keyword, getattr(first, keyword, ""))
-    # RT series and equipment; the frame of reference is the input's, referred to below.
+    # Frame of Reference module: the input's (dciodvfy requires it in an RT Structure Set).
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = getattr(first, "PositionReferenceIndicator", "")
+    # RT series and equipment.
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID, ds.SeriesNumber = generate_uid(), RTSTRUCT_SERIES_NUMBER
     ds.SeriesDescription = f"{MANUFACTURER} {model_name}"[:64]
@@ -225,6 +278,7 @@ def write_rtstruct(labels: sitk.Image, organs: Sequence[Organ], series: Sequence
     frame.RTReferencedStudySequence = DicomSequence([referenced_study])
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
 
+    organs = _present_organs(labels, organs, "the RT Structure Set")
     array = sitk.GetArrayViewFromImage(labels)
     rois, contours, observations = [], [], []
     for number, organ in enumerate(organs, start=1):
@@ -238,17 +292,18 @@ def write_rtstruct(labels: sitk.Image, organs: Sequence[Organ], series: Sequence
         contour = Dataset()
         contour.ReferencedROINumber = number
         contour.ROIDisplayColor = _rgb255(organ.color)
-        items = _slice_contours(array == organ.label, series, images)
-        if items:
-            contour.ContourSequence = DicomSequence(items)
+        contour.ContourSequence = DicomSequence(_slice_contours(array == organ.label, series, images))
         contours.append(contour)
         observation = Dataset()
         observation.ObservationNumber = number
         observation.ReferencedROINumber = number
         observation.RTROIInterpretedType = "ORGAN"
         observation.ROIInterpreter = ""
-        code = Dataset()
-        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = terminology(organ)[1]
+        category, kind, side = terminology_codes(organ)
+        observation.SegmentedPropertyCategoryCodeSequence = DicomSequence([_code(category)])
+        code = _code(kind)
+        if side:
+            code.SegmentedPropertyTypeModifierCodeSequence = DicomSequence([_code(side)])
         observation.RTROIIdentificationCodeSequence = DicomSequence([code])
         observations.append(observation)
     ds.StructureSetROISequence = DicomSequence(rois)
@@ -256,6 +311,14 @@ def write_rtstruct(labels: sitk.Image, organs: Sequence[Organ], series: Sequence
     ds.RTROIObservationsSequence = DicomSequence(observations)
     ds.ApprovalStatus = "UNAPPROVED"
     ds.save_as(str(path), enforce_file_format=True)
+
+
+def _code(triplet: Sequence[str]) -> Any:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = triplet
+    return item
 
 
 def _reference(dataset: Any) -> Any:

@@ -18,6 +18,16 @@ class SDMOrganSegError(Exception):
     """
 
 
+class InputMismatchError(SDMOrganSegError):
+    """The input is not the kind of image the model was trained on (an MR given to a CT model): refused before
+    the network runs, unless the run is forced (``--force``; the Slicer panel asks). ``reason`` is the
+    mismatch alone, without the command-line advice."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
 class CancelledError(SDMOrganSegError):
     """The user asked to stop; whatever the run had made is discarded."""
 

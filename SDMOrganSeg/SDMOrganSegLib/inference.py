@@ -23,12 +23,12 @@ import SimpleITK as sitk
 import torch
 
 from . import distributed
-from .errors import CancelCheck, ProgressCallback, SDMOrganSegError, check_cancel
+from .errors import CancelCheck, InputMismatchError, ProgressCallback, SDMOrganSegError, check_cancel
 from .files import available_memory_bytes, worker_threads
 from .imageio import check_volume, image_from_array
 from .architecture import split_heads
 from .modelfiles import LoadedModel, ModelCard, Organ
-from .plausibility import input_warnings, volume_warnings
+from .plausibility import input_warnings, modality_mismatch, volume_warnings
 from .postprocessing import keep_largest_component
 from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing, resampled_size
 from .sdm import sdms_to_label_map
@@ -405,6 +405,7 @@ def segment_image(
     memory_gb: float | None = None,
     tta: bool | None = None,
     largest_component: bool = False,
+    force: bool = False,
 ) -> SegmentationResult:
     """Segment ``image`` with ``model``.
 
@@ -426,6 +427,8 @@ def segment_image(
             trained with flips); None: the card's ``inference["tta"]`` (off when the card does not say).
         largest_component: keep only each organ's largest connected component in the label map
             (:func:`SDMOrganSegLib.postprocessing.keep_largest_component`); the SDMs stay as predicted.
+        force: segment an image of another modality than the card's anyway (a warning in the notes);
+            without it such an image is refused with :class:`InputMismatchError` before any work.
 
     Returns:
         a :class:`SegmentationResult` on the input's exact grid.
@@ -437,6 +440,9 @@ def segment_image(
     started = time.perf_counter()
     report = progress or (lambda fraction, message: None)
 
+    mismatch = modality_mismatch(image, card.modality, card.field_of_view)
+    if mismatch and not force:  # before the device, the memory plan and minutes of network time
+        raise InputMismatchError(f"{mismatch}; or segment it anyway with --force", reason=mismatch)
     chosen = resolve_device(device)
     notes.extend(input_warnings(image, card.modality, card.field_of_view, card.input_extent_mm))
     if card.architecture.output_activation == "none" and card.architecture.heads != "dual":

@@ -141,8 +141,12 @@ def _fill_metrics_table(table: Any, rows: Sequence[tuple[str, Any]]) -> None:
         table.SetUseColumnTitleAsColumnHeader(True)
     else:
         table.SetUseColumnNameAsColumnHeader(True)
-    for title in METRICS_COLUMNS[1:]:
-        table.SetColumnUnitLabel(title, "mm" if "mm" in title else "")
+    # The header Slicer shows is the title followed by " [unit]": titles without the unit ("HD [mm]", not
+    # "HD (mm) [mm]"); the column names (and so the CSV header) keep it.
+    for name in METRICS_COLUMNS[1:]:
+        unit = "mm" if name.endswith(" (mm)") else ""
+        table.SetColumnTitle(name, name[: -len(" (mm)")] if unit else name)
+        table.SetColumnUnitLabel(name, unit)
     table.Modified()
 
 

@@ -2,10 +2,19 @@
 
 Case picture (:func:`case_picture`): axial, coronal and sagittal slices through the centre of the organs,
 in radiological convention (patient right on the left of axial and coronal views), with orientation letters
-on every edge and each slice's position in mm. Per organ, in its colour: the segmentation outline (thick),
-the SDM iso-contours of the nonzero levels (thin, same hue; the 0 level is the outline itself) and, when a
-reference is given, the reference outline (dashed). The title gives each organ's Dice, the legend the organs
-and the line styles.
+on every edge and each slice's position in mm. Per organ, in its colour (the model card's, which the Slicer
+segmentation uses too): the segmentation as a light fill with a thick outline, the SDM iso-contours of the
+nonzero levels (thin, same colour; the 0 level is the outline itself) and, when a reference is given, the
+reference outline (dashed). The title gives each organ's Dice, the legend the organs and the line styles.
+
+Grey levels: a CT is shown in a fixed window in Hounsfield units (:func:`display_window`: the model card's
+intensity window, else the soft-tissue window W400/L40), so that the same tissue looks the same in every
+case; other images from their 1st to 99th percentile.
+
+The image and every line share one coordinate system: column ``c`` and row ``r`` of a slice are drawn at
+``x = c, y = r`` whatever the orientation of the axes (``imshow`` places pixel centres there, and the
+contours get those coordinates explicitly; ``contour(..., origin="upper")`` would instead flip the rows,
+which mirrored the axial outlines front to back).
 
 Overview (:func:`overview_picture`): a grid of axial thumbnails, one per case, sorted by the case's worst
 organ Dice (lowest first), so that a reviewer sees the failures first.
@@ -27,6 +36,10 @@ _VIEWS = (("axial", 0, ("R", "L", "A", "P")), ("coronal", 1, ("R", "L", "S", "I"
 #: Letters of increasing LPS x, y, z, and of decreasing.
 _POSITIVE, _NEGATIVE = ("L", "P", "S"), ("R", "A", "I")
 OUTLINE_WIDTH, LEVEL_WIDTH, REFERENCE_WIDTH = 2.2, 0.8, 1.6
+#: Opacity of the organ fill: the anatomy under it stays visible.
+FILL_ALPHA = 0.28
+#: The usual soft-tissue window (width 400 HU, level 40 HU), for a CT model whose card has no window.
+SOFT_TISSUE_HU = (-160.0, 240.0)
 
 
 @dataclass
@@ -52,6 +65,18 @@ def _window(volume: np.ndarray) -> tuple[float, float]:
     return float(low), float(high if high > low else low + 1)
 
 
+def display_window(card: Any) -> tuple[float, float] | None:
+    """Grey-level window (low, high) for pictures of a model's inputs: the card's intensity window
+    (``{"method": "window", "low": ..., "high": ...}``) when it has one, the soft-tissue window for another
+    CT model, and None (each image's 1st-99th percentile) for MR and unknown modalities."""
+    intensity = getattr(card, "intensity", None) or {}
+    if intensity.get("method") == "window":
+        return float(intensity["low"]), float(intensity["high"])
+    if getattr(card, "modality", None) == "CT":
+        return SOFT_TISSUE_HU
+    return None
+
+
 def _position(value: float, axis: int) -> str:
     """A coordinate along LPS axis ``axis`` as "12.0 mm S" / "3.5 mm R"."""
     letter = _POSITIVE[axis] if value >= 0 else _NEGATIVE[axis]
@@ -61,7 +86,10 @@ def _position(value: float, axis: int) -> str:
 class _Slices:
     """The volumes of one case reoriented to LPS, and the slices through a chosen centre."""
 
-    def __init__(self, image: sitk.Image, labels: sitk.Image, sdms: Mapping[str, sitk.Image], reference: sitk.Image | None) -> None:
+    def __init__(
+        self, image: sitk.Image, labels: sitk.Image, sdms: Mapping[str, sitk.Image], reference: sitk.Image | None,
+        window: tuple[float, float] | None = None,
+    ) -> None:
         oriented = _lps(image)
         self.spacing = oriented.GetSpacing()  # x, y, z
         self.volume = sitk.GetArrayFromImage(oriented).astype(np.float32)
@@ -73,7 +101,7 @@ class _Slices:
             found = np.argwhere(self.reference > 0)
         self.centre = found.mean(axis=0).round().astype(int) if found.size else np.array(self.volume.shape) // 2
         self.point = oriented.TransformIndexToPhysicalPoint([int(i) for i in self.centre[::-1]])  # LPS mm
-        self.window = _window(self.volume)
+        self.window = tuple(window) if window is not None else _window(self.volume)
 
     def cut(self, array: np.ndarray, axis: int) -> np.ndarray:
         index = [slice(None)] * 3
@@ -91,23 +119,32 @@ class _Slices:
         return {0: sy / sx, 1: sz / sx, 2: sz / sy}[axis]
 
     def draw(self, axes: Any, axis: int, organs: Sequence[Any], levels: Sequence[float], thin: float = 1.0) -> None:
-        """One view: the image, then per organ the SDM levels, the reference (dashed) and the outline."""
+        """One view: the image, then per organ its fill, SDM levels, reference (dashed) and outline."""
+        from matplotlib.colors import ListedColormap
+
         origin = "upper" if axis == 0 else "lower"  # axial: anterior up; coronal and sagittal: superior up
-        axes.imshow(self.cut(self.volume, axis), cmap="gray", vmin=self.window[0], vmax=self.window[1], origin=origin,
+        picture = self.cut(self.volume, axis)
+        axes.imshow(picture, cmap="gray", vmin=self.window[0], vmax=self.window[1], origin=origin,
                     aspect=self.aspect(axis), interpolation="bilinear")
+        # Pixel centres as imshow puts them (x = column, y = row) for either origin: the lines use the same.
+        xy = (np.arange(picture.shape[1]), np.arange(picture.shape[0]))
+        labels = self.cut(self.labels, axis)
         for organ in organs:
-            color = tuple(organ.color)
+            color = tuple(float(c) for c in organ.color)
+            mask = labels == organ.label
+            if mask.any():
+                axes.imshow(np.where(mask, 1.0, np.nan), cmap=ListedColormap([color]), vmin=0, vmax=1, alpha=FILL_ALPHA,
+                            origin=origin, aspect=self.aspect(axis), interpolation="nearest")
             sdm = self.cut(self.sdms[organ.name], axis) if organ.name in self.sdms else None
             if sdm is not None:
                 for level in (lv for lv in levels if lv != 0 and sdm.min() < lv < sdm.max()):
-                    axes.contour(sdm, levels=[level], colors=[color], linewidths=LEVEL_WIDTH * thin, alpha=0.75, origin=origin)
+                    axes.contour(*xy, sdm, levels=[level], colors=[color], linewidths=LEVEL_WIDTH * thin, alpha=0.75)
             if self.reference is not None:
                 reference = self.cut(self.reference, axis) == organ.label
                 if reference.any():
-                    axes.contour(reference, levels=[0.5], colors=[color], linewidths=REFERENCE_WIDTH * thin, linestyles="dashed", origin=origin)
-            mask = self.cut(self.labels, axis) == organ.label
+                    axes.contour(*xy, reference, levels=[0.5], colors=[color], linewidths=REFERENCE_WIDTH * thin, linestyles="dashed")
             if mask.any():
-                axes.contour(mask, levels=[0.5], colors=[color], linewidths=OUTLINE_WIDTH * thin, origin=origin)
+                axes.contour(*xy, mask, levels=[0.5], colors=[color], linewidths=OUTLINE_WIDTH * thin)
         axes.set_xticks([])
         axes.set_yticks([])
 
@@ -143,17 +180,19 @@ def case_picture(
     title: str,
     reference: sitk.Image | None = None,
     dice: Mapping[str, float] | None = None,
+    window: tuple[float, float] | None = None,
 ) -> Thumbnail:
     """Write the case picture (PNG) and return its axial thumbnail for :func:`overview_picture`.
 
     ``organs`` have ``name``, ``label`` and ``color`` (RGB 0-1); ``dice`` maps organ names to Dice (NaN:
-    not scored), given with ``reference``.
+    not scored), given with ``reference``; ``window``: grey-level window (:func:`display_window`), None for
+    the image's 1st-99th percentile.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    slices = _Slices(image, labels, sdms, reference)
+    slices = _Slices(image, labels, sdms, reference, window)
     # As tall as the tallest view needs at 4.4 inches a view, plus room for the titles and the legend.
     tallest = max(slices.shape_ratio(axis) for _name, axis, _letters in _VIEWS)
     legend_rows = math.ceil((len(organs) + 3) / 6)
@@ -188,9 +227,10 @@ def case_thumbnail(
     levels: Sequence[float],
     reference: sitk.Image | None = None,
     dice: Mapping[str, float] | None = None,
+    window: tuple[float, float] | None = None,
 ) -> Thumbnail:
     """The axial thumbnail :func:`case_picture` returns, without the picture (e.g. for a case done earlier)."""
-    return _thumbnail(_Slices(image, labels, sdms, reference), case, organs, levels, dice)
+    return _thumbnail(_Slices(image, labels, sdms, reference, window), case, organs, levels, dice)
 
 
 def _thumbnail(slices: _Slices, case: str, organs: Sequence[Any], levels: Sequence[float], dice: Mapping[str, float] | None) -> Thumbnail:

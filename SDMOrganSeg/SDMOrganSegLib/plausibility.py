@@ -2,12 +2,15 @@
 
 A model only knows the images it was trained on. The card states their modality (CT or MR), what they
 show (``field_of_view``), their largest extent in mm, and per organ the range of volumes in the training
-labels. These checks turn a mismatch into one clear warning line (in ``SegmentationResult.notes``, and so
-in ``summary.json``, the command line's output and the Slicer panel's summary) instead of a silent,
-meaningless result such as "anterior hippocampus 154 ml" for an abdominal CT.
+labels. These checks turn a mismatch into one clear line instead of a silent, meaningless result such as
+"anterior hippocampus 154 ml" for an abdominal CT.
 
-The checks warn; they never refuse: an unusual but valid input (a CT with no air in the field of view, a
-small child's organ) must still be segmentable.
+A wrong modality (:func:`modality_mismatch`) stops the run before the network, which would otherwise spend
+minutes on a meaningless result (:class:`~SDMOrganSegLib.errors.InputMismatchError`); ``--force`` (the
+Slicer panel asks) runs it anyway, and the mismatch is then a warning in the notes. The other checks only
+warn (in ``SegmentationResult.notes``, and so in ``summary.json``, the command line's output and the panel's
+summary): an unusual but valid input (a large field of view, a small child's organ) must still be
+segmentable.
 """
 
 from __future__ import annotations
@@ -37,22 +40,34 @@ def looks_like_ct(image: sitk.Image) -> bool:
     return _darkest_percent(image) < _AIR_HU
 
 
+def modality_mismatch(image: sitk.Image, modality: str | None, field_of_view: str = "") -> str | None:
+    """Why the input is not of the model's modality (problem and fix, one line), or None when it is (or the
+    card does not say)."""
+    if not modality:
+        return None
+    what = f" ({field_of_view})" if field_of_view else ""
+    darkest = _darkest_percent(image)
+    if modality == "CT" and darkest >= _AIR_HU:
+        return (
+            f"this model is for CT{what}, but the input has no air at about -1000 HU (its darkest 1 % is at {darkest:.0f}); "
+            "an MR or a rescaled image gives meaningless organs: use a CT in Hounsfield units"
+        )
+    if modality == "MR" and darkest < _AIR_HU:
+        return (
+            f"this model is for MR{what}, but the input looks like a CT (its darkest 1 % is at {darkest:.0f}, air in Hounsfield "
+            "units); the organs it finds are meaningless: use an MR image, or a CT model"
+        )
+    return None
+
+
 def input_warnings(image: sitk.Image, modality: str | None, field_of_view: str, extent_mm: Sequence[float] | None) -> list[str]:
-    """Warnings about an input image that does not look like the model's training images."""
+    """Warnings about an input image that does not look like the model's training images (a wrong modality
+    too: it is only a warning once the run was forced past :func:`modality_mismatch`)."""
     warnings = []
     what = f" ({field_of_view})" if field_of_view else ""
-    if modality:
-        darkest = _darkest_percent(image)
-        if modality == "CT" and darkest >= _AIR_HU:
-            warnings.append(
-                f"warning: this model is for CT{what}, but the input has no air at about -1000 HU (its darkest 1 % is at "
-                f"{darkest:.0f}); an MR or a rescaled image gives meaningless organs: use a CT in Hounsfield units"
-            )
-        elif modality == "MR" and darkest < _AIR_HU:
-            warnings.append(
-                f"warning: this model is for MR{what}, but the input looks like a CT (its darkest 1 % is at {darkest:.0f}, air in "
-                "Hounsfield units); the organs it finds are meaningless: use an MR image, or a CT model"
-            )
+    mismatch = modality_mismatch(image, modality, field_of_view)
+    if mismatch:
+        warnings.append(f"warning: {mismatch} (segmented anyway: --force)")
     if extent_mm:
         extent = np.asarray(image.GetSize(), float) * np.asarray(image.GetSpacing(), float)
         over = [axis for axis, (have, trained) in enumerate(zip(extent, extent_mm)) if have > EXTENT_FACTOR * float(trained)]

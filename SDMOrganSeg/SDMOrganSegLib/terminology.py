@@ -6,7 +6,12 @@ A model card's organ may carry ``terminology``: ``{"category": [code, scheme, me
 :func:`slicer_terminology_entry` the string Slicer stores in a segment's ``TerminologyEntry`` tag.
 
 Codes (SNOMED CT, scheme designator ``SCT``) are those of DICOM PS3.16 (CID 7153 "Body Structures" and
-CID 244 "Laterality"), also used by Slicer's general-anatomy terminology and SlicerTotalSegmentator.
+CID 244 "Laterality") as they stand in Slicer's "Segmentation category and type - DICOM master list"
+(Modules/Loadable/Terminologies/Resources/SegmentationCategoryTypeModifier-DICOM-Master.json in Slicer's
+source), the context the ``TerminologyEntry`` tag names: Slicer 5.6 looks the type (and modifier) up in the
+named context and rejects a code it lacks, and the "3D Slicer General Anatomy list" lacks the hippocampus,
+the parotid gland and the brain stem. Testing/Data/slicer-terminology holds an excerpt of that list, against
+which the tests check every code here and in the shipped model cards.
 """
 
 from __future__ import annotations
@@ -15,13 +20,20 @@ from typing import Any, Dict, List, Optional
 
 Code = List[str]  #: [code value, coding scheme designator, code meaning]
 
+#: The context a segment's TerminologyEntry names (Slicer's DICOM master list of categories and types).
+SLICER_CONTEXT = "Segmentation category and type - DICOM master list"
+#: The anatomic-region context of the entry (unused here: region fields are left empty).
+SLICER_REGION_CONTEXT = "Anatomic codes - DICOM master list"
+
 ANATOMICAL_STRUCTURE: Code = ["123037004", "SCT", "Anatomical Structure"]
 RIGHT: Code = ["24028007", "SCT", "Right"]
 LEFT: Code = ["7771000", "SCT", "Left"]
 
 #: Organ name (as in the data sets' labels.json) -> (type code, laterality modifier or None).
 _TYPES: Dict[str, tuple] = {
-    "brainstem": (["15926001", "SCT", "Brainstem"], None),
+    # The DICOM master list's "Brain stem" (SCT 119238007; SCT 15926001 "Brainstem" is not in it).
+    "brainstem": (["119238007", "SCT", "Brain stem"], None),
+    "brain stem": (["119238007", "SCT", "Brain stem"], None),
     "spinal cord": (["2748008", "SCT", "Spinal cord"], None),
     "right parotid": (["45289007", "SCT", "Parotid gland"], RIGHT),
     "left parotid": (["45289007", "SCT", "Parotid gland"], LEFT),
@@ -70,11 +82,11 @@ def slicer_terminology_entry(terminology: Dict[str, Code]) -> str:
 
     return "~".join(
         [
-            "Segmentation category and type - 3D Slicer General Anatomy list",
+            SLICER_CONTEXT,
             code(terminology["category"]),
             code(terminology["type"]),
             code(terminology.get("modifier")),
-            "Anatomic codes - DICOM master list",
+            SLICER_REGION_CONTEXT,
             "^^",
             "^^",
         ]

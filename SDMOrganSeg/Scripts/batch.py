@@ -29,6 +29,10 @@ line (``sdmorganseg: error: ...`` on stderr, like the command line) and skipped;
 every case succeeded (1: some failed, 2: nothing could be run, including any unexpected error: inside Slicer
 the application always exits with the code, so no window-less Slicer is left running).
 
+Slicer reads this script with the locale's encoding, so it is pure ASCII; and every import other than the
+standard library's happens inside :func:`run`'s guard, so that a missing or broken package is one line and
+an exit code, never an exception that leaves a window-less Slicer running.
+
 Files are written under temporary names and renamed when complete; existing files are never replaced
 without ``--overwrite``; case names are sanitised so nothing is written outside ``OUT``. A rerun after a
 crash (no ``summary.csv`` yet) keeps the cases an earlier run with the same settings completed
@@ -48,11 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-# SDMOrganSegLib sits beside Scripts/, both in the source tree and in an installed extension.
+# SDMOrganSegLib sits beside Scripts/, both in the source tree and in an installed extension. Its modules
+# are imported in the functions, under run()'s guard (see the module docstring).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from SDMOrganSegLib import distributed  # noqa: E402  (after the path set-up above)
-from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_SETUP = 0, 1, 2
 SUMMARY = "summary.csv"
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="mirroring test-time augmentation (twice the network time); default: as the model card says")
     parser.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each organ in the label map")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--force", action="store_true", help="segment cases that are not of the model's modality (e.g. an MR given to a CT model), which are otherwise failed before the network runs")
     parser.add_argument("--pictures", action="store_true",
                         help="also save <case>.png (slices with the outlines, SDM levels, reference and Dice) and overview.png (all cases, worst Dice first)")
     return parser
@@ -191,6 +194,7 @@ def _thumbnail_of(path: Path, case_dir: Path, context: dict[str, Any], reference
     return case_thumbnail(
         result.case, read_volume(path, "image"), read_image(case_dir / f"labels{suffix}", "label map"), sdms, organs, context["levels"],
         reference=read_image(reference, "reference label map") if reference is not None else None, dice=dice,
+        window=context.get("window"),
     )
 
 
@@ -222,7 +226,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
     try:
         outputs = logic.segment_volume(
             volume, context["model_dir"], context["device"], context["levels"], show2D=False, show3D=False,
-            tta=args.tta, largest_component=args.largest_component,
+            tta=args.tta, largest_component=args.largest_component, force=args.force,
         )
         try:
             computed = outputs.computed
@@ -237,8 +241,12 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
                 result.metrics = evaluate_images(computed.labels, reference_image, {o.label: o.name for o in organs})
             files = {f"{case}.seg.nrrd": lambda target: headless.save_node(outputs.segmentation, target, overwrite=True)}
             if series is not None:
-                from SDMOrganSegLib.dicomout import WRITERS
+                from SDMOrganSegLib.dicomout import WRITERS, empty_organs_note
 
+                note = empty_organs_note(computed.labels, organs, [DICOM_FILES[f] for f in dicom_formats])
+                if note:
+                    computed.notes.append(note)
+                    result.notes.append(note)
                 for fmt in dicom_formats:
                     files[DICOM_FILES[fmt]] = functools.partial(WRITERS[fmt], computed.labels, organs, series, model_name=computed.model_name)
             if reference is not None:
@@ -246,7 +254,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
 
                 files["metrics.csv"] = lambda target: write_metrics_csv(result.metrics, target, overwrite=True)
             if args.pictures:
-                files[f"{case}.png"] = lambda target: _picture(target, case, image, computed, reference_image, result)
+                files[f"{case}.png"] = lambda target: _picture(target, case, image, computed, reference_image, result, context["window"])
             write_result(
                 computed, case_dir, volume_format, context["levels"], args.overwrite,
                 extra_summary={**_settings(path, args, context, reference), "rank": context["rank"], "world_size": context["world_size"]},
@@ -261,13 +269,13 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
     return result
 
 
-def _picture(target: Path, case: str, image: Any, computed: Any, reference: Any, result: CaseResult) -> None:
+def _picture(target: Path, case: str, image: Any, computed: Any, reference: Any, result: CaseResult, window: Any = None) -> None:
     from SDMOrganSegLib.pictures import case_picture
 
     dice = {name: float(metrics.dice) for name, metrics in result.metrics.items()} if reference is not None else None
     result.thumbnail = case_picture(
-        target, case, image, computed.labels, computed.sdms, computed.organs, computed.levels, f"{case} — model {computed.model_name}",
-        reference=reference, dice=dice,
+        target, case, image, computed.labels, computed.sdms, computed.organs, computed.levels, f"{case}, model {computed.model_name}",
+        reference=reference, dice=dice, window=window,
     )
 
 
@@ -305,6 +313,7 @@ def write_overview(path: Path, results: Sequence[CaseResult]) -> None:
 
 
 def _formats(text: str) -> tuple[str, tuple[str, ...]]:
+    from SDMOrganSegLib.errors import SDMOrganSegError
     from SDMOrganSegLib.outputs import parse_formats
 
     try:
@@ -328,13 +337,17 @@ def missing_packages(reference: bool, pictures: bool, dicom: bool = False) -> li
 
 
 def _one_line(error: BaseException) -> str:
-    if isinstance(error, SDMOrganSegError):
+    # By class name, not isinstance: this also reports the library failing to import.
+    if any(cls.__name__ == "SDMOrganSegError" for cls in type(error).__mro__):
         return " ".join(str(error).split())
     return f"internal error ({type(error).__name__}: {' '.join(str(error).split())})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from SDMOrganSegLib import distributed
+    from SDMOrganSegLib.errors import SDMOrganSegError
+
     try:
         # Under torchrun, one rank of several: gloo only carries the set-up check and the gathered results.
         with distributed.process_group("gloo") as ranks:
@@ -354,7 +367,10 @@ def _input_bytes(path: Path) -> int:
         return 0
 
 
-def _segment_cases(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
+def _segment_cases(args: argparse.Namespace, ranks: Any) -> int:
+    from SDMOrganSegLib import distributed
+    from SDMOrganSegLib.errors import SDMOrganSegError
+
     output = Path(args.output)
     summary_path = output / SUMMARY
     with distributed.all_or_none(ranks):
@@ -393,9 +409,11 @@ def _segment_cases(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
         if args.tta is None:  # the card's default, recorded as what was done
             args.tta = bool(card.inference.get("tta", False))
         session = headless.start()
+        from SDMOrganSegLib.pictures import display_window
+
         context = {
             "scene": session.scene, "logic": mrmllogic.SDMSegmentationLogic(session.scene), "model_dir": model_dir,
-            "organs": card.organs, "levels": levels, "formats": formats, "device": str(device),
+            "organs": card.organs, "levels": levels, "formats": formats, "device": str(device), "window": display_window(card),
             "rank": ranks.rank, "world_size": ranks.world_size,
         }
         output.mkdir(parents=True, exist_ok=True)

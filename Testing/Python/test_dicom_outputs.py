@@ -13,8 +13,9 @@ from matplotlib.path import Path as PolygonPath
 from scipy import ndimage
 from test_segment_evaluate import run_cli
 
-from SDMOrganSegLib.dicomout import terminology
+from SDMOrganSegLib.dicomout import modifier, terminology
 from SDMOrganSegLib.modelfiles import Organ, read_card
+from SDMOrganSegLib.terminology import default_terminology
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
@@ -48,6 +49,10 @@ def test_terminology_codes():
     assert terminology(ORGANS[2]) == (("85756007", "SCT", "Tissue"), ("85756007", "SCT", "Tissue"))
     assert terminology(Organ("spinal cord", 2, (1, 1, 1)))[1] == ("2748008", "SCT", "Spinal cord")
     assert terminology(Organ("kidney_left", 2, (1, 1, 1)))[1] == ("64033007", "SCT", "Kidney")
+    # The side in the name is the laterality modifier; the card's modifier wins; none for a midline organ.
+    assert modifier(Organ("kidney_left", 2, (1, 1, 1))) == ("7771000", "SCT", "Left")
+    assert modifier(Organ("right parotid", 3, (1, 1, 1), default_terminology("right parotid"))) == ("24028007", "SCT", "Right")
+    assert modifier(ORGANS[0]) is None and modifier(Organ("spinal cord", 2, (1, 1, 1))) is None
 
 
 def test_outputs_are_listed_and_the_card_codes_survive(run):

@@ -51,7 +51,7 @@ def test_top_level_cmake_lists_follow_slicer_5_10_extension_template():
     assert text.startswith("cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)\n\nproject(SDMOrganSeg)\n")
     for name in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert _cmake_set(name), name
-    assert "EXTENSION_CATEGORY" not in text, "the category lives in the Extensions Index entry (SDMOrganSeg.json)"
+    assert _cmake_set("EXTENSION_CATEGORY") == json.loads((REPO / "SDMOrganSeg.json").read_text(encoding="utf-8"))["category"]
     order = [text.index(marker) for marker in (
         "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(SDMOrganSeg)",
         "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})",
@@ -71,7 +71,48 @@ def test_extensions_index_entry_matches_the_schema_and_the_cmake_lists():
     assert entry["build_dependencies"] == _cmake_set("EXTENSION_DEPENDS").split(";")
     repository = entry["scm_url"].removesuffix(".git")
     assert _cmake_set("EXTENSION_HOMEPAGE").startswith(repository)
-    for url in (_cmake_set("EXTENSION_ICONURL"), _cmake_set("EXTENSION_SCREENSHOTURLS")):
+    for url in [_cmake_set("EXTENSION_ICONURL"), *_cmake_set("EXTENSION_SCREENSHOTURLS").split()]:
         owner_and_name = repository.split("github.com/")[1]
         assert url.startswith(f"https://raw.githubusercontent.com/{owner_and_name}/{entry['scm_revision']}/")
         assert (REPO / url.split(f"/{entry['scm_revision']}/", 1)[1]).is_file(), url
+
+
+def _s4ext() -> dict[str, str]:
+    values = {}
+    for line in (REPO / "SDMOrganSeg.s4ext").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            keyword, _, value = line.partition(" ")
+            values[keyword] = value.strip()
+    return values
+
+
+def test_slicer_5_6_s4ext_description_agrees_with_the_cmake_lists_and_the_json_entry():
+    """Slicer 5.6's Extensions Index reads only .s4ext files: SDMOrganSeg.s4ext beside SDMOrganSeg.json."""
+    entry = json.loads((REPO / "SDMOrganSeg.json").read_text(encoding="utf-8"))
+    s4ext = _s4ext()
+    assert {"scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "category", "iconurl", "description", "screenshoturls"} <= set(s4ext)
+    assert (s4ext["scm"], s4ext["scmurl"], s4ext["scmrevision"]) == (entry["scm_type"], entry["scm_url"], entry["scm_revision"])
+    assert (s4ext["category"], s4ext["build_subdirectory"]) == (entry["category"], entry["build_subdirectory"])
+    assert s4ext["depends"].split() == entry["build_dependencies"] == _cmake_set("EXTENSION_DEPENDS").split(";")
+    for keyword, cmake in (("homepage", "EXTENSION_HOMEPAGE"), ("iconurl", "EXTENSION_ICONURL"), ("screenshoturls", "EXTENSION_SCREENSHOTURLS"),
+                           ("description", "EXTENSION_DESCRIPTION"), ("contributors", "EXTENSION_CONTRIBUTORS")):
+        assert s4ext[keyword] == _cmake_set(cmake), keyword
+
+
+def test_license_at_the_root_is_the_apache_license_pyproject_names():
+    """The Extensions Index rejects an entry without a LICENSE file at the repository root."""
+    import hashlib
+
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert text.split("\n")[1].strip() == "Apache License" and "Version 2.0, January 2004" in text
+    # The unmodified text of https://www.apache.org/licenses/LICENSE-2.0.txt.
+    assert hashlib.md5((REPO / "LICENSE").read_bytes()).hexdigest() == "3b83ef96387f14655fc854ddc3c6bd57"
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def test_unpublished_urls_are_one_clearly_named_placeholder_the_readme_explains():
+    urls = [_cmake_set(name) for name in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS")]
+    urls += [json.loads((REPO / "SDMOrganSeg.json").read_text(encoding="utf-8"))["scm_url"], _s4ext()["scmurl"]]
+    assert all("/PLACEHOLDER-OWNER/SDMOrganSeg" in url for url in urls)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "PLACEHOLDER-OWNER" in readme and "Publishing the extension" in readme

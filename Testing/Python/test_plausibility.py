@@ -1,5 +1,6 @@
-"""Does the input fit the model? Warnings for a CT given to an MR model, an MR given to a CT model, an input
-far larger than the training crops and organ volumes far outside the training range; none for fitting inputs."""
+"""Does the input fit the model? A CT given to an MR model (or an MR to a CT model) is refused before the
+network unless forced, then a warning; warnings for an input far larger than the training crops and organ
+volumes far outside the training range; none for fitting inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import CT, HIPPOCAMPUS, REPO
 
-from SDMOrganSegLib.plausibility import input_warnings, looks_like_ct, volume_warnings
+from SDMOrganSegLib.plausibility import input_warnings, looks_like_ct, modality_mismatch, volume_warnings
 
 HIPPOCAMPUS_MODEL = REPO / "Resources" / "Models" / "hippocampus"
 CT_IMAGE = CT / "example_ct_sm.nii.gz"
@@ -25,19 +26,31 @@ def test_ct_and_mr_are_told_apart():
     assert not looks_like_ct(sitk.ReadImage(str(MR_IMAGE)))
 
 
-def test_ct_given_to_the_hippocampus_model_warns_and_a_hippocampus_mri_does_not():
+def test_ct_given_to_the_hippocampus_model_is_refused_before_the_network_unless_forced(monkeypatch):
     pytest.importorskip("torch")
-    from SDMOrganSegLib.inference import segment_image
+    from SDMOrganSegLib import inference
+    from SDMOrganSegLib.errors import InputMismatchError
     from SDMOrganSegLib.modelfiles import load_model
 
     model = load_model(HIPPOCAMPUS_MODEL)
     assert model.card.modality == "MR" and model.card.input_extent_mm and all(o.volume_ml for o in model.card.organs)
     ct = sitk.ReadImage(str(CT_IMAGE))[0:32, 30:62, 5:20]  # 96 x 96 x 45 mm of body and the air beside it: quick
-    ct_notes = _warnings(segment_image(ct, model, "cpu").notes)
-    assert any("this model is for MR" in n and "looks like a CT" in n for n in ct_notes)
+    calls = []
+    real_predict = inference.predict_array
+    monkeypatch.setattr(inference, "predict_array", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
+    with pytest.raises(InputMismatchError) as refused:
+        inference.segment_image(ct, model, "cpu")
+    assert calls == []  # refused before the network ran
+    message = str(refused.value)
+    assert "this model is for MR" in message and "looks like a CT" in message and message.endswith("or segment it anyway with --force")
+    assert "\n" not in message and refused.value.reason in message
+    # Forced: segmented, and the mismatch is a warning in the notes (with the extent warning).
+    ct_notes = _warnings(inference.segment_image(ct, model, "cpu", force=True).notes)
+    assert calls == [1]
+    assert any("this model is for MR" in n and "looks like a CT" in n and "--force" in n for n in ct_notes)
     assert any("far more than the images this model was trained on" in n for n in ct_notes)
     assert all("\n" not in n for n in ct_notes)
-    assert _warnings(segment_image(sitk.ReadImage(str(MR_IMAGE)), model, "cpu").notes) == []
+    assert _warnings(inference.segment_image(sitk.ReadImage(str(MR_IMAGE)), model, "cpu").notes) == []
 
 
 def test_mr_given_to_a_ct_model_warns_and_a_ct_does_not():
@@ -51,6 +64,10 @@ def test_mr_given_to_a_ct_model_warns_and_a_ct_does_not():
     assert "no air at about -1000 HU" in input_warnings(rescaled, "CT", "", None)[0]
     # A card without modality or extent (older models) checks nothing.
     assert input_warnings(sitk.ReadImage(str(MR_IMAGE)), None, "", None) == []
+    # The refusal's reason is the same check, without the "warning:" and the --force remark.
+    reason = modality_mismatch(sitk.ReadImage(str(MR_IMAGE)), "CT", "head and neck planning CT")
+    assert reason.startswith("this model is for CT (head and neck planning CT)") and mr_notes[0].startswith(f"warning: {reason}")
+    assert modality_mismatch(ct, "CT") is None and modality_mismatch(ct, None) is None
 
 
 def test_volume_warnings_flag_only_volumes_far_outside_the_training_range():
@@ -99,3 +116,16 @@ def test_a_dice_only_model_says_its_outputs_are_logits_not_distances():
         model = LoadedModel(ModelCard(name=activation, architecture=network.config, organs=organs_from_labels({1: "organ"})), network, REPO)
         said[activation] = [n for n in segment_image(image, model, "cpu").notes if "logits" in n]
     assert len(said["none"]) == 1 and "only the 0 iso-contour is meaningful" in said["none"][0] and said["tanh"] == []
+
+
+def test_segment_command_refuses_a_ct_for_the_mr_model_in_one_line(tmp_path):
+    pytest.importorskip("torch")
+    from test_segment_evaluate import run_cli
+
+    crop = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(CT_IMAGE))[0:32, 30:62, 5:20], str(crop))
+    done = run_cli("segment", str(crop), "--model", str(HIPPOCAMPUS_MODEL), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdmorganseg: error: this model is for MR") and lines[0].endswith("--force")
+    assert not (tmp_path / "out" / "labels.nii.gz").exists()

@@ -181,3 +181,15 @@ def test_unwritable_output_name_is_the_users_file(tmp_path):
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert f"cannot write {tmp_path / name}:" in result.stderr and ".part" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_in_a_log_file_is_plain_lines(tiny_model_dir, tmp_path):
+    """stderr redirected to a file (a batch job's log): progress as a few whole lines, no carriage returns."""
+    image = HIPPOCAMPUS / "imagesTr" / "hippocampus_003.nii.gz"
+    done = run_cli("segment", str(image), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--device", "cpu", "--window", "32,32,32")
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("[")]
+    assert progress[0].startswith("[  0%]") and progress[-1].startswith("[100%] done")
+    # Every tile would be a line otherwise: at most one per stage change or 10 %.
+    assert 3 <= len(progress) <= 20, progress

@@ -1,18 +1,64 @@
-"""SNOMED CT terminology of the organs, and the string Slicer stores for it."""
+"""SNOMED CT terminology of the organs, and the string Slicer stores for it; every code the shipped model
+cards and the built-in table use exists in Slicer's DICOM master list (excerpt in Testing/Data)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from SDMOrganSegLib.modelfiles import organs_from_labels
-from SDMOrganSegLib.terminology import check_terminology, default_terminology, slicer_terminology_entry
+from SDMOrganSegLib.modelfiles import organs_from_labels, read_card, shipped_models
+from SDMOrganSegLib.terminology import _TYPES, SLICER_CONTEXT, check_terminology, default_terminology, slicer_terminology_entry
+
+MASTER_LIST = Path(__file__).resolve().parents[1] / "Data" / "slicer-terminology" / "SegmentationCategoryTypeModifier-DICOM-Master.excerpt.json"
+
+
+def _master_list() -> dict:
+    """(category, type) -> set of modifiers, each code as (scheme, value, meaning), as Slicer's loader sees them."""
+    document = json.loads(MASTER_LIST.read_text(encoding="utf-8"))
+    entries = {}
+    for category in document["SegmentationCodes"]["Category"]:
+        category_code = (category["CodingSchemeDesignator"], category["CodeValue"], category["CodeMeaning"])
+        for kind in category.get("Type", []):
+            type_code = (kind["CodingSchemeDesignator"], kind["CodeValue"], kind["CodeMeaning"])
+            entries[(category_code, type_code)] = {(m["CodingSchemeDesignator"], m["CodeValue"], m["CodeMeaning"]) for m in kind.get("Modifier", [])}
+    return document["SegmentationCategoryTypeContextName"], entries
+
+
+def _assert_in_master_list(terminology: dict, what: str) -> None:
+    context, entries = _master_list()
+    assert context == SLICER_CONTEXT
+    category, kind = ((c[1], c[0], c[2]) for c in (terminology["category"], terminology["type"]))
+    assert (category, kind) in entries, f"{what}: {kind} under {category} is not in Slicer's DICOM master list"
+    if terminology.get("modifier"):
+        modifier = terminology["modifier"]
+        assert (modifier[1], modifier[0], modifier[2]) in entries[(category, kind)], f"{what}: modifier {modifier} not allowed"
+
+
+def test_shipped_cards_use_codes_of_slicers_dicom_master_list():
+    cards = [read_card(folder) for folder in shipped_models().values()]
+    assert {card.name for card in cards} >= {"hippocampus", "headneck-oar"}
+    for card in cards:
+        for organ in card.organs:
+            assert organ.terminology, f"{card.name}: {organ.name} has no terminology"
+            _assert_in_master_list(organ.terminology, f"{card.name}/{organ.name}")
+            entry = slicer_terminology_entry(organ.terminology).split("~")
+            assert entry[0] == "Segmentation category and type - DICOM master list"
+
+
+def test_built_in_table_uses_codes_of_slicers_dicom_master_list():
+    for name in _TYPES:
+        _assert_in_master_list(default_terminology(name), name)
+    # The brain stem of the master list, not SNOMED CT's 15926001 "Brainstem", which Slicer 5.6 rejects.
+    assert default_terminology("brainstem")["type"] == ["119238007", "SCT", "Brain stem"]
 
 
 def test_head_and_neck_organs_have_snomed_codes_with_laterality():
     organs = organs_from_labels({1: "brainstem", 2: "spinal cord", 3: "right parotid", 4: "left parotid", 5: "esophagus", 6: "larynx", 7: "mandible"})
     codes = {o.name: o.terminology["type"][0] for o in organs}
     assert codes == {
-        "brainstem": "15926001", "spinal cord": "2748008", "right parotid": "45289007", "left parotid": "45289007",
+        "brainstem": "119238007", "spinal cord": "2748008", "right parotid": "45289007", "left parotid": "45289007",
         "esophagus": "32849002", "larynx": "4596009", "mandible": "91609006",
     }
     assert all(o.terminology["category"] == ["123037004", "SCT", "Anatomical Structure"] for o in organs)
@@ -27,7 +73,7 @@ def test_slicer_terminology_entry_format():
     entry = slicer_terminology_entry(default_terminology("left parotid"))
     parts = entry.split("~")
     assert len(parts) == 7
-    assert parts[0] == "Segmentation category and type - 3D Slicer General Anatomy list"
+    assert parts[0] == "Segmentation category and type - DICOM master list"
     assert parts[1:4] == ["SCT^123037004^Anatomical Structure", "SCT^45289007^Parotid gland", "SCT^7771000^Left"]
     assert parts[4:] == ["Anatomic codes - DICOM master list", "^^", "^^"]
     assert slicer_terminology_entry(default_terminology("larynx")).split("~")[3] == "^^"

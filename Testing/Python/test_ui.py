@@ -366,3 +366,55 @@ def test_module_logic_prepares_a_training_from_scene_pairs(module, tmp_path):
         logic.prepareTraining(str(tmp_path / "other"), "hippocampus", "sdm+dice", 10, "cpu", pairs=pairs)
     assert slicer.mrmlScene.GetNumberOfNodes() == before
     assert logic.trainingPresets().keys() == {"cpu", "paper"}
+
+
+def test_logic_refuses_another_modality_before_the_worker_unless_forced(module, tmp_path, monkeypatch):
+    """A CT for the (MR) hippocampus model: startSegmentation raises InputMismatchError, whose reason the panel
+    puts to the user as a question, before any worker starts; with force=True (the user said Yes) it starts."""
+    import sys
+    import types
+
+    import slicer
+
+    from SDMOrganSegLib import headless
+
+    lib = module._lib()
+    started = []
+
+    class Run:
+        def __init__(self, image, model_dir, device, levels, **options):
+            started.append(options.get("force"))
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(lib, "BackgroundRun", Run)
+    monkeypatch.setattr(lib, "python_executable", lambda: sys.executable)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: {}, raising=False)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    volume = headless.load_volume(REPO / "Testing" / "Data" / "ct-abdomen" / "example_ct_sm.nii.gz")
+    logic = module.SDMOrganSegLogic()
+    with pytest.raises(module.InputMismatchError) as refused:
+        logic.startSegmentation(volume, "hippocampus", "cpu", "0")
+    assert started == [] and refused.value.reason.startswith("this model is for MR") and "\n" not in str(refused.value)
+    logic.startSegmentation(volume, "hippocampus", "cpu", "0", force=True)
+    assert started == [True]
+
+
+def test_panel_asks_before_forcing_and_keeps_buttons_disabled_while_starting():
+    """The panel's code (read, not run: the widget needs Slicer's Qt): Apply catches InputMismatchError and
+    asks a yes/no question before starting with force=True; Apply, Train and Compute are disabled from the
+    click until the run has started (pip's install loop processes events); cleanup() disconnects aboutToQuit."""
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    tree = _module_tree()
+    methods = {node.name: ast.get_source_segment(source, node) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    apply = methods["onApplyButton"]
+    assert "except InputMismatchError" in apply and "confirmYesNoDisplay" in apply and "force=True" in apply
+    assert apply.index("confirmYesNoDisplay") < apply.index("force=True")
+    for name in ("_startInBackground", "onComputeMetrics"):
+        body = methods[name]
+        assert "self._setStarting(True)" in body and "finally:" in body and body.index("self._setStarting(True)") < body.index("_ensureDependencies")
+    starting = methods["_setStarting"]
+    assert all(f"self.ui.{button}" in starting for button in ("applyButton", "trainButton", "computeMetricsButton"))
+    assert methods["_updateButtons"].split("\n")[1].strip() == "if self._starting:"
+    assert 'slicer.app.disconnect("aboutToQuit()", self.stopBackgroundProcesses)' in methods["cleanup"]
