@@ -328,8 +328,8 @@ def predict_array(
                 covered += weights
             if progress:
                 progress((index + 1) / len(windows), f"network: tile {index + 1} of {len(windows)}")
-    if not single:
-        output_sum /= weight_total
+        if not single:
+            output_sum /= weight_total
     return output
 
 

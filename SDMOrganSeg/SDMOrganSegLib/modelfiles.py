@@ -279,7 +279,7 @@ def choose_runtime(runtime: str, card: ModelCard, directory: Path, has_onnx: boo
     runtime that cannot run this model here is refused in one line saying what to install or write."""
     if runtime not in RUNTIMES:
         raise SDMOrganSegError(f"unknown runtime {runtime!r}; use {', '.join(RUNTIMES)}")
-    export_hint = f"sdmorganseg export {directory} (where PyTorch is installed) writes it"
+    export_hint = f"sdmorganseg export {directory} writes it where PyTorch is installed"
     if runtime == "onnxruntime":
         if not has_onnx:
             raise SDMOrganSegError(f"model {card.name} has no {ONNX_FILE} for ONNX Runtime; {export_hint}, or use --runtime torch")
@@ -293,7 +293,7 @@ def choose_runtime(runtime: str, card: ModelCard, directory: Path, has_onnx: boo
     if has_onnx and installed("onnxruntime"):
         return "onnxruntime", []
     if installed("torch"):
-        why = "ONNX Runtime is not installed" if has_onnx else f"model {card.name} has no {ONNX_FILE} ({export_hint})"
+        why = "ONNX Runtime is not installed" if has_onnx else f"model {card.name} has no {ONNX_FILE} (sdmorganseg export {directory} writes it)"
         return "torch", [f"{why}: running on PyTorch"]
     if has_onnx:
         raise SDMOrganSegError(f"segmenting needs ONNX Runtime or PyTorch, and neither is installed; {INSTALL_ONNXRUNTIME}")
@@ -326,14 +326,15 @@ def _checked_onnx(directory: Path, card: ModelCard, notes: list[str]) -> Path | 
     return path
 
 
-def load_model(directory: str | Path, runtime: str = "auto") -> LoadedModel:
+def load_model(directory: str | Path, runtime: str = "auto", *, check_onnx: bool = True) -> LoadedModel:
     """Load and check a model folder; any problem is an :class:`SDMOrganSegError` naming it and the fix.
 
     Checks, before anything is used: the card parses and is not newer than this code; the weights are
     safetensors (pickles are refused unread); their sha256 equals the card's; ``model.onnx``, when the card
     lists it, has the card's sha256. ``runtime`` (:data:`RUNTIMES`) chooses where the network runs
     (:func:`choose_runtime`); for PyTorch the network is built now, and every tensor must match the
-    architecture the card describes; for ONNX Runtime, PyTorch is not imported.
+    architecture the card describes; for ONNX Runtime, PyTorch is not imported. ``check_onnx=False`` ignores
+    ``model.onnx`` (for :func:`SDMOrganSegLib.onnxmodel.export_model`, which replaces it).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -362,7 +363,7 @@ def load_model(directory: str | Path, runtime: str = "auto") -> LoadedModel:
         )
     card = ModelCard.from_dict(values, str(directory / CARD_FILE))
     notes: list[str] = []
-    onnx = _checked_onnx(directory, card, notes)
+    onnx = _checked_onnx(directory, card, notes) if check_onnx else None
     chosen, runtime_notes = choose_runtime(runtime, card, directory, onnx is not None)
     model = LoadedModel(card, None, directory, onnx=onnx, runtime=chosen, notes=notes + runtime_notes)
     if chosen == "torch":

@@ -104,7 +104,7 @@ def export_model(directory: str | Path, check: bool = True) -> dict[str, Any]:
     for module in ("onnx", "onnxscript"):
         if not installed(module):
             raise SDMOrganSegError(f"exporting a model to ONNX needs the {module} package, which is not installed; {INSTALL_TORCH}")
-    model = load_model(directory, runtime="torch")
+    model = load_model(directory, runtime="torch", check_onnx=False)  # the export it replaces may be altered
     card = model.card
     started = time.perf_counter()
     with atomic_path(directory / ONNX_FILE) as temporary:
