@@ -127,6 +127,18 @@ class DeviceChoice(enum.Enum):
         return {DeviceChoice.AUTO: _("Auto (GPU if available)"), DeviceChoice.GPU: _("GPU (CUDA)"), DeviceChoice.CPU: _("CPU")}[self]
 
 
+class RuntimeChoice(enum.Enum):
+    """What runs the network (``sdmorganseg segment --runtime``)."""
+
+    AUTO = "auto"
+    ONNXRUNTIME = "onnxruntime"
+    TORCH = "torch"
+
+    def label(self) -> str:
+        return {RuntimeChoice.AUTO: _("Auto (ONNX Runtime if the model has model.onnx)"), RuntimeChoice.ONNXRUNTIME: _("ONNX Runtime"),
+                RuntimeChoice.TORCH: _("PyTorch")}[self]
+
+
 class SegmentMatching(enum.Enum):
     """How segments are paired with reference segments for the metrics."""
 
@@ -174,6 +186,7 @@ class SDMOrganSegParameterNode:
     inputVolume - volume to segment.
     model - shipped model name or model folder path; empty: the default shipped model.
     device - auto, GPU or CPU.
+    runtime - what runs the network: auto, ONNX Runtime or PyTorch.
     levels - SDM iso-contour levels, comma separated.
     show2D, show3D - show the contours in slice views, the surfaces in 3D views.
     evaluatedSegmentation, referenceSegmentation, segmentMatching - inputs of the metrics.
@@ -187,6 +200,7 @@ class SDMOrganSegParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = ""
     device: DeviceChoice = DeviceChoice.AUTO
+    runtime: RuntimeChoice = RuntimeChoice.AUTO
     levels: str = "0, 0.1, 0.2, 0.3"
     show2D: bool = True
     show3D: bool = True
@@ -445,7 +459,8 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startDevicesProbe(self) -> None:
         if importlib.util.find_spec("torch") is None:
-            self.ui.gpuLabel.text = _("PyTorch is not installed yet: it will be offered when you first click Apply.")
+            self.ui.gpuLabel.text = _("PyTorch is not installed: models with model.onnx (the shipped ones) run on ONNX Runtime, "
+                                      "on the CPU; PyTorch is offered when you train, or for a model without model.onnx.")
             return
         if self._devicesProbe is not None:  # a probe from before an install: it would report the old state
             _lib().kill_process_tree(self._devicesProbe)
@@ -524,19 +539,19 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
             return
         pn = self._parameterNode
-        volume, model, device, levels = pn.inputVolume, self._currentModel(), pn.device.value, pn.levels
+        volume, model, device, levels, runtime = pn.inputVolume, self._currentModel(), pn.device.value, pn.levels, pn.runtime.value
 
         def start():
             try:
-                return self.logic.startSegmentation(volume, model, device, levels)
+                return self.logic.startSegmentation(volume, model, device, levels, runtime)
             except InputMismatchError as error:  # checked before the worker starts: minutes saved
                 question = _("{reason}.\n\nSegment this volume with this model anyway?").format(reason=error.reason[:1].upper() + error.reason[1:])
                 if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("SDM Organ Segmentation")):
                     self.ui.statusLabel.text = _("Not segmented: {reason}.").format(reason=error.reason)
                     return None
-                return self.logic.startSegmentation(volume, model, device, levels, force=True)
+                return self.logic.startSegmentation(volume, model, device, levels, runtime, force=True)
 
-        self._run = self._startInBackground(self.ui.statusLabel, _("Starting..."), "segmentation", start)
+        self._run = self._startInBackground(self.ui.statusLabel, _("Starting..."), "segmentation", start, needs={"model": model, "runtime": runtime})
         if self._run is None:
             return
         self._runVolume = pn.inputVolume
@@ -545,12 +560,13 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         self._pollTimer.start()
 
-    def _startInBackground(self, statusLabel, starting: str, what: str, start):
+    def _startInBackground(self, statusLabel, starting: str, what: str, start, needs=None):
         """Install the missing packages (after asking), then ``start()`` a background run and return it; None,
-        with the reason in ``statusLabel`` (and a message box for errors), when it did not start."""
+        with the reason in ``statusLabel`` (and a message box for errors), when it did not start. ``needs``:
+        the ``model`` and ``runtime`` of a segmentation (which runtime to install); None: a training."""
         self._setStarting(True)
         try:
-            if not self._ensureDependencies():
+            if not self._ensureDependencies(forTraining=needs is None, **(needs or {})):
                 statusLabel.text = _("The required Python packages are not installed; nothing was done.")
                 return None
             statusLabel.text = starting
@@ -840,9 +856,11 @@ class SDMOrganSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.statusLabel.text = _("Saved {path}").format(path=path)
 
-    def _ensureDependencies(self, forMetricsOnly: bool = False) -> bool:
+    def _ensureDependencies(self, forMetricsOnly: bool = False, forTraining: bool = False, model: str = "", runtime: str = "auto") -> bool:
         """Install missing Python packages (the Logic asks first); notes in the status bar, GPU label refreshed."""
-        ready = self.logic.ensureDependencies(askConfirmation=True, forMetricsOnly=forMetricsOnly)
+        ready = self.logic.ensureDependencies(
+            askConfirmation=True, forMetricsOnly=forMetricsOnly, forTraining=forTraining, model=model, runtime=runtime
+        )
         for note in self.logic.installNotes:
             logging.warning(note)
             slicer.util.showStatusMessage(note, 15000)
@@ -905,20 +923,34 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingPackages(forMetricsOnly: bool = False) -> list[str]:
-        """pip requirements of the required packages that are missing or too old (PyTorch not included)."""
+        """pip requirements of the required packages that are missing or too old (the network's runtime not included)."""
         wanted = [r for r in dependencies.REQUIRED if not forMetricsOnly or r.module in dependencies.FOR_METRICS]
         return [requirement.pip for requirement, _reason in dependencies.unmet(wanted)]
 
-    def ensureDependencies(self, askConfirmation: bool = True, forMetricsOnly: bool = False) -> bool:
+    def runtimeRequirements(self, model: str = "", runtime: str = "auto") -> tuple:
+        """What runs the network of a segmentation with ``model`` on ``runtime``: ONNX Runtime for a model with
+        model.onnx (every shipped model), PyTorch for ``torch`` or a model without it."""
+        card = self.readModelCard(model)
+        return dependencies.for_segmentation(runtime, bool(card and card.get("onnx")))
+
+    def ensureDependencies(self, askConfirmation: bool = True, forMetricsOnly: bool = False, forTraining: bool = False,
+                           model: str = "", runtime: str = "auto") -> bool:
         """Install the packages that are missing or too old, after the user agrees; False if the user declined.
 
+        A segmentation needs ONNX Runtime (or, for ``runtime`` torch or a ``model`` without model.onnx, PyTorch);
+        training and fine-tuning need PyTorch and the ONNX exporter (``forTraining``); the metrics only scipy.
         PyTorch comes from the PyTorch extension's PyTorchUtils when it is installed (light-the-torch picks the
         build that matches the NVIDIA driver), otherwise from pip. The other required packages are installed
         with pip in one go; each optional one (``isal``) on its own, and skipped with a note if that fails.
         A failed install raises SDMOrganSegError with one line.
         """
         self.installedPackages, self.installNotes = [], []
-        required = [dependencies.TORCH] if not forMetricsOnly else []
+        if forMetricsOnly:
+            required = []
+        elif forTraining:
+            required = list(dependencies.FOR_TRAINING)
+        else:
+            required = list(self.runtimeRequirements(model, runtime))
         required += [r for r in dependencies.REQUIRED if not forMetricsOnly or r.module in dependencies.FOR_METRICS]
         # A package this Slicer has imported cannot be replaced under it (as TotalSegmentator refuses too).
         loaded = [message for message in map(dependencies.loaded_too_old, required) if message]
@@ -1001,14 +1033,14 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
     # --- segmentation ---
 
     def segment(self, volumeNode, model: str = "", device: str = "auto", levels: str = "0, 0.1, 0.2, 0.3",
-                show2D: bool = True, show3D: bool = True, progress=None, cancel=None):
+                show2D: bool = True, show3D: bool = True, progress=None, cancel=None, runtime: str = "auto"):
         """Segment in this process, blocking (scripts and tests); returns ``mrmllogic.OutputNodes``."""
         modelDir = self.resolveModel(model) if not isinstance(model, Path) else model
         return _lib().SDMSegmentationLogic(slicer.mrmlScene).segment_volume(
-            volumeNode, modelDir, device, levels, show2D, show3D, progress, cancel
+            volumeNode, modelDir, device, levels, show2D, show3D, progress, cancel, runtime=runtime
         )
 
-    def startSegmentation(self, volumeNode, model: str, device: str, levels: str, force: bool = False):
+    def startSegmentation(self, volumeNode, model: str, device: str, levels: str, runtime: str = "auto", force: bool = False):
         """Start a segmentation in a background process; returns a ``mrmllogic.BackgroundRun`` to poll.
 
         An image of another modality than the model's is refused here, before the worker starts, with
@@ -1025,7 +1057,7 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
                 raise InputMismatchError(reason + _("; or segment it anyway"), reason=reason)
         run = lib.BackgroundRun(
             image, modelDir, device, levels, python=lib.python_executable(), env=slicer.util.startupEnvironment(),
-            workdir=slicer.app.temporaryPath, force=force,
+            workdir=slicer.app.temporaryPath, force=force, runtime=runtime,
         )
         run.start()
         return run

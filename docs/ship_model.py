@@ -11,7 +11,8 @@ script and the panel give unless asked otherwise, so that ``Testing/Python/test_
 ``metrics["other_tta_per_organ"]`` adds the summary with the other TTA setting, and
 ``metrics["largest_component_per_organ"]`` the default with ``--largest-component``.
 ``training.commands`` records the exact commands; the markdown table printed at the end goes into the
-model's README (its human-readable card).
+model's README (its human-readable card). The shipped folder gets ``model.onnx`` (the network for ONNX
+Runtime, listed with its sha256 in the card; ``SDMOrganSegLib.onnxmodel.export_model``).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def ship(
 ) -> None:
     from SDMOrganSegLib.inference import tta_axes
     from SDMOrganSegLib.modelfiles import load_model, save_model
+    from SDMOrganSegLib.onnxmodel import export_model
     from SDMOrganSegLib.training import evaluate_model_on_split, split_metrics_record, summarize
 
-    model = load_model(run / "best")
+    model = load_model(run / "best", runtime="torch")
     card = model.card
     card.modality = modality or card.modality
     card.field_of_view = field_of_view or card.field_of_view
@@ -75,6 +77,7 @@ def ship(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         save_model(model.network, card, staging / "model", overwrite=True)
+        export_model(staging / "model")
         if (target / "README.md").is_file():
             shutil.copy2(target / "README.md", staging / "model" / "README.md")
         if target.exists():

@@ -1,4 +1,4 @@
-"""The ``sdmorganseg`` command: ``train``, ``segment``, ``evaluate``, ``sdm``.
+"""The ``sdmorganseg`` command: ``train``, ``segment``, ``evaluate``, ``sdm``, ``export``.
 
 User errors (bad files, bad arguments) print one line, ``sdmorganseg: error: ...``, and exit with 2;
 a cancelled run (Ctrl-C) exits with 130 and leaves no partial output.
@@ -107,6 +107,7 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     segment.add_argument("--model", default=None, help="model folder or shipped model name (default: the shipped hippocampus model)")
     segment.add_argument("--out", required=True, help="output folder (created if needed)")
     segment.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default: auto = CUDA if present)")
+    segment.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch"], help="what runs the network: ONNX Runtime (the model's model.onnx) or PyTorch; auto = ONNX Runtime when it is installed and the model has model.onnx, else PyTorch (default auto)")
     segment.add_argument("--format", default=("nifti", ()), type=_formats, metavar="nifti|nrrd[,dicom-seg][,rtstruct]", help="image output format (default nifti: .nii.gz); for a DICOM series input, dicom-seg adds OUT/seg.dcm (DICOM Segmentation) and rtstruct OUT/rtstruct.dcm (RT Structure Set)")
     segment.add_argument("--levels", type=_levels, default=(0.0, 0.1, 0.2, 0.3), help="SDM iso-contour levels (default 0,0.1,0.2,0.3)")
     segment.add_argument("--window", type=_triple(int), default=None, help="sliding-window size x,y,z in voxels at the model spacing (default: the model card's)")
@@ -134,6 +135,10 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     sdm.add_argument("out", help="output image (.nii.gz, .nrrd)")
     sdm.add_argument("--label", type=int, default=None, help="label value of the organ (default: all nonzero voxels)")
     sdm.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    export = commands.add_parser("export", help="(re)write a model folder's model.onnx for ONNX Runtime", description="Export MODEL_DIR's network (its checked model.safetensors) to MODEL_DIR/model.onnx and list it with its sha256 in the card, so that segment runs it on ONNX Runtime without PyTorch. Needs PyTorch (sdmorganseg[train]).")
+    export.add_argument("model_dir", metavar="MODEL_DIR", help="model folder (model.safetensors + model.json), e.g. a training run's best/")
+    export.add_argument("--no-check", action="store_true", help="do not compare the export's output with PyTorch's on a random input")
 
     train = commands.add_parser("train", help="train a model on a folder of images and label maps", description="Train the SDM UNet (paper schedule by default) on DATA (imagesTr/ + labelsTr/ + labels.json). Rerunning with the same OUT resumes.")
     train.add_argument("data", help="data folder: imagesTr/ and labelsTr/ (same file names) and labels.json, or an nnU-Net v2 raw dataset or MSD task folder (dataset.json), or a data pack (.npz) of 'sdmorganseg pack'")
@@ -239,7 +244,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from .modelfiles import load_model, resolve_model
 
-    model = load_model(resolve_model(args.model))
+    model = load_model(resolve_model(args.model), runtime=args.runtime)
 
     from .files import check_writable, inside
     from .inference import segment_image
@@ -447,6 +452,16 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from .modelfiles import resolve_model
+    from .onnxmodel import export_model
+
+    directory = resolve_model(args.model_dir)
+    record = export_model(directory, check=not args.no_check)
+    print(f"wrote {directory / record['file']} ({record['output_channels']} output channels, sha256 {record['sha256'][:12]}... in the card) in {record['seconds']} s")
+    return 0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     # SIGTERM (a batch system stopping the job) unwinds like Ctrl-C, so temporary files are removed.
     raise KeyboardInterrupt
@@ -474,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_sdm(args)
         if args.command == "pack":
             return run_pack(args)
+        if args.command == "export":
+            return run_export(args)
         return run_train(args, argv)
     except SDMOrganSegError as error:
         # End a progress line first, if one was started, so the error stays on a line of its own.

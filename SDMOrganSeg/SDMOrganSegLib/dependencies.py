@@ -31,8 +31,17 @@ class Requirement:
         return f"{self.distribution}>={self.minimum}"
 
 
-TORCH = Requirement("torch", "torch", "2.2", "runs the network")
-#: Installed with pip along with PyTorch (Slicer bundles numpy, SimpleITK and VTK; 5.6 and later also scipy).
+#: Runs the network of a model that has ``model.onnx`` (every shipped model): 13-28 MB to download. 1.19.2 is
+#: the last release with wheels for Python 3.9 (Slicer 5.6 and 5.8).
+ONNXRUNTIME = Requirement("onnxruntime", "onnxruntime", "1.19.2", "runs the network")
+#: Trains and fine-tunes, and runs the network of a model without ``model.onnx`` (or with ``--runtime torch``).
+TORCH = Requirement("torch", "torch", "2.2", "trains models, and runs those without model.onnx")
+#: The ONNX exporter PyTorch uses to write ``model.onnx`` at the end of a training.
+EXPORTER = (
+    Requirement("onnx", "onnx", "1.17", "writes model.onnx at the end of a training"),
+    Requirement("onnxscript", "onnxscript", "0.5", "writes model.onnx at the end of a training"),
+)
+#: Installed with pip along with the network's runtime (Slicer bundles numpy, SimpleITK and VTK; 5.6 and later also scipy).
 REQUIRED = (
     Requirement("safetensors", "safetensors", "0.4", "reads the model weights"),
     Requirement("edt", "edt", "3.0", "computes distance maps"),
@@ -42,6 +51,18 @@ REQUIRED = (
 OPTIONAL = (Requirement("isal", "isal", "1.6", "gzips the saved volumes 5-6x faster (zlib is used without it)"),)
 #: What the metrics need (no network).
 FOR_METRICS = ("scipy",)
+
+
+def for_segmentation(runtime: str, has_onnx: bool) -> tuple[Requirement, ...]:
+    """The runtime a segmentation needs: ONNX Runtime for a model with ``model.onnx`` (``runtime`` ``auto`` or
+    ``onnxruntime``), PyTorch for ``torch`` or a model without it (see ``modelfiles.choose_runtime``)."""
+    if runtime == "torch" or (runtime == "auto" and not has_onnx):
+        return (TORCH,)
+    return (ONNXRUNTIME,)
+
+
+#: What training and fine-tuning need on top of :data:`REQUIRED`.
+FOR_TRAINING = (TORCH, *EXPORTER)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

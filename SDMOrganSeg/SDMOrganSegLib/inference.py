@@ -5,6 +5,11 @@ The API is what the Slicer panel and the batch script use: :func:`segment_image`
 callback ``progress(fraction, message)`` and a cancel check (a ``threading.Event`` or any callable that
 returns True to stop), and returns a :class:`SegmentationResult` whose images share the input's
 geometry exactly.
+
+The network itself is a :class:`NetworkRunner`, a call from a batch of tiles to their outputs, on PyTorch
+(:class:`TorchNetwork`) or on ONNX Runtime (:class:`SDMOrganSegLib.onnxmodel.OnnxNetwork`); everything around
+it (resampling, intensity, sliding window, test-time augmentation, labels, post-processing, checks) is the
+same code for both. Importing this module does not import PyTorch.
 """
 
 from __future__ import annotations
@@ -13,14 +18,14 @@ import contextlib
 import itertools
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from . import distributed
 from .errors import CancelCheck, InputMismatchError, ProgressCallback, SDMOrganSegError, check_cancel
@@ -32,6 +37,9 @@ from .plausibility import input_warnings, modality_mismatch, volume_warnings
 from .postprocessing import keep_largest_component
 from .preprocessing import needs_resampling, normalize_intensity, resample_like, resample_to_spacing, resampled_size
 from .sdm import sdms_to_label_map
+
+if TYPE_CHECKING:  # imported where a PyTorch network runs, not for ONNX Runtime
+    import torch
 
 
 @dataclass
@@ -51,6 +59,8 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "torch"  #: "torch" or "onnxruntime"
+    provider: str = ""  #: PyTorch's device type, or ONNX Runtime's execution provider
 
     def organ_volumes_ml(self) -> dict[str, float]:
         voxel_ml = float(np.prod(self.labels.GetSpacing())) / 1000.0
@@ -61,6 +71,8 @@ class SegmentationResult:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; asking for ``cuda`` without one is an error."""
+    import torch
+
     if device in ("auto", "", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") or device == "gpu":
@@ -73,6 +85,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def device_description(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
@@ -110,6 +124,8 @@ def tiles(shape: Sequence[int], window: Sequence[int], overlap: float) -> list[t
 @contextlib.contextmanager
 def _autocast(device: torch.device) -> Iterator[None]:
     # float16 on the GPU halves memory traffic; the CPU stays in float32 (bf16 autocast is slower there).
+    import torch
+
     if device.type == "cuda":
         with torch.autocast("cuda", dtype=torch.float16):
             yield
@@ -133,6 +149,8 @@ ONEDNN_ON_CPU = True
 
 
 def _onednn_forward(conv: torch.nn.Conv3d) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch
+
     weight, bias = conv.weight, conv.bias
     if weight.shape[2:] == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.groups == 1:
         matrix = weight.reshape(weight.shape[:2])
@@ -161,6 +179,8 @@ def _onednn_forward(conv: torch.nn.Conv3d) -> Callable[[torch.Tensor], torch.Ten
 def _cpu_convolutions(network: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """For the duration of a CPU run, the network's float32 zero-padded 3D convolutions go to oneDNN;
     the network is given back as it was."""
+    import torch
+
     usable = device.type == "cpu" and ONEDNN_ON_CPU and torch.backends.mkldnn.is_available() and isinstance(network, torch.nn.Module)
     convolutions = [
         m for m in (network.modules() if usable else ())
@@ -176,60 +196,141 @@ def _cpu_convolutions(network: torch.nn.Module, device: torch.device) -> Iterato
             vars(conv).pop("forward", None)
 
 
+class NetworkRunner:
+    """The network as a call: a float32 array ``(n, 1, z, y, x)`` of tiles in, ``(n, channels, z, y, x)`` out.
+
+    ``runtime``: ``torch`` or ``onnxruntime``; ``provider``: where it runs (PyTorch's device type, ONNX
+    Runtime's execution provider); ``description``: the same for people; ``device_type``: ``cuda`` or
+    ``cpu``; ``config``: the card's :class:`~SDMOrganSegLib.architecture.UNetConfig` (``depth`` gives the
+    multiple the network pads to). :meth:`session` wraps a run of calls; :meth:`on_cpu` is the same
+    network on the CPU (after a GPU ran out of memory).
+    """
+
+    runtime = ""
+    provider = ""
+    description = ""
+    device_type = "cpu"
+    config: Any = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        yield
+
+    def release_memory(self) -> None:
+        """Give back the GPU memory the network holds (after a run, or when a call ran out of memory)."""
+
+    def on_cpu(self) -> "NetworkRunner":
+        return self
+
+
+class TorchNetwork(NetworkRunner):
+    """:class:`NetworkRunner` of a PyTorch network on ``device``: under inference mode, float16 autocast on
+    GPUs, and on the CPU with its convolutions sent to oneDNN (:data:`ONEDNN_ON_CPU`)."""
+
+    runtime = "torch"
+
+    def __init__(self, network: torch.nn.Module, device: torch.device) -> None:
+        self.network = network
+        self.device = device
+        self.config = getattr(network, "config", None)
+        self.provider = device.type
+        self.device_type = device.type
+        self.description = device_description(device)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        import torch
+
+        self.network.to(self.device)
+        with torch.inference_mode(), _autocast(self.device), _cpu_convolutions(self.network, self.device):
+            yield
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        tile = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        return self.network(tile).float().cpu().numpy()
+
+    def release_memory(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            self.network.to("cpu")
+            torch.cuda.empty_cache()
+
+    def on_cpu(self) -> "TorchNetwork":
+        import torch
+
+        return TorchNetwork(self.network, torch.device("cpu"))
+
+
 def predict_array(
-    network: torch.nn.Module,
+    network: NetworkRunner | torch.nn.Module,
     volume: np.ndarray,
-    device: torch.device,
+    device: torch.device | None = None,
     window: Sequence[int] | None = None,
     overlap: float = 0.25,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     mirror_axes: Sequence[int] = (),
 ) -> np.ndarray:
-    """Network output ``(organs, z, y, x)`` float32 for a normalised volume ``(z, y, x)``.
+    """Network output ``(channels, z, y, x)`` float32 for a normalised volume ``(z, y, x)``.
+
+    ``network`` is a :class:`NetworkRunner`, or a PyTorch network run on ``device`` (:class:`TorchNetwork`).
+    The channels are the network's outputs (one per organ, or more, e.g. a ``dual`` model's SDMs and logits).
 
     With ``window`` (``(z, y, x)`` voxels) smaller than the volume, tiles are predicted one at a time and
     blended with Gaussian weights straight into the output, so memory grows with the volume (one float32
-    per organ and voxel, plus one for the weights), not with the number of tiles.
+    per channel and voxel, plus one for the weights), not with the number of tiles.
 
     ``mirror_axes`` (volume axes, 0 = z, 1 = y, 2 = x) turns on mirroring test-time augmentation: each
     tile is also predicted mirrored along every non-empty subset of these axes, mirrored back, and the
     outputs averaged (2, 4 or 8 network calls per tile).
     """
-    network = network.to(device)
-    config = getattr(network, "config", None)
-    organs = getattr(config, "output_channels", getattr(config, "out_channels", None))
+    if not isinstance(network, NetworkRunner):
+        network = TorchNetwork(network, device)
+    if network.runtime == "torch":
+        # Blended in place on PyTorch's threads (numpy's are one): the same IEEE float32 products, sums and
+        # division as numpy's, so both runtimes blend identically.
+        import torch
+
+        as_blendable = torch.from_numpy
+    else:
+        as_blendable = np.asarray
     shape = volume.shape
     if window is None or all(w >= s for w, s in zip(window, shape)):
         windows = [tuple(slice(0, s) for s in shape)]
     else:
         windows = tiles(shape, window, overlap)
     single = len(windows) == 1
-    output = None if single else np.zeros((organs,) + tuple(shape), np.float32)
-    weight_sum = None if single else np.zeros(shape, np.float32)
-    output_sum = None if single else torch.from_numpy(output)
-    weight_total = None if single else torch.from_numpy(weight_sum)
-    weights = None
-    with torch.inference_mode(), _autocast(device), _cpu_convolutions(network, device):
+    output = output_sum = weight_sum = weights = None
+    with network.session():
         for index, region in enumerate(windows):
             check_cancel(cancel)
-            tile = torch.from_numpy(np.ascontiguousarray(volume[region]))[None, None].to(device, non_blocking=True)
-            prediction = _mirrored_prediction(network, tile, mirror_axes)
+            prediction = _mirrored_prediction(network, volume[region], mirror_axes)
             if single:
-                output = prediction.contiguous().numpy()
+                output = prediction
             else:
+                if output is None:  # the channels are the network's, known from its first output
+                    output = np.zeros(prediction.shape[:1] + tuple(shape), np.float32)
+                    weight_sum = np.zeros(shape, np.float32)
+                    output_sum, weight_total = as_blendable(output), as_blendable(weight_sum)
                 if weights is None or weights.shape != prediction.shape[1:]:
-                    weights = torch.from_numpy(gaussian_weights(prediction.shape[1:]))
-                # The same float32 products and sums as numpy's, in place on the network's output (no
-                # temporary of organs x window) and on PyTorch's threads.
-                prediction.mul_(weights)
-                output_sum[(slice(None),) + region].add_(prediction)
-                weight_total[region].add_(weights)
+                    weights = as_blendable(gaussian_weights(prediction.shape[1:]))
+                # In place on the network's output and on views of the sums: no temporary of channels x window.
+                prediction = as_blendable(prediction)
+                prediction *= weights
+                blended = output_sum[(slice(None),) + region]
+                blended += prediction
+                covered = weight_total[region]
+                covered += weights
             if progress:
                 progress((index + 1) / len(windows), f"network: tile {index + 1} of {len(windows)}")
-    if not single:
-        # In place and on PyTorch's threads: the same IEEE division as numpy's, in a fraction of the time.
-        output_sum.div_(weight_total)
+        if not single:
+            output_sum /= weight_total
     return output
 
 
@@ -239,18 +340,23 @@ def mirror_subsets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for count in range(len(axes) + 1) for combo in itertools.combinations(axes, count)]
 
 
-def _mirrored_prediction(network: torch.nn.Module, tile: torch.Tensor, mirror_axes: Sequence[int]) -> torch.Tensor:
-    """``network(tile)[0]`` as float32 on the CPU, averaged over the mirrorings of ``mirror_axes``."""
+def _mirrored_prediction(network: NetworkRunner, tile: np.ndarray, mirror_axes: Sequence[int]) -> np.ndarray:
+    """The network's output ``(channels, z, y, x)`` for ``tile`` ``(z, y, x)``, float32 and contiguous,
+    averaged over the mirrorings of ``mirror_axes``."""
     subsets = mirror_subsets(mirror_axes)
     total = None
     for flip in subsets:
-        dims = [axis + 2 for axis in flip]  # (batch, channel, z, y, x)
-        output = network(torch.flip(tile, dims) if dims else tile)
-        output = (torch.flip(output, dims) if dims else output)[0].float()
-        total = output if total is None else total.add_(output)
+        flipped = np.flip(tile, flip) if flip else tile
+        output = network(np.ascontiguousarray(flipped, dtype=np.float32)[None, None])[0]
+        if flip:
+            output = np.flip(output, [axis + 1 for axis in flip])  # (channel, z, y, x)
+        if total is None:
+            total = np.ascontiguousarray(output, dtype=np.float32)
+        else:
+            total += output
     if len(subsets) > 1:
-        total.div_(len(subsets))
-    return total.cpu()
+        total /= np.float32(len(subsets))
+    return total
 
 
 def tta_axes(card: ModelCard) -> tuple[int, ...]:
@@ -387,10 +493,25 @@ def _plan_window(
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+    torch = sys.modules.get("torch")  # a PyTorch error only where PyTorch runs
+    if isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)):
         return True
     text = str(error).lower()
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def network_runner(model: LoadedModel, device: str = "auto") -> NetworkRunner:
+    """``model``'s network on ``device`` (``auto``, ``cpu``, ``cuda``) with the runtime :func:`load_model`
+    chose; kept on the model, so a batch builds it once."""
+    key = str(device or "auto")
+    if key not in model.runners:
+        if model.runtime == "onnxruntime":
+            from .onnxmodel import OnnxNetwork
+
+            model.runners[key] = OnnxNetwork(model.onnx, key, model.card.architecture)
+        else:
+            model.runners[key] = TorchNetwork(model.network, resolve_device(key))
+    return model.runners[key]
 
 
 def segment_image(
@@ -411,7 +532,7 @@ def segment_image(
 
     Args:
         image: scalar 3D SimpleITK image, any orientation (oblique included) and spacing.
-        model: from :func:`SDMOrganSegLib.modelfiles.load_model`.
+        model: from :func:`SDMOrganSegLib.modelfiles.load_model`, which chose the runtime (PyTorch or ONNX Runtime).
         device: ``auto``, ``cpu`` or ``cuda``. On out-of-memory the run retries with half the window (down to
             32 voxels a side), then, from a GPU, on the CPU, and says so in ``result.notes``; out of memory on
             the CPU with the smallest window is an :class:`SDMOrganSegError`.
@@ -443,7 +564,8 @@ def segment_image(
     mismatch = modality_mismatch(image, card.modality, card.field_of_view)
     if mismatch and not force:  # before the device, the memory plan and minutes of network time
         raise InputMismatchError(f"{mismatch}; or segment it anyway with --force", reason=mismatch)
-    chosen = resolve_device(device)
+    network = network_runner(model, device)
+    notes.extend(model.notes)
     notes.extend(input_warnings(image, card.modality, card.field_of_view, card.input_extent_mm))
     if card.architecture.output_activation == "none" and card.architecture.heads != "dual":
         notes.append(
@@ -452,7 +574,7 @@ def segment_image(
         )
     if card.architecture.heads == "dual":
         notes.append("dual-head model: the label map comes from its segmentation head, the SDMs and their iso-contours from its SDM head")
-    smallest_side = minimum_window(model.network)
+    smallest_side = minimum_window(network)
     if window is not None and min(window) < smallest_side:
         raise SDMOrganSegError(
             f"window {'x'.join(str(int(w)) for w in window)} is smaller than this network's minimum of {smallest_side} voxels a side "
@@ -468,7 +590,7 @@ def segment_image(
     window_zyx = _window_zyx(window or card.window)
     grid = resampled_size(image, card.spacing) if needs_resampling(image, card.spacing) else image.GetSize()
     model_shape = tuple(int(s) for s in reversed(grid))
-    window_zyx = _plan_window(image, model_shape, card.architecture.output_channels, model.network, window_zyx, memory_budget_bytes(memory_gb), notes)
+    window_zyx = _plan_window(image, model_shape, card.architecture.output_channels, network, window_zyx, memory_budget_bytes(memory_gb), notes)
 
     report(0.0, "preparing the volume")
     working = sitk.Cast(image, sitk.sitkFloat32)
@@ -485,32 +607,30 @@ def segment_image(
         report(0.05 + 0.85 * fraction, message)
 
     planned = window_zyx
-    smallest = _smallest_window(volume.shape, _size_multiple(model.network))
+    smallest = _smallest_window(volume.shape, _size_multiple(network))
     while True:
         try:
-            output = predict_array(model.network, volume, chosen, window_zyx, overlap, network_progress, cancel, mirror_axes)
+            output = predict_array(network, volume, None, window_zyx, overlap, network_progress, cancel, mirror_axes)
             break
         except (RuntimeError, MemoryError) as error:
             if not _is_out_of_memory(error):
                 raise
-            if chosen.type == "cuda":
-                torch.cuda.empty_cache()
-            where = "CPU" if chosen.type == "cpu" else "GPU"
+            network.release_memory()
+            where = "CPU" if network.device_type == "cpu" else "GPU"
             current = tuple(min(w, s) for w, s in zip(window_zyx or volume.shape, volume.shape))
             if any(c > m for c, m in zip(current, smallest)):
                 window_zyx = tuple(max(m, int(math.ceil(c / 2))) for c, m in zip(current, smallest))
                 notes.append(f"{where} out of memory: retrying with a {'x'.join(map(str, window_zyx[::-1]))} window")
-            elif chosen.type != "cpu":
-                chosen, window_zyx = torch.device("cpu"), planned
+            elif network.device_type != "cpu":
+                network, window_zyx = network.on_cpu(), planned
                 notes.append("GPU out of memory even with the smallest window: continuing on the CPU")
             else:
-                model.network.to("cpu")
                 raise SDMOrganSegError(
                     f"out of memory on the CPU even with a {'x'.join(map(str, current[::-1]))} window; "
                     "close other programs, or use a machine with more memory"
                 ) from None
             report(0.05, notes[-1])
-    model.network.to("cpu")
+    network.release_memory()
     timings["network_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -547,8 +667,8 @@ def segment_image(
     timings["total_s"] = time.perf_counter() - started
     report(1.0, "done")
     result = SegmentationResult(
-        labels=labels, sdms=sdm_images, organs=list(card.organs), device=device_description(chosen),
-        model_name=card.name, timings=timings, notes=notes, settings=settings,
+        labels=labels, sdms=sdm_images, organs=list(card.organs), device=network.description,
+        model_name=card.name, timings=timings, notes=notes, settings=settings, runtime=network.runtime, provider=network.provider,
     )
     notes.extend(volume_warnings(result.organ_volumes_ml(), {organ.name: organ.volume_ml for organ in card.organs}))
     return result

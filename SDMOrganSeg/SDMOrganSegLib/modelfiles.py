@@ -4,10 +4,15 @@ A model folder holds ``model.safetensors`` (tensors only: loading it cannot exec
 pickled ``.pt``) and ``model.json``, the card: architecture, organs (names, label values, colours),
 input spacing and intensity normalisation, training data, split, command and validation metrics, and the
 sha256 of the weights. :func:`load_model` refuses a folder whose checksum, card or weights disagree.
+
+A folder may also hold ``model.onnx``, the same network exported for ONNX Runtime (:mod:`.onnxmodel`),
+listed in the card's ``onnx`` record with its sha256 and the sha256 of the weights it was exported from;
+with it a model segments without PyTorch (``runtime`` of :func:`load_model`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,6 +34,13 @@ if TYPE_CHECKING:  # PyTorch is imported only once a model is really built: refu
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+#: Where the network can run: ``auto`` = ONNX Runtime when it is installed and the model has ``model.onnx``,
+#: PyTorch otherwise.
+RUNTIMES = ("auto", "onnxruntime", "torch")
+#: What to install for each runtime (one line in errors).
+INSTALL_TORCH = "pip install 'sdmorganseg[train]' (or, in Slicer, the PyTorch extension)"
+INSTALL_ONNXRUNTIME = "pip install onnxruntime"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
 
 #: Colours (RGB 0-1) given to organs that a card lists without one; Slicer's GenericAnatomyColors-like.
@@ -79,6 +91,9 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
+    #: ``model.onnx``'s record (:func:`SDMOrganSegLib.onnxmodel.export_model`): file, sha256, the weights'
+    #: sha256 it was exported from, output channels, axes; empty when the folder has no ONNX export.
+    onnx: dict[str, Any] = field(default_factory=dict)
     software_version: str = __version__
     format: int = MODEL_CARD_FORMAT
 
@@ -101,6 +116,7 @@ class ModelCard:
             "training": self.training,
             "metrics": self.metrics,
             "weights_sha256": self.weights_sha256,
+            **({"onnx": self.onnx} if self.onnx else {}),
         }
 
     @classmethod
@@ -139,6 +155,7 @@ class ModelCard:
                 training=dict(values.get("training") or {}),
                 metrics=dict(values.get("metrics") or {}),
                 weights_sha256=str(values.get("weights_sha256", "")),
+                onnx=dict(values.get("onnx") or {}),
                 software_version=str(values.get("software_version", "")),
                 format=card_format,
             )
@@ -173,13 +190,36 @@ class ModelCard:
         return [organ.name for organ in self.organs]
 
 
-@dataclass
 class LoadedModel:
-    """A checked model: its card, its network (CPU, eval mode) and the folder it came from."""
+    """A checked model: its card, the folder it came from, and the runtime it segments with.
 
-    card: ModelCard
-    network: UNet3D
-    directory: Path
+    ``runtime`` is ``"torch"`` or ``"onnxruntime"``; ``onnx`` the checked ``model.onnx`` (None without one);
+    ``notes`` what the choice of runtime is worth telling the user. ``network`` (the PyTorch network, CPU,
+    eval mode) is built from the checked weights when first used, so a model run on ONNX Runtime never
+    imports PyTorch.
+    """
+
+    def __init__(
+        self, card: ModelCard, network: UNet3D | None = None, directory: Path | None = None, *,
+        onnx: Path | None = None, runtime: str = "torch", notes: Sequence[str] = (),
+    ) -> None:
+        self.card = card
+        self._network = network
+        self.directory = directory
+        self.onnx = onnx
+        self.runtime = runtime
+        self.notes = list(notes)
+        self.runners: dict[str, Any] = {}  #: :mod:`.inference`'s network runners of this model, by device
+
+    @property
+    def network(self) -> UNet3D:
+        if self._network is None:
+            self._network = _build_network(self.card, Path(self.directory))
+        return self._network
+
+    @network.setter
+    def network(self, network: UNet3D) -> None:
+        self._network = network
 
     @property
     def name(self) -> str:
@@ -226,12 +266,75 @@ def _refuse_non_safetensors(weights: Path) -> None:
     raise SDMOrganSegError(f"{weights} is not a safetensors file (it is truncated or of another format); copy the model again")
 
 
-def load_model(directory: str | Path) -> LoadedModel:
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it (PyTorch takes seconds to import)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a stand-in module without a spec (tests) counts as absent
+        return False
+
+
+def choose_runtime(runtime: str, card: ModelCard, directory: Path, has_onnx: bool) -> tuple[str, list[str]]:
+    """``torch`` or ``onnxruntime`` for ``runtime`` (``auto``, ``onnxruntime`` or ``torch``), and notes; a
+    runtime that cannot run this model here is refused in one line saying what to install or write."""
+    if runtime not in RUNTIMES:
+        raise SDMOrganSegError(f"unknown runtime {runtime!r}; use {', '.join(RUNTIMES)}")
+    export_hint = f"sdmorganseg export {directory} writes it where PyTorch is installed"
+    if runtime == "onnxruntime":
+        if not has_onnx:
+            raise SDMOrganSegError(f"model {card.name} has no {ONNX_FILE} for ONNX Runtime; {export_hint}, or use --runtime torch")
+        if not installed("onnxruntime"):
+            raise SDMOrganSegError(f"--runtime onnxruntime needs ONNX Runtime, which is not installed; {INSTALL_ONNXRUNTIME}, or use --runtime torch")
+        return "onnxruntime", []
+    if runtime == "torch":
+        if not installed("torch"):
+            raise SDMOrganSegError(f"--runtime torch needs PyTorch, which is not installed; {INSTALL_TORCH}, or use --runtime onnxruntime")
+        return "torch", []
+    if has_onnx and installed("onnxruntime"):
+        return "onnxruntime", []
+    if installed("torch"):
+        why = "ONNX Runtime is not installed" if has_onnx else f"model {card.name} has no {ONNX_FILE} (sdmorganseg export {directory} writes it)"
+        return "torch", [f"{why}: running on PyTorch"]
+    if has_onnx:
+        raise SDMOrganSegError(f"segmenting needs ONNX Runtime or PyTorch, and neither is installed; {INSTALL_ONNXRUNTIME}")
+    raise SDMOrganSegError(f"model {card.name} has no {ONNX_FILE}, so segmenting with it needs PyTorch; {INSTALL_TORCH}, or {export_hint}")
+
+
+def _checked_onnx(directory: Path, card: ModelCard, notes: list[str]) -> Path | None:
+    """The folder's ``model.onnx`` when the card lists it and its checksum matches; refuses a listed file
+    that is missing or altered; None (with a note) for one the card does not list or that was exported
+    from other weights."""
+    path = directory / ONNX_FILE
+    record = card.onnx
+    if not record:
+        if path.is_file():
+            notes.append(f"{path} is not listed in the model card, so it is not used; sdmorganseg export {directory} lists it")
+        return None
+    if record.get("file") != ONNX_FILE or not record.get("sha256"):
+        raise SDMOrganSegError(f"the onnx record of the card in {directory} is malformed (it needs file {ONNX_FILE!r} and its sha256); rewrite it with sdmorganseg export {directory}")
+    if not path.is_file():
+        raise SDMOrganSegError(f"model folder {directory} has no {ONNX_FILE}, which its card lists; copy the model again or rewrite it with sdmorganseg export {directory}")
+    digest = sha256_of(path)
+    if digest != record["sha256"]:
+        raise SDMOrganSegError(
+            f"checksum mismatch for {path}: the card says {str(record['sha256'])[:12]}..., the file is {digest[:12]}...; "
+            f"the ONNX model is corrupt or was replaced: copy the model again or rewrite it with sdmorganseg export {directory}"
+        )
+    if record.get("weights_sha256") != card.weights_sha256:
+        notes.append(f"{path} was exported from other weights than {WEIGHTS_FILE}, so it is not used; sdmorganseg export {directory} rewrites it")
+        return None
+    return path
+
+
+def load_model(directory: str | Path, runtime: str = "auto", *, check_onnx: bool = True) -> LoadedModel:
     """Load and check a model folder; any problem is an :class:`SDMOrganSegError` naming it and the fix.
 
-    Checks, before the weights are used: the card parses and is not newer than this code; the weights
-    are safetensors (pickles are refused unread); their sha256 equals the card's; every tensor matches
-    the architecture the card describes.
+    Checks, before anything is used: the card parses and is not newer than this code; the weights are
+    safetensors (pickles are refused unread); their sha256 equals the card's; ``model.onnx``, when the card
+    lists it, has the card's sha256. ``runtime`` (:data:`RUNTIMES`) chooses where the network runs
+    (:func:`choose_runtime`); for PyTorch the network is built now, and every tensor must match the
+    architecture the card describes; for ONNX Runtime, PyTorch is not imported. ``check_onnx=False`` ignores
+    ``model.onnx`` (for :func:`SDMOrganSegLib.onnxmodel.export_model`, which replaces it).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -259,6 +362,20 @@ def load_model(directory: str | Path) -> LoadedModel:
             "the weights are corrupt or were replaced: download or copy the model again"
         )
     card = ModelCard.from_dict(values, str(directory / CARD_FILE))
+    notes: list[str] = []
+    onnx = _checked_onnx(directory, card, notes) if check_onnx else None
+    chosen, runtime_notes = choose_runtime(runtime, card, directory, onnx is not None)
+    model = LoadedModel(card, None, directory, onnx=onnx, runtime=chosen, notes=notes + runtime_notes)
+    if chosen == "torch":
+        model.network  # built and checked against the card now, before any work
+    return model
+
+
+def _build_network(card: ModelCard, directory: Path) -> UNet3D:
+    """The PyTorch network of a checked model folder, its weights loaded (CPU, eval mode)."""
+    if not installed("torch"):
+        raise SDMOrganSegError(f"this needs PyTorch (the network of model {card.name} as PyTorch layers), which is not installed; {INSTALL_TORCH}")
+    weights = directory / WEIGHTS_FILE
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -285,11 +402,15 @@ def load_model(directory: str | Path) -> LoadedModel:
         raise SDMOrganSegError(f"the weights in {directory} do not fit the architecture in its card ({detail}); the card and weights are from different models")
     network.load_state_dict(state)
     network.eval()
-    return LoadedModel(card=card, network=network, directory=directory)
+    return network
 
 
 def save_model(network: torch.nn.Module, card: ModelCard, directory: str | Path, overwrite: bool = False) -> ModelCard:
-    """Write ``model.safetensors`` and ``model.json`` (with the weights' sha256) atomically."""
+    """Write ``model.safetensors`` and ``model.json`` (with the weights' sha256) atomically.
+
+    The card keeps its ``onnx`` record only for the same weights with their ``model.onnx`` in ``directory``;
+    an export of the weights being replaced is removed with them (:func:`SDMOrganSegLib.onnxmodel.export_model`
+    writes a new one)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -300,6 +421,13 @@ def save_model(network: torch.nn.Module, card: ModelCard, directory: str | Path,
     with atomic_path(directory / WEIGHTS_FILE, overwrite) as temporary:
         save_file(state, str(temporary))
         card.weights_sha256 = sha256_of(temporary)
+        exported = directory / ONNX_FILE
+        if card.onnx:
+            in_folder = exported.is_file() and sha256_of(exported) == card.onnx.get("sha256")
+            if not in_folder or card.onnx.get("weights_sha256") != card.weights_sha256:
+                if in_folder and overwrite:
+                    exported.unlink()  # the export of the weights being replaced
+                card.onnx = {}
         write_text_atomic(directory / CARD_FILE, json.dumps(card.to_dict(), indent=2) + "\n", overwrite)
     return card
 

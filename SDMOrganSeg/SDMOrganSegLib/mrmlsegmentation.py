@@ -66,6 +66,8 @@ class ComputedOutputs:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)  #: options that change the result (see SegmentationResult)
+    runtime: str = ""  #: what ran the network: "torch" or "onnxruntime" (see SegmentationResult)
+    provider: str = ""
 
     def organ_volumes_ml(self) -> dict[str, float]:
         voxel_ml = float(np.prod(self.labels.GetSpacing())) / 1000.0
@@ -94,14 +96,16 @@ def compute_outputs(
     tta: bool | None = None,
     largest_component: bool = False,
     force: bool = False,
+    runtime: str = "auto",
 ) -> ComputedOutputs:
     """Segment ``image`` with a model folder and contour the SDMs; no MRML involved.
 
     ``fraction`` is the part of the progress range this step reports into; ``tta``, ``largest_component``
-    and ``force`` are :func:`SDMOrganSegLib.inference.segment_image`'s.
+    and ``force`` are :func:`SDMOrganSegLib.inference.segment_image`'s, ``runtime``
+    :func:`SDMOrganSegLib.modelfiles.load_model`'s.
     """
     check_cancel(cancel)  # before importing PyTorch, which takes seconds
-    from .inference import segment_image  # torch: imported only when a run starts
+    from .inference import segment_image
     from .modelfiles import load_model, resolve_model
 
     levels = as_levels(levels)
@@ -109,7 +113,7 @@ def compute_outputs(
     low, high = fraction
     started = time.perf_counter()
     report(low, "loading the model")
-    model = load_model(resolve_model(model_dir))
+    model = load_model(resolve_model(model_dir), runtime=runtime)
     check_cancel(cancel)
 
     def network_progress(part: float, message: str) -> None:
@@ -138,6 +142,8 @@ def compute_outputs(
         timings=timings,
         notes=list(result.notes),
         settings=dict(result.settings),
+        runtime=result.runtime,
+        provider=result.provider,
     )
 
 
@@ -226,6 +232,7 @@ class SDMSegmentationLogic:
         tta: bool | None = None,
         largest_component: bool = False,
         force: bool = False,
+        runtime: str = "auto",
     ) -> OutputNodes:
         """Segment a volume node and add the outputs to the scene (all or nothing).
 
@@ -238,12 +245,13 @@ class SDMSegmentationLogic:
             progress: called with (fraction, message).
             cancel: ``threading.Event`` or callable; when set the run stops and leaves no nodes.
             tta, largest_component, force: see :func:`SDMOrganSegLib.inference.segment_image`.
+            runtime: ``auto``, ``onnxruntime`` or ``torch`` (:func:`SDMOrganSegLib.modelfiles.load_model`).
         """
         levels = as_levels(levels)
         image = volume_node_to_sitk(volumeNode)
         computed = compute_outputs(
             image, model_dir, device, levels, progress, cancel, fraction=(0.0, 0.9), tta=tta, largest_component=largest_component,
-            force=force,
+            force=force, runtime=runtime,
         )
         return self.create_nodes(volumeNode, computed, show2D, show3D, progress, cancel)
 
@@ -431,11 +439,12 @@ class BackgroundRun(BackgroundProcess):
         env: Mapping[str, str] | None = None,
         workdir: str | Path | None = None,
         force: bool = False,
+        runtime: str = "auto",
     ) -> None:
         self.levels = as_levels(levels)
         self.model_dir = str(model_dir) if model_dir is not None else None
         self.device = device
-        request = {"model_dir": self.model_dir, "device": device, "levels": list(self.levels), "force": bool(force)}
+        request = {"model_dir": self.model_dir, "device": device, "levels": list(self.levels), "force": bool(force), "runtime": runtime}
         super().__init__(request, python, env, workdir)
         self._image = image
 
@@ -463,7 +472,7 @@ def _write_outputs(computed: ComputedOutputs, folder: Path) -> dict[str, Any]:
     return {
         "model_name": computed.model_name, "device": computed.device, "levels": list(computed.levels),
         "organs": [{"name": o.name, "label": o.label, "color": list(o.color), "terminology_entry": o.terminology_entry} for o in computed.organs],
-        "timings": computed.timings, "notes": computed.notes,
+        "timings": computed.timings, "notes": computed.notes, "runtime": computed.runtime, "provider": computed.provider,
         "files": {"labels": "labels.nrrd", "sdms": sdms, "surfaces": surfaces},
     }
 
@@ -495,6 +504,7 @@ def _read_outputs(folder: Path, values: Mapping[str, Any]) -> ComputedOutputs:
             for name, per_level in files["surfaces"].items()
         },
         levels=levels, timings=dict(values.get("timings", {})), notes=list(values.get("notes", [])),
+        runtime=str(values.get("runtime", "")), provider=str(values.get("provider", "")),
     )
 
 
@@ -504,7 +514,7 @@ def run_job(folder: Path, request: Mapping[str, Any], report: Report, cancel: Ca
     image = sitk.ReadImage(str(folder / _INPUT))
     computed = compute_outputs(
         image, request.get("model_dir"), request.get("device", "auto"), request.get("levels", DEFAULT_LEVELS), report, cancel,
-        force=bool(request.get("force", False)),
+        force=bool(request.get("force", False)), runtime=request.get("runtime", "auto"),
     )
     check_cancel(cancel)
     return _write_outputs(computed, folder)

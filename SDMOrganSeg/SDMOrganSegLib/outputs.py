@@ -192,6 +192,8 @@ def write_result(
             "software": f"SDMOrganSeg {__version__}",
             "model": result.model_name,
             "device": result.device,
+            "runtime": getattr(result, "runtime", "torch"),
+            "provider": getattr(result, "provider", ""),
             "coordinate_system": "LPS",
             "sdm_levels": list(levels),
             "organs": {

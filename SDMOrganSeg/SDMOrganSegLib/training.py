@@ -935,11 +935,13 @@ def evaluate_model_on_split(
 
 
 def finalize_best_model(run_dir: str | Path, data_dir: str | Path, device: str = "auto", tta: bool = False) -> dict[str, Any]:
-    """Evaluate ``run_dir/best`` on its validation split (Dice, HD, HD95, ASD) and store the summary in its card."""
-    from .modelfiles import load_model
+    """Evaluate ``run_dir/best`` on its validation split (Dice, HD, HD95, ASD), store the summary in its card,
+    and export it to ``model.onnx`` (:func:`SDMOrganSegLib.onnxmodel.export_model`) for ONNX Runtime."""
+    from .modelfiles import installed, load_model
+    from .onnxmodel import export_model
 
     run_dir = Path(run_dir)
-    model = load_model(run_dir / "best")
+    model = load_model(run_dir / "best", runtime="torch")
     card = model.card
     results, prepared = evaluate_model_on_split(model, data_dir, run_dir / "cache", device, tta)
     card.metrics = split_metrics_record(
@@ -947,6 +949,12 @@ def finalize_best_model(run_dir: str | Path, data_dir: str | Path, device: str =
         "metrics at the model spacing on whole validation volumes (organs only where annotated); HD/HD95/ASD in mm",
     )
     save_model(model.network, card, run_dir / "best", overwrite=True)
+    missing = [module for module in ("onnx", "onnxscript") if not installed(module)]
+    if missing:  # the model is complete without it: it runs on PyTorch
+        print(f"note: {run_dir / 'best'} has no model.onnx, since {' and '.join(missing)} (the ONNX exporter's) is not installed; "
+              f"install them (pip install 'sdmorganseg[train]') and run sdmorganseg export {run_dir / 'best'}", file=sys.stderr)
+    else:
+        export_model(run_dir / "best")
     return card.metrics["per_organ"]
 
 

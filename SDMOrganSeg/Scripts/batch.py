@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", default=None, metavar="FOLDER",
                         help="folder of reference label maps with the same file names as the inputs: adds metrics.csv and metrics to summary.csv")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default auto)")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch"],
+                        help="what runs the network: ONNX Runtime (the model's model.onnx) or PyTorch; auto = ONNX Runtime when it is installed and the model has model.onnx, else PyTorch (default auto)")
     parser.add_argument("--levels", default="0,0.1,0.2,0.3", help="SDM iso-contour levels (default 0,0.1,0.2,0.3)")
     parser.add_argument("--format", default="nifti", metavar="nifti|nrrd[,dicom-seg][,rtstruct]",
                         help="image output format (default nifti); dicom-seg / rtstruct add seg.dcm / rtstruct.dcm for DICOM series inputs")
@@ -226,7 +228,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
     try:
         outputs = logic.segment_volume(
             volume, context["model_dir"], context["device"], context["levels"], show2D=False, show3D=False,
-            tta=args.tta, largest_component=args.largest_component, force=args.force,
+            tta=args.tta, largest_component=args.largest_component, force=args.force, runtime=context["runtime"],
         )
         try:
             computed = outputs.computed
@@ -323,10 +325,11 @@ def _formats(text: str) -> tuple[str, tuple[str, ...]]:
 
 
 def missing_packages(reference: bool, pictures: bool, dicom: bool = False) -> list[str]:
-    """pip names of the packages this run needs that cannot be imported (checked before any work)."""
+    """pip names of the packages this run needs that cannot be imported (checked before any work); the
+    network's runtime (ONNX Runtime or PyTorch) is checked with the model (``modelfiles.choose_runtime``)."""
     import importlib.util
 
-    wanted = {"torch": "torch", "safetensors": "safetensors", "edt": "edt", "SimpleITK": "SimpleITK"}
+    wanted = {"safetensors": "safetensors", "edt": "edt", "SimpleITK": "SimpleITK"}
     if reference:
         wanted["scipy"] = "scipy"
     if pictures:
@@ -392,12 +395,18 @@ def _segment_cases(args: argparse.Namespace, ranks: Any) -> int:
                 f"Python packages missing: {', '.join(missing)}; install them (pip install {' '.join(missing)}), "
                 "or in Slicer open the SDM Organ Segmentation module once and let it install them"
             )
-        from SDMOrganSegLib import modelfiles  # PyTorch: only now that it is known to be there
+        from SDMOrganSegLib import modelfiles
 
-        # e.g. --device cuda without a GPU: said once, not for every case; under torchrun, GPU LOCAL_RANK
-        device = distributed.rank_device(args.device, ranks)
         model_dir = modelfiles.resolve_model(args.model)
         card = modelfiles.read_card(model_dir)
+        # Said once, not for every case: a runtime that cannot run this model here (the files' checksums are
+        # checked with each case's load).
+        runtime, _notes = modelfiles.choose_runtime(args.runtime, card, model_dir, bool(card.onnx))
+        if runtime == "torch":
+            # e.g. --device cuda without a GPU; under torchrun, GPU LOCAL_RANK
+            device = distributed.rank_device(args.device, ranks)
+        else:  # ONNX Runtime: its CUDA provider on GPU LOCAL_RANK under torchrun (checked when the network is built)
+            device = f"cuda:{ranks.local_rank}" if args.device == "cuda" and ranks.distributed else args.device
         cases = find_cases(args.input)
         if not cases:
             raise SDMOrganSegError("no input images found; give image files or folders holding them")
@@ -414,6 +423,7 @@ def _segment_cases(args: argparse.Namespace, ranks: Any) -> int:
         context = {
             "scene": session.scene, "logic": mrmllogic.SDMSegmentationLogic(session.scene), "model_dir": model_dir,
             "organs": card.organs, "levels": levels, "formats": formats, "device": str(device), "window": display_window(card),
+            "runtime": runtime,
             "rank": ranks.rank, "world_size": ranks.world_size,
         }
         output.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from conftest import REPO
 LIBRARY = REPO / "SDMOrganSeg" / "SDMOrganSegLib"
 #: Modules that import PyTorch at the top. Every other module must import without it: the Slicer module,
 #: the model cards and the metrics are used before PyTorch is installed.
-NEEDS_TORCH = {"augmentation", "inference", "losses", "network", "outputs", "training"}
+NEEDS_TORCH = {"augmentation", "losses", "network", "training"}
 #: Modules that need Slicer or slicer-core (no slicer-core wheel exists for Python 3.9).
 NEEDS_SLICER = {"headless"}
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,7 +218,7 @@ def packages(monkeypatch, slicer_python) -> dict[str, str]:
 
 
 def _all_installed(versions: dict[str, str]) -> None:
-    for requirement in (dependencies.TORCH, *dependencies.REQUIRED, *dependencies.OPTIONAL):
+    for requirement in (dependencies.ONNXRUNTIME, *dependencies.FOR_TRAINING, *dependencies.REQUIRED, *dependencies.OPTIONAL):
         versions[requirement.distribution] = "99.0"
 
 
@@ -372,7 +374,7 @@ def test_missing_and_outdated_packages_are_installed_after_asking(module, packag
     packages["torch"], packages["edt"] = "1.13.1", "2.4.0"  # too old
     del packages["safetensors"], packages["isal"]
     logic = module.SDMOrganSegLogic()
-    assert logic.ensureDependencies(askConfirmation=True)
+    assert logic.ensureDependencies(askConfirmation=True, forTraining=True)
     [question] = slicer_python.confirmations
     assert "torch>=2.2" in question and "version 1.13.1 is older than the 2.2 needed" in question
     assert "edt>=3.0" in question and "safetensors>=0.4" in question and "isal>=1.6" in question
@@ -381,6 +383,26 @@ def test_missing_and_outdated_packages_are_installed_after_asking(module, packag
     assert logic.installedPackages == ["torch>=2.2", "safetensors>=0.4", "edt>=3.0", "isal>=1.6"]
     assert any("PyTorch extension" in note for note in logic.installNotes)
     assert logic.missingPackages() == []
+
+
+def test_segmenting_installs_onnx_runtime_and_only_training_asks_for_pytorch(module, packages, slicer_python, tmp_path):
+    _all_installed(packages)
+    del packages["torch"], packages["onnxruntime"]
+    logic = module.SDMOrganSegLogic()
+    assert logic.ensureDependencies(askConfirmation=True, model="hippocampus")  # shipped: it has model.onnx
+    assert slicer_python.pip == [["onnxruntime>=1.19.2"]]
+    assert "torch" not in slicer_python.confirmations[0] and "PyTorch is large" not in slicer_python.confirmations[0]
+    # A model folder without model.onnx, or --runtime torch, runs on PyTorch; so does training.
+    folder = tmp_path / "no-onnx"
+    shutil.copytree(REPO / "Resources" / "Models" / "hippocampus", folder, ignore=shutil.ignore_patterns("model.onnx"))
+    card = json.loads((folder / "model.json").read_text())
+    del card["onnx"]
+    (folder / "model.json").write_text(json.dumps(card))
+    assert logic.runtimeRequirements(str(folder)) == (dependencies.TORCH,)
+    assert logic.runtimeRequirements("hippocampus", "torch") == (dependencies.TORCH,)
+    slicer_python.pip.clear()
+    assert logic.ensureDependencies(askConfirmation=False, forTraining=True)
+    assert slicer_python.pip == [["torch>=2.2"]]
 
 
 def test_nothing_is_installed_when_the_user_declines(module, packages, slicer_python):
@@ -432,7 +454,7 @@ def test_pytorch_comes_from_the_pytorch_extension_when_it_is_installed(module, p
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
     logic = module.SDMOrganSegLogic()
-    assert logic.ensureDependencies(askConfirmation=True)
+    assert logic.ensureDependencies(askConfirmation=True, forTraining=True)
     assert calls == [(False, ">=2.2")]  # the user was asked once, by this module
     assert slicer_python.pip == [] and logic.installedPackages == ["torch>=2.2"]
 
@@ -442,7 +464,7 @@ def test_declining_in_the_pytorch_extension_stops_the_run(module, packages, slic
     del packages["torch"]
     utils = SimpleNamespace(PyTorchUtilsLogic=lambda: SimpleNamespace(installTorch=lambda **kwargs: None))
     monkeypatch.setitem(sys.modules, "PyTorchUtils", utils)
-    assert not module.SDMOrganSegLogic().ensureDependencies(askConfirmation=False)
+    assert not module.SDMOrganSegLogic().ensureDependencies(askConfirmation=False, forTraining=True)
 
 
 def test_the_gpu_label_is_refreshed_after_an_install(module, packages, slicer_python, monkeypatch):
@@ -452,11 +474,11 @@ def test_the_gpu_label_is_refreshed_after_an_install(module, packages, slicer_py
     widget.ui, widget.logic = _Ui(), module.SDMOrganSegLogic()
     probes = []
     monkeypatch.setattr(widget, "_startDevicesProbe", lambda: probes.append("probe"))
-    assert widget._ensureDependencies()
+    assert widget._ensureDependencies(forTraining=True)
     assert probes == ["probe"]
     assert any("PyTorch extension" in message for message in slicer_python.status)
     probes.clear()
-    assert widget._ensureDependencies()  # nothing to install: no new probe
+    assert widget._ensureDependencies(forTraining=True)  # nothing to install: no new probe
     assert probes == []
 
 
