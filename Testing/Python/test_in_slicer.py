@@ -369,10 +369,12 @@ def test_a_failed_training_shows_its_one_line_and_the_button_asks_for_what_is_mi
     assert "at least two volume + segmentation pairs" in widget.ui.trainButton.toolTip
 
 
-def test_missing_and_outdated_packages_are_installed_after_asking(module, packages, slicer_python):
+def test_missing_and_outdated_packages_are_installed_after_asking(module, packages, slicer_python, monkeypatch):
     _all_installed(packages)
     packages["torch"], packages["edt"] = "1.13.1", "2.4.0"  # too old
     del packages["safetensors"], packages["isal"]
+    for name in ("torch", "edt"):  # installed, not loaded in this session (a loaded one is refused: next test)
+        monkeypatch.delitem(sys.modules, name, raising=False)
     logic = module.SDMOrganSegLogic()
     assert logic.ensureDependencies(askConfirmation=True, forTraining=True)
     [question] = slicer_python.confirmations
@@ -403,6 +405,18 @@ def test_segmenting_installs_onnx_runtime_and_only_training_asks_for_pytorch(mod
     slicer_python.pip.clear()
     assert logic.ensureDependencies(askConfirmation=False, forTraining=True)
     assert slicer_python.pip == [["torch>=2.2"]]
+
+
+def test_an_outdated_package_this_session_loaded_is_refused_with_a_restart(module, packages, slicer_python, monkeypatch):
+    """pip would replace PyTorch's files under the running code: one line asking for a restart, nothing installed."""
+    _all_installed(packages)
+    packages["torch"] = "1.13.1"
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # another extension imported it
+    with pytest.raises(module.SDMOrganSegError) as refused:
+        module.SDMOrganSegLogic().ensureDependencies(askConfirmation=True, forTraining=True)
+    message = str(refused.value)
+    assert message.startswith("torch 1.13.1 is loaded in this Slicer session") and "restart Slicer" in message and "\n" not in message
+    assert slicer_python.pip == [] and slicer_python.confirmations == []
 
 
 def test_nothing_is_installed_when_the_user_declines(module, packages, slicer_python):
