@@ -50,7 +50,9 @@ def test_shipped_models_list_their_onnx_export_with_its_checksum(name):
     record = card["onnx"]
     assert record["file"] == ONNX_FILE and record["sha256"] == sha256_of(MODELS / name / ONNX_FILE)
     assert record["weights_sha256"] == card["weights_sha256"]  # exported from the shipped weights
-    assert record["output_channels"] == len(card["organs"])  # read from the graph, one SDM per organ here
+    # Read from the graph: one SDM per organ, and for a "dual" network as many segmentation logits again.
+    heads = 2 if card["architecture"].get("heads") == "dual" else 1
+    assert record["output_channels"] == heads * len(card["organs"])
 
 
 def test_the_hippocampus_case_segments_without_pytorch(tmp_path):
