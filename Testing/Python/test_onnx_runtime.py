@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import DATA, HAVE_TORCH, REPO, needs_torch
+from conftest import DATA, HAVE_TORCH, REPO, float32_tolerance, needs_torch
 
 pytest.importorskip("onnxruntime")
 
@@ -50,7 +50,9 @@ def test_shipped_models_list_their_onnx_export_with_its_checksum(name):
     record = card["onnx"]
     assert record["file"] == ONNX_FILE and record["sha256"] == sha256_of(MODELS / name / ONNX_FILE)
     assert record["weights_sha256"] == card["weights_sha256"]  # exported from the shipped weights
-    assert record["output_channels"] == len(card["organs"])  # read from the graph, one SDM per organ here
+    # Read from the graph: one SDM per organ, and for a "dual" network as many segmentation logits again.
+    heads = 2 if card["architecture"].get("heads") == "dual" else 1
+    assert record["output_channels"] == heads * len(card["organs"])
 
 
 def test_the_hippocampus_case_segments_without_pytorch(tmp_path):
@@ -143,10 +145,14 @@ def test_onnx_runtime_and_pytorch_give_the_same_labels_and_sdms(both_runtimes, n
     assert (onnx.runtime, onnx.provider, torch.runtime, torch.provider) == ("onnxruntime", "CPUExecutionProvider", "torch", "cpu")
     assert onnx.settings == torch.settings and onnx.settings["tta"] == tta
     assert np.array_equal(sitk.GetArrayViewFromImage(onnx.labels), sitk.GetArrayViewFromImage(torch.labels))
+    network = both_runtimes[name]["torch"].network
     for organ in torch.sdms:
-        difference = np.abs(sitk.GetArrayViewFromImage(onnx.sdms[organ]) - sitk.GetArrayViewFromImage(torch.sdms[organ])).max()
-        # The bound; the arithmetic allows float32 rounding in another summation order (measured 3e-5 to 7e-5).
-        assert difference <= 1e-4, (organ, difference)
+        expected = sitk.GetArrayViewFromImage(torch.sdms[organ])
+        difference = np.abs(sitk.GetArrayViewFromImage(onnx.sdms[organ]) - expected).max()
+        # Both are float32 runs of one network, summing in other orders: within K * eps * magnitude (conftest).
+        # Measured: hippocampus (tanh SDMs) 3.1e-5 to 4.1e-5; head and neck (logits up to 44) 1.7e-3 to 1.2e-2,
+        # ONNX Runtime being the side farther from a float64 run (3.6e-3 against PyTorch's 2.5e-5 on a window).
+        assert difference <= float32_tolerance(network, float(np.abs(expected).max())), (organ, difference)
 
 
 @pytest.mark.slow
