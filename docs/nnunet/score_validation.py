@@ -120,12 +120,17 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for the evaluate command's per-case JSON (kept, reused)")
     parser.add_argument("--csv", type=Path, required=True, help="per-case metrics, one row per method, case and organ")
     parser.add_argument("--markdown", type=Path, help="also write the comparison table here")
+    parser.add_argument("--partial", action="store_true", help="score only the validation cases that every method has predicted (and say how many), instead of refusing")
     args = parser.parse_args(argv)
 
     splits = args.data / "splits.json"
     if not splits.is_file():
         raise SystemExit(f"error: {args.data} has no splits.json; pass the openkbp-hn folder with --data")
     cases = json.loads(splits.read_text())["validation"]
+    if args.partial:
+        done = [c for c in cases if all(Path(pattern.format(case=c)).is_file() for _, pattern in args.pred)]
+        print(f"scoring the {len(done)} of {len(cases)} validation cases that every method has predicted")
+        cases = done
     organs = [name for _, name in sorted(json.loads((args.data / "labels.json").read_text())["labels"].items(), key=lambda i: int(i[0]))]
     all_rows = []
     for name, pattern in args.pred:
