@@ -26,7 +26,7 @@ NNUNET_TORCH_THREADS=1 nnUNet_n_proc_DA=0 nnUNet_budget_minutes=100 nnUNet_snaps
 CHECKPOINT=${CHECKPOINT:-checkpoint_final.pth}
 NNUNET_TORCH_THREADS=1 nnUNet_n_proc_DA=0 "$VENV/bin/python" docs/nnunet/run_nnunet.py predict \
     -i "$nnUNet_raw/Dataset501_OpenKBP/imagesVal" -o "$NN/pred" -d 501 -c 3d_fullres -f all \
-    -tr nnUNetTrainerBudget -chk "$CHECKPOINT" -device cpu --disable_tta -npp 1 -nps 1
+    -tr nnUNetTrainerBudget -chk "$CHECKPOINT" -device cpu --disable_tta -step_size 1 -npp 1 -nps 1
 for case in $(python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['validation']))" "$DATA/splits.json"); do
     [ -f "$NN/ours/$case/labels.nii.gz" ] || PYTHONPATH=$PWD/SDMOrganSeg python -m SDMOrganSegLib.cli segment \
         "$DATA/imagesTr/$case.nii.gz" --model headneck-oar --out "$NN/ours/$case" --device cpu --quiet
