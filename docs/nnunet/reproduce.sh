@@ -1,0 +1,38 @@
+#!/bin/bash
+# The nnU-Net comparison of docs/headneck.md ("nnU-Net on the same CPU budget"), step by step.
+# Run from the repository root. NN holds nnU-Net's data, checkpoints and predictions: keep it outside the
+# repository. DATA is the read-only openkbp-hn folder. Takes about 2.5 hours on one core.
+set -euo pipefail
+NN=${NN:-/work/nnunet_data}
+DATA=${DATA:-../shared/data/openkbp-hn}
+VENV=${VENV:-.venv-nnunet}
+
+# 1. nnU-Net's own environment, torch pinned to ours (2.13.0, the CPU build).
+[ -x "$VENV/bin/python" ] || { python3.11 -m venv "$VENV" && "$VENV/bin/pip" install -r docs/nnunet/requirements-nnunet.lock; }
+
+export nnUNet_raw=$NN/raw nnUNet_preprocessed=$NN/preprocessed nnUNet_results=$NN/results
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 BLOSC_NTHREADS=1 nnUNet_compile=f
+
+# 2. Raw dataset (167 training cases; organs not contoured in a case are background) and nnU-Net's planning
+#    and preprocessing, 3d_fullres only.
+python3 docs/nnunet/export_openkbp.py --data "$DATA" --out "$nnUNet_raw"
+"$VENV/bin/nnUNetv2_plan_and_preprocess" -d 501 -c 3d_fullres -np 2 -npfp 2 --verify_dataset_integrity
+
+# 3. Training: one thread, data augmentation in the training process (nnUNet_n_proc_DA=0), 100 min of wall time.
+NNUNET_TORCH_THREADS=1 nnUNet_n_proc_DA=0 nnUNet_budget_minutes=100 nnUNet_snapshot_minutes=80 \
+    "$VENV/bin/python" docs/nnunet/run_nnunet.py train 501 3d_fullres all -tr nnUNetTrainerBudget -device cpu
+
+# 4. The 32 validation cases: nnU-Net (no mirroring TTA, see docs/headneck.md) and our shipped model.
+CHECKPOINT=${CHECKPOINT:-checkpoint_final.pth}
+NNUNET_TORCH_THREADS=1 nnUNet_n_proc_DA=0 "$VENV/bin/python" docs/nnunet/run_nnunet.py predict \
+    -i "$nnUNet_raw/Dataset501_OpenKBP/imagesVal" -o "$NN/pred" -d 501 -c 3d_fullres -f all \
+    -tr nnUNetTrainerBudget -chk "$CHECKPOINT" -device cpu --disable_tta -step_size 1 -npp 1 -nps 1
+for case in $(python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['validation']))" "$DATA/splits.json"); do
+    [ -f "$NN/ours/$case/labels.nii.gz" ] || PYTHONPATH=$PWD/SDMOrganSeg python -m SDMOrganSegLib.cli segment \
+        "$DATA/imagesTr/$case.nii.gz" --model headneck-oar --out "$NN/ours/$case" --device cpu --quiet
+done
+
+# 5. Scores with `sdmorganseg evaluate --ignore-unannotated` and paired Wilcoxon tests.
+PYTHONPATH=$PWD/SDMOrganSeg python docs/nnunet/score_validation.py --data "$DATA" \
+    --pred "headneck-oar=$NN/ours/{case}/labels.nii.gz" --pred "nnU-Net=$NN/pred/{case}.nii.gz" \
+    --work "$NN/scores" --csv docs/nnunet/validation_per_case.csv --markdown docs/nnunet/validation_table.md
