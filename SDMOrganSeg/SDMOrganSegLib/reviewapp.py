@@ -203,14 +203,12 @@ class ReviewApp:
             self.shown = None
         slice_views = self.slicer.view_manager.get_slice_views()
         self.shown = show_case(scene, data, compared, slice_views=slice_views)
-        from .reviewscene import slice_offset
+        from .reviewscene import slice_normal, slice_offset
 
         for view in self.slicer.view_manager.get_views():
             view.fit_view_to_content()
         for view in slice_views:  # each slice view through the organs' largest cross-section
-            orientation = view.get_orientation().lower()
-            if orientation in ("axial", "coronal", "sagittal"):
-                view.set_slice_value(slice_offset(data.computed.labels, orientation, None))
+            view.set_slice_value(slice_offset(data.computed.labels, slice_normal(view), None))
         state = self.server.state
         with state:
             state.selected_case = index

@@ -207,25 +207,30 @@ def sdm_range_mm(shown: ShownCase, organ: str) -> tuple[float, float]:
     return shown.sdm_range_mm[organ]
 
 
-def slice_offset(labels: sitk.Image, view: str, index: int | None) -> float:
-    """The offset (mm along the view's normal, Slicer's slice offset) of slice ``index`` of the image axis
-    closest to the view's normal, or with ``None`` of the slice with the largest organ area."""
+def slice_normal(view: Any) -> np.ndarray:
+    """The unit normal (RAS) of a slice view: Slicer's slice offset is the position along it."""
+    matrix = view.get_view_node().GetSliceToRAS()
+    return np.array([matrix.GetElement(r, 2) for r in range(3)])
+
+
+def slice_offset(labels: sitk.Image, normal: np.ndarray, index: int | None, view: str = "") -> float:
+    """The slice offset (mm along the view's ``normal``, RAS) through slice ``index`` of the image axis
+    closest to the normal, or with ``None`` through the slice with the largest organ area."""
     from .mrmlscene import sitk_ijk_to_ras
 
-    normal = {"axial": 2, "coronal": 1, "sagittal": 0}[view]  # RAS axis: S, A, R
     ijk_to_ras = sitk_ijk_to_ras(labels)
     columns = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
-    ijk_axis = int(np.argmax(np.abs(columns[normal, :])))  # 0 = i (x), 1 = j (y), 2 = k (z)
+    ijk_axis = int(np.argmax(np.abs(normal @ columns)))  # 0 = i (x), 1 = j (y), 2 = k (z)
     size = labels.GetSize()[ijk_axis]
     if index is None:
         from .reviewcases import largest_area_slice
 
         index = largest_area_slice(labels, 2 - ijk_axis)  # numpy axes are (k, j, i)
     if not 0 <= index < size:
-        raise SDMOrganSegError(f"slice {index} is outside the image, which has {size} slices in the {view} direction (0-{size - 1})")
+        raise SDMOrganSegError(f"slice {index} is outside the image, which has {size} slices in the {view or 'view'}'s direction (0-{size - 1})")
     centre = (np.asarray(labels.GetSize(), dtype=float) - 1) / 2
     centre[ijk_axis] = index
-    return float((ijk_to_ras @ np.append(centre, 1.0))[normal])
+    return float(normal @ (ijk_to_ras @ np.append(centre, 1.0))[:3])
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -259,7 +264,7 @@ def render_view(rendered: Any, shown: ShownCase, view: str, slice_index: int | N
     else:
         rendered.set_background_volume_id(shown.volume.GetID())
         rendered.fit_view_to_content()
-        rendered.set_slice_value(slice_offset(shown.data.computed.labels, view, slice_index))
+        rendered.set_slice_value(slice_offset(shown.data.computed.labels, slice_normal(rendered), slice_index, view))
     rendered.render()
     return window_pixels(rendered.render_window())
 
@@ -337,6 +342,6 @@ def snapshot(
     shown = show_case(app.scene, data, slice_views=[] if view == "3d" else [rendered])
     pixels = render_view(rendered, shown, view, slice_index)
     write_png(pixels, out, overwrite)
+    offset = None if view == "3d" else rendered.get_slice_value()
     _quiet_teardown()
-    offset = None if view == "3d" else slice_offset(data.computed.labels, view, slice_index)
     return {"case": data.case.name, "view": view, "slice_offset_mm": offset, "backend": os.environ.get("VTK_DEFAULT_OPENGL_WINDOW", "")}
