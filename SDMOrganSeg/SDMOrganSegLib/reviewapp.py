@@ -148,7 +148,7 @@ class ReviewApp:
                         v.VProgressLinear(model_value=("segment_progress",), v_show="segment_running", classes="mt-1")
                         html.Div("{{ segment_message }}", classes="text-caption")
             with layout.content:
-                with html.Div(style="height: calc(100vh - 64px); display: flex;"):
+                with html.Div(style="height: calc(100vh - 92px); display: flex;"):  # minus the toolbar and the footer
                     self.layout_manager.initialize_layout_grid(layout)
         self.ui = layout
 
