@@ -345,5 +345,6 @@ def serve(path: str | Path, compare: str | Path | None = None, model: str | None
     ReviewApp(server, cases, compared, model, compare_name=Path(compare).name if compare else "")
     sys.argv = sys.argv[:1]  # trame reads its own options from the command line; ours are parsed already
     print(f"reviewing {len(cases)} case(s) of {path} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
-    server.start(port=port, host=host, open_browser=False, show_connection_info=False, exec_mode="main" if block else "task")
+    # trame prints "App running at: ..." once it listens (the line trame's launcher waits for).
+    server.start(port=port, host=host, open_browser=False, show_connection_info=True, exec_mode="main" if block else "task")
     return 0
