@@ -68,6 +68,7 @@ class ReviewApp:
         self.slicer = slicer_app()
         self.shown = None
         self.worker = None
+        self.compare_problem = ""
         server.enable_module(trame_slicer_module)
         register_rca_factories(self.slicer.view_manager, server)
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, server)
@@ -202,7 +203,12 @@ class ReviewApp:
             remove_case(scene, self.shown)
             self.shown = None
         slice_views = self.slicer.view_manager.get_slice_views()
-        self.shown = show_case(scene, data, compared, slice_views=slice_views)
+        try:
+            self.shown = show_case(scene, data, compared, slice_views=slice_views)
+        except SDMOrganSegError as error:  # the compared run's files do not fit this image: show the case alone
+            self.shown = show_case(scene, data, None, slice_views=slice_views)
+            compared = None
+            self.compare_problem = str(error)
         from .reviewscene import slice_normal, slice_offset
 
         for view in self.slicer.view_manager.get_views():
@@ -228,6 +234,9 @@ class ReviewApp:
         if not self.compare:
             return ""
         name = self.server.state.compare_name or "the compared run"
+        if self.compare_problem:
+            problem, self.compare_problem = self.compare_problem, ""
+            return f"{name}: not shown ({problem})"
         if compared is None:
             other = self.compare.get(data.case.name)
             return f"{name}: " + (f"cannot open this case ({other.error})" if other is not None else "has no such case")
@@ -334,13 +343,12 @@ def serve(path: str | Path, compare: str | Path | None = None, model: str | None
 
         model = str(resolve_model(model))
     port = check_port(host, port)
-    from .reviewscene import choose_offscreen_backend
+    from .reviewscene import choose_offscreen_backend, require_review_extra
 
+    require_review_extra()
     choose_offscreen_backend()
-    try:
-        from trame.app import get_server
-    except ImportError:
-        raise SDMOrganSegError("the review page needs the review extra (trame is not installed); pip install -e '.[review]'") from None
+    from trame.app import get_server
+
     server = get_server("sdmorganseg-review", client_type="vue3")
     ReviewApp(server, cases, compared, model, compare_name=Path(compare).name if compare else "")
     sys.argv = sys.argv[:1]  # trame reads its own options from the command line; ours are parsed already

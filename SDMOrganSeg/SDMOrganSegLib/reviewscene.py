@@ -76,16 +76,24 @@ def choose_offscreen_backend() -> str:
     )
 
 
+def require_review_extra() -> None:
+    """A one-line error naming the fix when trame-slicer (the review extra) is not installed."""
+    import importlib.util
+
+    for module in ("trame_slicer", "trame"):
+        if importlib.util.find_spec(module) is None:
+            raise SDMOrganSegError(
+                f"the review tools need the review extra ({module} is not installed); install it in a virtual environment "
+                "of its own: pip install -r requirements-review.lock -e '.[review]' (Python 3.10-3.12; README, 'Review in a browser')"
+            )
+
+
 def slicer_app() -> Any:
     """A trame-slicer application (scene, application logic, displayable managers), offscreen."""
+    require_review_extra()
     choose_offscreen_backend()
-    try:
-        from trame_slicer.core import SlicerApp
-    except ImportError as error:
-        raise SDMOrganSegError(
-            f"the review tools need the review extra ({error.name or 'trame-slicer'} is not installed); "
-            "install it with: pip install -e '.[review]' (Python 3.10-3.12, see the README's 'Review in a browser')"
-        ) from None
+    from trame_slicer.core import SlicerApp
+
     return SlicerApp()
 
 
@@ -127,6 +135,12 @@ def show_case(scene: Any, data: CaseData, compare: CaseData | None = None, slice
     from .mrmlscene import sitk_to_volume_node
     from .mrmlsegmentation import SDMSegmentationLogic
 
+    from .imageio import geometry_mismatch
+
+    if compare is not None:
+        difference = geometry_mismatch(compare.computed.labels, data.computed.labels)
+        if difference:
+            raise SDMOrganSegError(f"its label map and this run's disagree in grid ({difference})")
     logic = SDMSegmentationLogic(scene)
     image = data.image
     if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkInt16, sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkInt32):
@@ -334,6 +348,7 @@ def snapshot(
     out = Path(out)
     check_writable(out, overwrite)  # before the seconds of loading
     cases = find_cases(case_dir)
+    require_review_extra()
     if len(cases) != 1:
         raise SDMOrganSegError(f"{case_dir} holds {len(cases)} cases; give one case's folder (e.g. {cases[0].folder})")
     data = load_case(cases[0])
