@@ -59,11 +59,13 @@ def server(review_root, segmented_without_tta):
     require(CHROMIUM is not None and CHROMEDRIVER is not None, "Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
     before = {folder: _listing(folder) for folder in (review_root, segmented_without_tta)}
     port = _free_port()
-    log = open(review_root.parent / "review-server.log", "wb")  # a file, not a pipe nobody reads (it would fill and block the server)
+    log_path = review_root.parent / "review-server.log"
+    log = open(log_path, "wb")  # a file, not a pipe nobody reads (it would fill and block the server)
     process = subprocess.Popen(
         [sys.executable, "-m", "SDMOrganSegLib.cli", "review", str(review_root), "--compare", str(segmented_without_tta), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=_env(),
+        stdout=log, stderr=subprocess.STDOUT, env={**_env(), "PYTHONFAULTHANDLER": "1"},
     )
+    _SERVER.update(process=process, log=log_path)
     yield f"http://127.0.0.1:{port}/"
     log.close()
     process.terminate()
@@ -100,9 +102,20 @@ def browser(server):
     driver.quit()
 
 
+_SERVER: dict = {}
+
+
+def _server_alive() -> None:
+    process = _SERVER.get("process")
+    if process is not None and process.poll() is not None:
+        tail = _SERVER["log"].read_text(errors="replace")[-3000:]
+        raise AssertionError(f"the review server exited with code {process.returncode}; its output ends with:\n{tail}")
+
+
 def _wait(driver, condition, what: str):
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
+        _server_alive()
         value = condition(driver)
         if value:
             return value
@@ -117,14 +130,18 @@ def _status(driver) -> str:
     return found[0].text if found else ""
 
 
-def _axial(driver) -> np.ndarray:
-    """The axial view as the browser shows it (the quad layout's last view), RGB."""
+def _views(driver) -> list[np.ndarray]:
+    """The four views as the browser shows them (coronal, sagittal, 3D, axial: the quad layout's order), RGB."""
     from PIL import Image
     from selenium.webdriver.common.by import By
 
     views = driver.find_elements(By.CSS_SELECTOR, ".layout-grid-item img.image-display-area")
     assert len(views) == 4, f"{len(views)} views on the page, not 4"
-    return np.asarray(Image.open(io.BytesIO(views[3].screenshot_as_png)).convert("RGB")).astype(int)
+    return [np.asarray(Image.open(io.BytesIO(v.screenshot_as_png)).convert("RGB")).astype(int) for v in views]
+
+
+def _axial(driver) -> np.ndarray:
+    return _views(driver)[3]
 
 
 def _settled_axial(driver) -> np.ndarray:
@@ -159,6 +176,7 @@ def test_page_lists_the_cases_and_opens_the_worst_first(browser, review_root):
     assert items == ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_004_broken"]  # no metrics: by name, broken last
     broken = browser.find_element(By.CSS_SELECTOR, ".case-broken").text
     assert "cannot open" in broken and "disagree in grid" in broken
+    _wait(browser, lambda d: all(np.mean(v.sum(axis=2) > 60) > 0.05 for v in _views(d)), "all four views drawn")
     shot = review_root.parent / "review-page.png"
     browser.save_screenshot(str(shot))
     if os.environ.get("SDMORGANSEG_WRITE_SCREENSHOT") == "1":
@@ -183,16 +201,24 @@ def test_organ_colours_are_the_cards(browser, review_root):
         assert np.count_nonzero(spread <= 10) > 200, f"{name}'s colour is not in the axial view"
 
 
+def _toggle(driver, element_id: str) -> None:
+    """Click a Vuetify checkbox; its input is transparent under the drawn box, so click it from the page."""
+    from selenium.webdriver.common.by import By
+
+    checkbox = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"input#{element_id}, #{element_id} input"), f"checkbox {element_id}")
+    driver.execute_script("arguments[0].click();", checkbox[0])
+
+
 def test_a_level_toggle_changes_the_slice_view(browser):
     from selenium.webdriver.common.by import By
 
     _open(browser, "hippocampus_001")
     before = _settled_axial(browser)
     assert _red(before) > 50
-    browser.find_element(By.CSS_SELECTOR, "#level-0 input, input#level-0").click()
+    _toggle(browser, "level-0")
     after = _wait(browser, lambda d: (lambda p: p if _red(p) < 5 else None)(_axial(d)), "the level-0 contour hidden")
     assert _red(after) < 5 and not np.array_equal(before, after)
-    browser.find_element(By.CSS_SELECTOR, "#level-0 input, input#level-0").click()
+    _toggle(browser, "level-0")
     _wait(browser, lambda d: _red(_axial(d)) > 50, "the level-0 contour shown again")
 
 
