@@ -216,7 +216,7 @@ def test_a_level_toggle_changes_the_slice_view(browser):
     before = _settled_axial(browser)
     assert _red(before) > 50
     _toggle(browser, "level-0")
-    after = _wait(browser, lambda d: (lambda p: p if _red(p) < 5 else None)(_axial(d)), "the level-0 contour hidden")
+    [after] = _wait(browser, lambda d: (lambda p: [p] if _red(p) < 5 else None)(_axial(d)), "the level-0 contour hidden")
     assert _red(after) < 5 and not np.array_equal(before, after)
     _toggle(browser, "level-0")
     _wait(browser, lambda d: _red(_axial(d)) > 50, "the level-0 contour shown again")
