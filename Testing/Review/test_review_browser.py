@@ -135,8 +135,11 @@ def _views(driver) -> list[np.ndarray]:
     from PIL import Image
     from selenium.webdriver.common.by import By
 
-    views = driver.find_elements(By.CSS_SELECTOR, ".layout-grid-item img.image-display-area")
-    assert len(views) == 4, f"{len(views)} views on the page, not 4"
+    def drawn(d):  # an <img> has no height until its first image arrives
+        found = d.find_elements(By.CSS_SELECTOR, ".layout-grid-item img.image-display-area")
+        return found if len(found) == 4 and all(e.size["height"] > 0 for e in found) else None
+
+    views = _wait(driver, drawn, "the four views")
     return [np.asarray(Image.open(io.BytesIO(v.screenshot_as_png)).convert("RGB")).astype(int) for v in views]
 
 
