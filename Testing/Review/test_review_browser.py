@@ -233,9 +233,11 @@ def test_compare_shows_both_runs(browser):
     scores = [float(v) for v in re.findall(r"hippocampus (\d\.\d+)", text)]
     # The same model with and without mirrored test-time augmentation: close, not identical.
     assert len(scores) == 2 and all(0.8 < s <= 1.0 for s in scores), text
-    pixels = _settled_axial(browser)
-    cyan = np.count_nonzero((pixels[..., 0] < 80) & (pixels[..., 1] > 150) & (pixels[..., 2] > 200))
-    assert _red(pixels) > 50 and cyan > 20, "both runs' level-0 contours (red, cyan) should show"
+    def cyan(pixels):
+        return int(np.count_nonzero((pixels[..., 0] < 80) & (pixels[..., 1] > 150) & (pixels[..., 2] > 200)))
+
+    # Waited for, not "settled": after a case switch the view can stay black for a while on a loaded machine.
+    _wait(browser, lambda d: (lambda p: _red(p) > 50 and cyan(p) > 20)(_axial(d)), "both runs' level-0 contours (red, cyan)")
 
 
 def test_a_broken_case_shows_its_reason_and_others_still_open(browser):
