@@ -1,4 +1,4 @@
-"""The ``sdmorganseg`` command: ``train``, ``segment``, ``evaluate``, ``sdm``, ``export``.
+"""The ``sdmorganseg`` command: ``train``, ``segment``, ``evaluate``, ``sdm``, ``pack``, ``export``, ``snapshot``, ``review``.
 
 User errors (bad files, bad arguments) print one line, ``sdmorganseg: error: ...``, and exit with 2;
 a cancelled run (Ctrl-C) exits with 130 and leaves no partial output.
@@ -32,6 +32,18 @@ def _levels(text: str) -> tuple[float, ...]:
         return parse_levels(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _slice(text: str):
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a slice index 0, 1, 2, ..., got {text!r}")
+    return value
 
 
 def _patch(text: str):
@@ -139,6 +151,20 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="(re)write a model folder's model.onnx for ONNX Runtime", description="Export MODEL_DIR's network (its checked model.safetensors) to MODEL_DIR/model.onnx and list it with its sha256 in the card, so that segment runs it on ONNX Runtime without PyTorch. Needs PyTorch (sdmorganseg[train]).")
     export.add_argument("model_dir", metavar="MODEL_DIR", help="model folder (model.safetensors + model.json), e.g. a training run's best/")
     export.add_argument("--no-check", action="store_true", help="do not compare the export's output with PyTorch's on a random input")
+    snapshot = commands.add_parser("snapshot", help="render one view of a segment output as Slicer shows it (PNG; review extra)", description="Render one view of CASE_DIR (a 'segment' output folder) offscreen with Slicer's own displayable managers: the image, the segmentation in the model card's colours and the SDM iso-contours. Needs the review extra.")
+    snapshot.add_argument("case_dir", help="a folder written by 'sdmorganseg segment --out'")
+    snapshot.add_argument("--out", required=True, help="PNG file to write")
+    snapshot.add_argument("--view", default="axial", choices=["axial", "coronal", "sagittal", "3d"], help="which view (default axial)")
+    snapshot.add_argument("--slice", default="auto", type=_slice, help="auto (default: the slice with the largest organ area) or N, the index of the slice along the image axis closest to the view's normal")
+    snapshot.add_argument("--size", default="800x800", help="image size WxH in pixels (default 800x800)")
+    snapshot.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+
+    review = commands.add_parser("review", help="review segment outputs in a browser (review extra)", description="Serve a review page for PATH: a 'segment' output folder or a folder of them (the batch script's output). Nothing is written into PATH. Needs the review extra.")
+    review.add_argument("path", help="a 'segment' output folder or a folder of them")
+    review.add_argument("--compare", default=None, metavar="PATH2", help="a second run of the same cases: its contours over the first's, with the Dice between the two runs")
+    review.add_argument("--model", default=None, metavar="NAME|DIR", help="offer 'segment this volume' with this model (shipped name or folder), run in a worker")
+    review.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
+    review.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
 
     train = commands.add_parser("train", help="train a model on a folder of images and label maps", description="Train the SDM UNet (paper schedule by default) on DATA (imagesTr/ + labelsTr/ + labels.json). Rerunning with the same OUT resumes.")
     train.add_argument("data", help="data folder: imagesTr/ and labelsTr/ (same file names) and labels.json, or an nnU-Net v2 raw dataset or MSD task folder (dataset.json), or a data pack (.npz) of 'sdmorganseg pack'")
@@ -462,6 +488,21 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_snapshot(args: argparse.Namespace) -> int:
+    from .reviewscene import parse_size, snapshot
+
+    drawn = snapshot(args.case_dir, args.out, args.view, args.slice, parse_size(args.size), args.overwrite)
+    where = "" if drawn["slice_offset_mm"] is None else f" at {drawn['slice_offset_mm']:.1f} mm"
+    print(f"wrote {args.out}: {drawn['case']}, {drawn['view']} view{where}")
+    return 0
+
+
+def run_review(args: argparse.Namespace) -> int:
+    from .reviewapp import serve
+
+    return serve(args.path, compare=args.compare, model=args.model, port=args.port, host=args.host)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     # SIGTERM (a batch system stopping the job) unwinds like Ctrl-C, so temporary files are removed.
     raise KeyboardInterrupt
@@ -491,6 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_pack(args)
         if args.command == "export":
             return run_export(args)
+        if args.command == "snapshot":
+            return run_snapshot(args)
+        if args.command == "review":
+            return run_review(args)
         return run_train(args, argv)
     except SDMOrganSegError as error:
         # End a progress line first, if one was started, so the error stays on a line of its own.
