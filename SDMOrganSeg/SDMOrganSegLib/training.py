@@ -881,6 +881,9 @@ class Trainer:
                 fitted = max(epoch, min(config.epochs, int(config.time_budget_min * 60 / per_epoch)))
                 if fitted != self.planned_epochs:
                     self.planned_epochs = fitted
+                    if config.lr_schedule == "poly":  # the next epoch's rate was set before the length was fixed
+                        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                            group["lr"] = base * max(1 - self.scheduler.last_epoch / fitted, 0.0) ** 0.9
                     self.say(f"time budget {config.time_budget_min:g} min at {per_epoch:.2f} s an epoch: {fitted} epochs")
             if config.time_budget_min and time.perf_counter() - run_started > config.time_budget_min * 60 * 1.1 and epoch < self.planned_epochs:
                 self.say(f"time budget {config.time_budget_min:g} min overrun by 10 %: stopping after epoch {epoch} of {self.planned_epochs}")

@@ -183,17 +183,22 @@ def test_poly_schedule_sgd_and_time_budget(tmp_path):
         str(data), str(tmp_path / "run"), mode="dual", epochs=400, batch_size=2, patch_size=(16, 16, 16), optimizer="sgd",
         learning_rate=0.01, lr_schedule="poly", validate_every=2, time_budget_min=0.02, device="cpu", threads=1, validation_fraction=0.5,
     )
-    trainer = Trainer(config, progress=lambda text: None)
+    said = []
+    trainer = Trainer(config, progress=said.append)
     trainer.run()
     assert isinstance(trainer.optimizer, torch.optim.SGD) and trainer.optimizer.param_groups[0]["nesterov"]
     rows = [json.loads(json.dumps(r)) for r in trainer.log_rows]
-    # The budget (1.2 s) fixed the run's length after the first validation, far below the 400 epochs asked.
-    assert 2 <= trainer.planned_epochs < 400 and len(rows) == trainer.planned_epochs
-    expected = [0.01 * (1 - (row["epoch"] - 1) / trainer.planned_epochs) ** 0.9 for row in rows[2:]]
+    # The budget (1.2 s) fixed the run's length after the first validation, far below the 400 epochs asked
+    # (and a run that overruns the budget by 10 % stops early, so it may end before that length).
+    import re
+
+    [fitted] = [int(m.group(1)) for text in said for m in [re.search(r"time budget .*: (\d+) epochs", text)] if m]
+    assert 2 <= len(rows) <= fitted < 400 and trainer.planned_epochs == len(rows)
+    expected = [0.01 * (1 - (row["epoch"] - 1) / fitted) ** 0.9 for row in rows[2:]]
     np.testing.assert_allclose([row["lr"] for row in rows[2:]], expected, rtol=1e-9)
     card = json.loads((tmp_path / "run" / "last" / "model.json").read_text())
     assert card["architecture"]["heads"] == "dual" and card["training"]["precision"] in ("bf16", "fp32")
-    assert card["training"]["steps"] == trainer.planned_epochs * 1 and card["training"]["training_time_s"] > 0
+    assert card["training"]["steps"] == len(rows) * 1 and card["training"]["training_time_s"] > 0
 
 
 def test_soft_prior_keeps_a_usable_gradient_for_a_rare_organ(tmp_path):
