@@ -7,6 +7,8 @@ so the level-0 surface passes midway between voxel centres of opposite sign.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -142,6 +144,17 @@ def lps_to_ras(polydata: vtk.vtkPolyData) -> vtk.vtkPolyData:
         points[:, :2] *= -1
         out.GetPoints().Modified()
     return out
+
+
+def read_polydata(path: str | Path) -> vtk.vtkPolyData:
+    """A ``.vtp`` written by :func:`write_polydata`, without the coordinate-system field it carries on disk."""
+    reader = vtk.vtkXMLPolyDataReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    polydata = vtk.vtkPolyData()
+    polydata.ShallowCopy(reader.GetOutput())
+    polydata.GetFieldData().RemoveArray("SPACE")
+    return polydata
 
 
 def write_polydata(polydata: vtk.vtkPolyData, path: str, coordinate_system: str = "LPS") -> None:

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import vtk
 
 from .background import BackgroundProcess, Report
-from .contours import DEFAULT_LEVELS, iso_surfaces, level_color, level_tag, lps_to_ras, parse_levels, write_polydata
+from .contours import DEFAULT_LEVELS, iso_surfaces, read_polydata, level_color, level_tag, lps_to_ras, parse_levels, write_polydata
 from .errors import CancelCheck, ProgressCallback, SDMOrganSegError, check_cancel
 from .files import safe_name
 from .mrmlscene import (
@@ -477,16 +477,6 @@ def _write_outputs(computed: ComputedOutputs, folder: Path) -> dict[str, Any]:
     }
 
 
-def _read_polydata(path: Path) -> vtk.vtkPolyData:
-    reader = vtk.vtkXMLPolyDataReader()
-    reader.SetFileName(str(path))
-    reader.Update()
-    polydata = vtk.vtkPolyData()
-    polydata.ShallowCopy(reader.GetOutput())
-    polydata.GetFieldData().RemoveArray("SPACE")
-    return polydata
-
-
 def _read_outputs(folder: Path, values: Mapping[str, Any]) -> ComputedOutputs:
     """The outputs :func:`_write_outputs` wrote into ``folder`` and described in ``values``."""
     files = values["files"]
@@ -500,7 +490,7 @@ def _read_outputs(folder: Path, values: Mapping[str, Any]) -> ComputedOutputs:
         labels=sitk.ReadImage(str(folder / files["labels"])),
         sdms={name: sitk.ReadImage(str(folder / file_name)) for name, file_name in files["sdms"].items()},
         surfaces={
-            name: {float(level): _read_polydata(folder / file_name) for level, file_name in per_level.items()}
+            name: {float(level): read_polydata(folder / file_name) for level, file_name in per_level.items()}
             for name, per_level in files["surfaces"].items()
         },
         levels=levels, timings=dict(values.get("timings", {})), notes=list(values.get("notes", [])),

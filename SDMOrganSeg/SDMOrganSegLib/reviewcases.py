@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .contours import iso_surfaces, level_tag
+from .contours import iso_surfaces, level_tag, read_polydata
 from .errors import SDMOrganSegError
 from .files import safe_name
 
@@ -235,18 +235,6 @@ def organ_specs(summary: dict) -> list:
     ]
 
 
-def _read_polydata(path: Path) -> Any:
-    import vtk
-
-    reader = vtk.vtkXMLPolyDataReader()
-    reader.SetFileName(str(path))
-    reader.Update()
-    polydata = vtk.vtkPolyData()
-    polydata.ShallowCopy(reader.GetOutput())
-    polydata.GetFieldData().RemoveArray("SPACE")
-    return polydata
-
-
 def load_case(case: ReviewCase) -> CaseData:
     """Read a listed case's image, label map, SDMs and contours (contours missing on disk are computed
     from the SDM in memory, nothing is written). Raises :class:`SDMOrganSegError` with the reason."""
@@ -270,7 +258,7 @@ def load_case(case: ReviewCase) -> CaseData:
     for organ in organs:
         files = {level: folder / "contours" / f"{safe_name(organ.name)}_{level_tag(level)}.vtp" for level in levels}
         if all(path.is_file() for path in files.values()):
-            surfaces[organ.name] = {level: _read_polydata(path) for level, path in files.items()}
+            surfaces[organ.name] = {level: read_polydata(path) for level, path in files.items()}
         else:
             surfaces[organ.name] = iso_surfaces(sdms[organ.name], levels)
     computed = ComputedOutputs(
