@@ -28,12 +28,32 @@ def _groups(channels: int, wanted: int) -> int:
     return groups
 
 
+class Conv3x3x3(nn.Conv3d):
+    """A 3x3x3 convolution (padding 1, no bias) that runs in float32 under CPU bf16 autocast where an input
+    side is shorter than the kernel.
+
+    PyTorch 2.13's CPU bf16 convolution returns a non-finite weight gradient most of the time when the input's
+    depth is 2 (it reads memory it never wrote: ``test_recipe.py`` shows it with a freed NaN buffer); the cpu
+    preset's bottleneck is 2 x 3 x 2 voxels on a 32 x 48 x 32 patch. Such inputs hold a few dozen voxels, so
+    float32 costs nothing there. Weights and their names are those of ``nn.Conv3d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and min(x.shape[2:]) < 3:
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 class ConvNormAct(nn.Sequential):
     """3x3x3 convolution, group norm, leaky ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, slope: float) -> None:
         super().__init__(
-            nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            Conv3x3x3(in_channels, out_channels),
             nn.GroupNorm(_groups(out_channels, groups), out_channels),
             nn.LeakyReLU(slope, inplace=True),
         )

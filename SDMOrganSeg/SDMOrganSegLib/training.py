@@ -828,6 +828,7 @@ class Trainer:
                 disable=not sys.stderr.isatty() or not ranks.main,
             )
             batches = sampler.batches(config.batch_size, rng, ranks.shard)
+            skipped = 0
             for step in range(steps_per_epoch):
                 data_tick = time.perf_counter()
                 images, target_sdm, target_mask, annotated = (t.to(device, non_blocking=True) for t in next(batches))
@@ -844,11 +845,16 @@ class Trainer:
                     loss, values = distributed.global_batch_mean(ranks, loss, values, prediction, total)
                 self.optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                if config.optimizer == "sgd":
-                    # nnU-Net clips the gradient norm at 12 with SGD: momentum 0.99 turns one outlier batch into many bad steps.
-                    scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0)
-                scaler.step(self.optimizer)
+                scaler.unscale_(self.optimizer)
+                # nnU-Net clips the gradient norm at 12 with SGD: momentum 0.99 turns one outlier batch into many bad steps.
+                gradient_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0 if config.optimizer == "sgd" else math.inf)
+                if torch.isfinite(gradient_norm) or self.precision == "fp16":
+                    scaler.step(self.optimizer)  # fp16: the scaler skips overflowing steps itself, while it finds its scale
+                else:
+                    # One non-finite gradient would make every weight NaN through Adam's moments. PyTorch 2.13's
+                    # oneDNN bf16 convolution gave one now and then here (docs/ablation.md); fp16 skips such steps
+                    # in its GradScaler already, and the same is done for every precision.
+                    skipped += 1
                 scaler.update()
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value  # tensors stay on the device: no wait for the GPU each step
@@ -856,6 +862,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(sums['loss']) / (step + 1):.4f}")
                 bar.update()
             bar.close()
+            if skipped > max(1, steps_per_epoch // 10):  # the same on every rank: the gradients were all-reduced
+                raise SDMOrganSegError(
+                    f"epoch {epoch}: {skipped} of {steps_per_epoch} steps had non-finite gradients and were skipped, so the "
+                    f"model is not learning: lower --lr, or use --precision fp32 (this run: {self.precision})"
+                )
             self.scheduler.step()
             if not ranks.main:
                 distributed.barrier(ranks)  # while rank 0 validates and writes this epoch's files
@@ -864,7 +875,10 @@ class Trainer:
             row: dict[str, Any] = {"epoch": epoch, "lr": learning_rate}
             row.update({name: round(float(value) / steps_per_epoch, 6) for name, value in sums.items()})
             row.update({"epoch_s": round(elapsed, 3), "steps_per_s": round(steps_per_epoch / elapsed, 3), "data_share": round(data_time / elapsed, 4)})
+            row["skipped_steps"] = skipped
             message = f"epoch {epoch}: loss {row['loss']:.4f}, {row['steps_per_s']:.2f} steps/s"
+            if skipped:
+                message += f", {skipped} step(s) skipped for a non-finite gradient"
             log_rows.append(row)
             if epoch % config.validate_every == 0 or epoch == self.planned_epochs:
                 mean_dice, fields = self._validation_dice(device, validation_window)

@@ -51,6 +51,63 @@ def test_bf16_loss_matches_float32_within_bf16_rounding():
     assert prediction.dtype == torch.bfloat16 and half.dtype == torch.float32
 
 
+def _leave_nan_in_freed_memory() -> None:
+    buffers = [torch.full((n,), float("nan")) for n in (4096, 65536, 110592, 300000)]
+    del buffers
+
+
+def test_bf16_convolution_of_a_two_voxel_deep_input_gives_finite_weight_gradients():
+    # PyTorch 2.13's CPU bf16 convolution read memory it never wrote for a depth of 2, and a NaN left in freed
+    # memory became a NaN weight gradient (most draws, with the buffer freed below, before the fix).
+    from SDMOrganSegLib.network import Conv3x3x3
+
+    torch.manual_seed(0)
+    conv = Conv3x3x3(64, 64)
+    for _ in range(10):
+        _leave_nan_in_freed_memory()
+        x = torch.randn(2, 64, 2, 3, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        _leave_nan_in_freed_memory()
+        y.float().square().mean().backward()
+        assert torch.isfinite(conv.weight.grad).all()
+        reference = torch.nn.functional.conv3d(x, conv.weight.detach(), padding=1)
+        torch.testing.assert_close(y.float(), reference)  # float32 here: the small input is not cast
+        conv.weight.grad = None
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch):
+    data = _tiny_data(tmp_path / "data")  # 2 training cases, batch 1: 2 steps an epoch, of which 1 may be skipped
+
+    def run(out, poisoned_every):
+        config = TrainingConfig(
+            str(data), str(tmp_path / out), mode="dice", epochs=2, batch_size=1, patch_size=(16, 16, 16), validate_every=2,
+            device="cpu", threads=1, validation_fraction=0.5, precision="fp32",
+        )
+        original, calls = SDMSegmentationLoss.forward, {"n": 0}
+
+        def poisoned(self, *args, **kwargs):  # a NaN loss, so NaN gradients, every poisoned_every-th step
+            loss, parts = original(self, *args, **kwargs)
+            calls["n"] += 1
+            return (loss * float("nan"), parts) if calls["n"] % poisoned_every == 0 else (loss, parts)
+
+        monkeypatch.setattr(SDMSegmentationLoss, "forward", poisoned)
+        said = []
+        trainer = Trainer(config, progress=said.append)
+        try:
+            trainer.run()
+        finally:
+            monkeypatch.setattr(SDMSegmentationLoss, "forward", original)
+        return trainer, said
+
+    trainer, said = run("one", 3)
+    assert [row["skipped_steps"] for row in trainer.log_rows] == [0, 1]  # steps 1, 2 | 3 (NaN), 4
+    assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+    assert any("1 step(s) skipped for a non-finite gradient" in text for text in said)
+    with pytest.raises(SDMOrganSegError, match=r"epoch 1: 2 of 2 steps had non-finite gradients .* --precision fp32 \(this run: fp32\)"):
+        run("all", 1)
+
+
 def test_precision_auto_falls_back_to_float32_on_a_cpu_without_bf16(monkeypatch):
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
