@@ -98,16 +98,38 @@ def l1_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, annotated: torch.T
     return _batch_organ_mean((pred_sdm - target_sdm).abs().mean(dim=_SPATIAL), annotated)
 
 
-def cross_entropy_loss(organ_logit: torch.Tensor, target_mask: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+#: How the cross-entropy weighs voxels: all alike, or an organ's voxels and the others half each (see cross_entropy_loss).
+CE_BALANCES = ("voxel", "organ")
+
+
+def cross_entropy_loss(
+    organ_logit: torch.Tensor, target_mask: torch.Tensor, annotated: torch.Tensor | None = None, balance: str = "voxel"
+) -> torch.Tensor:
     """Binary cross-entropy of ``sigmoid(organ_logit)`` against the masks, averaged over voxels and batch,
     summed over organs like Eq. 4.
 
     Unlike Dice, its gradient with respect to the logit is ``p - y`` at every voxel: it does not vanish on a
     confidently wrong voxel, nor on an organ absent from the patch. nnU-Net trains with Dice + cross-entropy
     for this reason (Isensee et al., Nature Methods 2021).
+
+    ``balance="voxel"`` averages over all voxels, so an organ filling a fraction ``f`` of a patch pulls its
+    logit up with a total weight ``f``: 2e-4 for a CT esophagus, against a Dice gradient that the sigmoid's
+    slope at a prior-initialised bias scales by about ``f`` too, and such organs stay at "absent".
+    ``balance="organ"`` averages the organ's voxels and the other voxels of each patch separately and takes
+    half of each (class-balanced cross-entropy), so every organ present in a patch pulls with weight 1/2
+    whatever its size; a patch without the organ keeps the whole background term.
     """
+    if balance not in CE_BALANCES:
+        raise ValueError(f"unknown cross-entropy balance {balance!r}; choose one of {', '.join(CE_BALANCES)}")
     per_voxel = nn.functional.binary_cross_entropy_with_logits(organ_logit, target_mask, reduction="none")
-    return _batch_organ_mean(per_voxel.mean(dim=_SPATIAL), annotated)
+    if balance == "voxel":
+        return _batch_organ_mean(per_voxel.mean(dim=_SPATIAL), annotated)
+    inside = target_mask.sum(_SPATIAL)
+    outside = target_mask[0, 0].numel() - inside
+    inside_mean = (per_voxel * target_mask).sum(_SPATIAL) / inside.clamp(min=1)
+    outside_mean = (per_voxel * (1 - target_mask)).sum(_SPATIAL) / outside.clamp(min=1)
+    balanced = torch.where(inside > 0, 0.5 * (inside_mean + outside_mean), outside_mean)
+    return _batch_organ_mean(balanced, annotated)
 
 
 def smooth_heaviside(sdm: torch.Tensor, k: float = HEAVISIDE_K) -> torch.Tensor:
@@ -119,14 +141,18 @@ class SDMSegmentationLoss(nn.Module):
     """The training objective for one of :data:`MODES`; returns the total and its named parts."""
 
     def __init__(
-        self, mode: str = "sdm+dice", sdm_weight: float = 10.0, k: float = HEAVISIDE_K, dice_reduction: str = "case", ce_weight: float = 0.0
+        self, mode: str = "sdm+dice", sdm_weight: float = 10.0, k: float = HEAVISIDE_K, dice_reduction: str = "case", ce_weight: float = 0.0,
+        ce_balance: str = "voxel",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
         if dice_reduction not in DICE_REDUCTIONS:
             raise ValueError(f"unknown Dice reduction {dice_reduction!r}; choose one of {', '.join(DICE_REDUCTIONS)}")
+        if ce_balance not in CE_BALANCES:
+            raise ValueError(f"unknown cross-entropy balance {ce_balance!r}; choose one of {', '.join(CE_BALANCES)}")
         self.mode, self.sdm_weight, self.k, self.dice_reduction, self.ce_weight = mode, sdm_weight, k, dice_reduction, ce_weight
+        self.ce_balance = ce_balance
         #: Parts as Python floats (a wait for the device per part) or as detached tensors (the trainer sums them on the device).
         self.float_parts = True
 
@@ -160,6 +186,6 @@ class SDMSegmentationLoss(nn.Module):
                 total = parts["dice"] + self.sdm_weight * sdm_term
             organ_logit = -self.k * pred  # the smooth Heaviside's logit
         if self.ce_weight:
-            parts["ce"] = cross_entropy_loss(organ_logit, target_mask, annotated)
+            parts["ce"] = cross_entropy_loss(organ_logit, target_mask, annotated, self.ce_balance)
             total = total + self.ce_weight * parts["ce"]
         return total, {name: float(value.detach()) if self.float_parts else value.detach() for name, value in parts.items()}

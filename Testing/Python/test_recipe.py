@@ -333,3 +333,48 @@ def test_a_saved_dual_model_reproduces_its_card_through_segment(tmp_path):
             assert dice == pytest.approx(metrics["per_case"][organ.name]["dice"][index], abs=0.01)
             # The SDM outputs are the SDM head's: tanh values, not the segmentation logits.
             assert np.abs(sitk.GetArrayFromImage(result.sdms[organ.name])).max() <= 1.0
+
+
+# --- organ-balanced cross-entropy (issue 20: organs that stay at "absent") -------------------------------
+
+
+def test_organ_balanced_cross_entropy_gives_each_organ_half_the_weight_whatever_its_size():
+    from SDMOrganSegLib.losses import cross_entropy_loss
+
+    mask = torch.zeros(1, 2, 8, 16, 16)
+    mask[0, 0, 2:6, 4:12, 4:12] = 1  # 256 of 2048 voxels
+    mask[0, 1, 4, 8, 8] = 1  # one voxel
+    logit = torch.full_like(mask, -8.0, requires_grad=True)  # a prior-like start: every organ "absent"
+    cross_entropy_loss(logit, mask, balance="organ").backward()
+    inside = logit.grad[mask > 0]
+    # d/dz of 0.5 * mean over the organ's voxels of BCE = 0.5 * (p - 1) / n: summed over the organ, 0.5 * (p - 1).
+    p = torch.sigmoid(torch.tensor(-8.0))
+    torch.testing.assert_close(logit.grad[0, 0][mask[0, 0] > 0].sum(), 0.5 * (p - 1))
+    torch.testing.assert_close(logit.grad[0, 1][mask[0, 1] > 0].sum(), 0.5 * (p - 1))
+    assert inside.numel() == 257
+    logit.grad = None
+    cross_entropy_loss(logit, mask, balance="voxel").backward()
+    # Averaged over all voxels the one-voxel organ pulls with (p - 1) / 2048, 1024 times less.
+    torch.testing.assert_close(logit.grad[0, 1][mask[0, 1] > 0].sum(), (p - 1) / 2048)
+    # A patch without the organ keeps the whole background term.
+    empty = torch.zeros(1, 1, 4, 4, 4)
+    torch.testing.assert_close(cross_entropy_loss(torch.zeros_like(empty), empty, balance="organ"), torch.tensor(float(np.log(2))))
+
+
+@pytest.mark.slow
+def test_organ_balanced_cross_entropy_learns_a_rare_small_organ_that_voxel_averaging_leaves_absent(tmp_path):
+    # 2 training cases of 16 x 24 x 24 voxels: a large organ (800 voxels) and a rare one (8 voxels, 0.09 %), the
+    # head-and-neck recipe otherwise (dual, batch Dice, CE, prior-initialised bias, foreground oversampling).
+    data = _tiny_data(tmp_path / "data", rare=True)
+    rare = {}
+    for balance in ("voxel", "organ"):
+        config = TrainingConfig(
+            str(data), str(tmp_path / balance), mode="dual", epochs=27, batch_size=2, patch_size=(16, 16, 16), validate_every=3,
+            device="cpu", threads=1, validation_fraction=0.5, precision="fp32", dice_reduction="batch", ce_weight=1.0, ce_balance=balance,
+            output_bias="prior", sdm_normalization="clip", sdm_scale_mm=5.0, sdm_weight=1.0, learning_rate=1e-3, foreground_fraction=0.5, seed=0,
+        )
+        trainer = Trainer(config)
+        trainer.run()
+        rare[balance] = max(float(row["val_dice_rare"]) for row in trainer.log_rows if "val_dice_rare" in row)
+    # Measured: voxel 0.0 for all 80 epochs tried; organ 0.91 from epoch 18 (1.0 from 51).
+    assert rare["voxel"] < 0.1 and rare["organ"] > 0.5, rare
