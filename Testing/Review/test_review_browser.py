@@ -225,7 +225,6 @@ def test_a_level_toggle_changes_the_slice_view(browser):
     _wait(browser, lambda d: _red(_axial(d)) > 50, "the level-0 contour shown again")
 
 
-@pytest.mark.xfail(strict=False, reason="its wait for the second run's contours was changed last on a loaded machine and not yet seen to pass (2026-12-04)")
 def test_compare_shows_both_runs(browser):
     from selenium.webdriver.common.by import By
 
@@ -234,11 +233,19 @@ def test_compare_shows_both_runs(browser):
     scores = [float(v) for v in re.findall(r"hippocampus (\d\.\d+)", text)]
     # The same model with and without mirrored test-time augmentation: close, not identical.
     assert len(scores) == 2 and all(0.8 < s <= 1.0 for s in scores), text
-    def cyan(pixels):
-        return int(np.count_nonzero((pixels[..., 0] < 80) & (pixels[..., 1] > 150) & (pixels[..., 2] > 200)))
+
+    # By hue, not by exact colour: the page streams the views as JPEG, whose halved chroma leaves a 1-2 pixel
+    # red (255, 0, 0) or cyan (0, 217, 255) line at about (190, 50, 50) or (40, 190, 230) (seen on this
+    # case: no pixel passed the strict red test of _red where 85 passed this one). The organ fills are
+    # paler (red minus green about 50), so they do not count.
+    def reddish(pixels):
+        return int(np.count_nonzero((pixels[..., 0] > pixels[..., 1] + 90) & (pixels[..., 0] > pixels[..., 2] + 90)))
+
+    def cyanish(pixels):
+        return int(np.count_nonzero((pixels[..., 2] > pixels[..., 0] + 120) & (pixels[..., 1] > pixels[..., 0] + 80)))
 
     # Waited for, not "settled": after a case switch the view can stay black for a while on a loaded machine.
-    _wait(browser, lambda d: (lambda p: _red(p) > 50 and cyan(p) > 20)(_axial(d)), "both runs' level-0 contours (red, cyan)")
+    _wait(browser, lambda d: (lambda p: reddish(p) > 40 and cyanish(p) > 40)(_axial(d)), "both runs' level-0 contours (red, cyan)")
 
 
 def test_a_broken_case_shows_its_reason_and_others_still_open(browser):
