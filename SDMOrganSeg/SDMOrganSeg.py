@@ -1,7 +1,7 @@
 """SDM Organ Segmentation: a 3D Slicer module that segments organs by predicting signed distance maps.
 
 The module is a thin shell: the panel (Widget) collects choices into a parameter node and shows
-progress; the Logic delegates to ``SDMOrganSegLib.mrmllogic`` (which the batch script and the tests use
+progress; the Logic delegates to ``SDMOrganSegLib.mrml.mrmllogic`` (which the batch script and the tests use
 too) and to the Slicer-free core library. Heavy Python packages (PyTorch and friends) are checked only
 when a run or a metrics computation starts, and installed only after the user agrees.
 """
@@ -35,11 +35,12 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 # Only the dependency-free part of the library is imported here: Slicer imports every module at start-up.
-from SDMOrganSegLib import dependencies, modelfiles  # package checks and model folders, without PyTorch
-from SDMOrganSegLib.errors import CancelledError, InputMismatchError, SDMOrganSegError
-from SDMOrganSegLib.modelfiles import CARD_FILE as MODEL_CARD_FILE, DEFAULT_MODEL
+from SDMOrganSegLib.mrml import dependencies  # package checks and model folders, without PyTorch
+from SDMOrganSegLib.formats import modelfiles  # package checks and model folders, without PyTorch
+from SDMOrganSegLib.common.errors import CancelledError, InputMismatchError, SDMOrganSegError
+from SDMOrganSegLib.formats.modelfiles import CARD_FILE as MODEL_CARD_FILE, DEFAULT_MODEL
 
-#: File names of a model folder (see SDMOrganSegLib.modelfiles); read here without importing PyTorch.
+#: File names of a model folder (see SDMOrganSegLib.formats.modelfiles); read here without importing PyTorch.
 #: Marker item data of the "Load model folder..." entry of the model combo box.
 LOAD_MODEL_FOLDER = "<load-model-folder>"
 
@@ -63,7 +64,7 @@ def moduleResourcePath(relative: str) -> str:
 
 def _lib():
     """The MRML logic module, imported on first use (it pulls in SimpleITK and VTK helpers)."""
-    from SDMOrganSegLib import mrmllogic
+    from SDMOrganSegLib.mrml import mrmllogic
 
     return mrmllogic
 
@@ -886,7 +887,7 @@ def _isSet(path) -> bool:
 
 
 class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
-    """Usable without the panel; delegates to ``SDMOrganSegLib.mrmllogic`` (shared with the batch script)."""
+    """Usable without the panel; delegates to ``SDMOrganSegLib.mrml.mrmllogic`` (shared with the batch script)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -1049,7 +1050,7 @@ class SDMOrganSegLogic(ScriptedLoadableModuleLogic):
         modelDir = self.resolveModel(model)
         image = lib.volume_node_to_sitk(volumeNode)
         if not force:
-            from SDMOrganSegLib.plausibility import modality_mismatch
+            from SDMOrganSegLib.method.plausibility import modality_mismatch
 
             card = modelfiles.read_card(modelDir)
             reason = modality_mismatch(image, card.modality, card.field_of_view)
@@ -1137,7 +1138,8 @@ class SDMOrganSegTest(ScriptedLoadableModuleTest):
         logic = SDMOrganSegLogic()
         if DEFAULT_MODEL in logic.shippedModels():
             return logic.shippedModels()[DEFAULT_MODEL]
-        from SDMOrganSegLib import modelfiles, network
+        from SDMOrganSegLib.formats import modelfiles
+        from SDMOrganSegLib.method import network
 
         folder = Path(slicer.app.temporaryPath) / "SDMOrganSegTestModel"
         if not (folder / MODEL_CARD_FILE).is_file():

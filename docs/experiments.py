@@ -29,8 +29,8 @@ METRICS = ("dice", "hd", "hd95", "asd")
 
 
 def evaluate(runs: list[Path], data: Path, tta: bool, largest_component: bool = False) -> None:
-    from SDMOrganSegLib.modelfiles import load_model
-    from SDMOrganSegLib.training import annotated_case_names, evaluate_model_on_split
+    from SDMOrganSegLib.formats.modelfiles import load_model
+    from SDMOrganSegLib.engines.training import annotated_case_names, evaluate_model_on_split
 
     for run in runs:
         model = load_model(run / "best")

@@ -60,9 +60,9 @@ def grown_copy(data: Path, folder: Path, cases: list[str]) -> Path:
 def predictions(model_dir: Path, cases) -> list[np.ndarray]:
     import torch
 
-    from SDMOrganSegLib.inference import predict_array
-    from SDMOrganSegLib.modelfiles import load_model
-    from SDMOrganSegLib.sdm import sdms_to_label_map
+    from SDMOrganSegLib.engines.inference import predict_array
+    from SDMOrganSegLib.formats.modelfiles import load_model
+    from SDMOrganSegLib.method.sdm import sdms_to_label_map
 
     torch.set_num_threads(1)
     model = load_model(model_dir)
@@ -109,8 +109,8 @@ def main() -> None:
 
     import SimpleITK as sitk
 
-    from SDMOrganSegLib.dataset import find_cases, load_cases
-    from SDMOrganSegLib.modelfiles import read_card, resolve_model
+    from SDMOrganSegLib.formats.dataset import find_cases, load_cases
+    from SDMOrganSegLib.formats.modelfiles import read_card, resolve_model
 
     shipped = json.loads((REPO / "Resources" / "Splits" / "hippocampus.json").read_text())
     split = {"train": shipped["train"][:10], "validation": shipped["validation"]}

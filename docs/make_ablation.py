@@ -29,10 +29,10 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib.contours import DEFAULT_LEVELS, LEVEL_COLORS  # noqa: E402
-from SDMOrganSegLib.inference import segment_image  # noqa: E402
-from SDMOrganSegLib.modelfiles import load_model  # noqa: E402
-from SDMOrganSegLib.sdm import label_map_to_sdms  # noqa: E402
+from SDMOrganSegLib.images.contours import DEFAULT_LEVELS, LEVEL_COLORS  # noqa: E402
+from SDMOrganSegLib.engines.inference import segment_image  # noqa: E402
+from SDMOrganSegLib.formats.modelfiles import load_model  # noqa: E402
+from SDMOrganSegLib.method.sdm import label_map_to_sdms  # noqa: E402
 
 MODES = ["dice", "sdm", "l1+dice", "sdm+dice"]
 MODE_COLORS = {"dice": "tab:blue", "sdm": "gold", "l1+dice": "tab:purple", "sdm+dice": "lime"}

@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 sys.path.insert(0, str(REPO / "docs"))
 
 from experiments import wilcoxon_p  # noqa: E402
-from SDMOrganSegLib.contours import DEFAULT_LEVELS, LEVEL_COLORS  # noqa: E402
-from SDMOrganSegLib.inference import segment_image  # noqa: E402
-from SDMOrganSegLib.modelfiles import load_model  # noqa: E402
+from SDMOrganSegLib.images.contours import DEFAULT_LEVELS, LEVEL_COLORS  # noqa: E402
+from SDMOrganSegLib.engines.inference import segment_image  # noqa: E402
+from SDMOrganSegLib.formats.modelfiles import load_model  # noqa: E402
 
 RUNS = ["dice-ce", "sdm+dice-ce"]  #: the compared runs, baseline first (--compare)
 RUN_STYLE = {"dice-ce": "tab:blue", "sdm+dice-ce": "tab:green", "dice": "tab:gray", "sdm+dice": "tab:olive", "sdm+dice-clip20-k15": "tab:orange"}

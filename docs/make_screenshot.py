@@ -1,6 +1,6 @@
 """Render the README screenshot (and, with --icons, draw the module and extension icons).
 
-The outputs are made exactly as the Slicer module makes them (``SDMOrganSegLib.mrmllogic`` on a headless
+The outputs are made exactly as the Slicer module makes them (``SDMOrganSegLib.mrml.mrmllogic`` on a headless
 slicer-core scene), then drawn offscreen with plain VTK (EGL where there is no display):
 
 * left, a 3D view of the iso-surfaces, level 0 opaque and 0.1/0.2/0.3 translucent, over the axial slice;
@@ -31,8 +31,8 @@ import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from SDMOrganSegLib.contours import DEFAULT_LEVELS, iso_surfaces, level_color, level_tag  # noqa: E402
-from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
+from SDMOrganSegLib.images.contours import DEFAULT_LEVELS, iso_surfaces, level_color, level_tag  # noqa: E402
+from SDMOrganSegLib.common.errors import SDMOrganSegError  # noqa: E402
 
 DATA = REPO / "Testing" / "Data" / "hippocampus"
 HIPPOCAMPUS_ORGANS = {1: ("anterior hippocampus", (0.85, 0.40, 0.30)), 2: ("posterior hippocampus", (0.35, 0.60, 0.85))}
@@ -45,8 +45,8 @@ MAX_BYTES = 300 * 1024
 
 def reference_outputs(image: sitk.Image, labels_path: Path):
     """ComputedOutputs holding the SDMs of the reference label map (used when no model is available)."""
-    from SDMOrganSegLib import mrmllogic
-    from SDMOrganSegLib.sdm import normalized_sdm
+    from SDMOrganSegLib.mrml import mrmllogic
+    from SDMOrganSegLib.method.sdm import normalized_sdm
 
     labels = sitk.ReadImage(str(labels_path))
     labels.CopyInformation(image)
@@ -68,7 +68,8 @@ def reference_outputs(image: sitk.Image, labels_path: Path):
 
 def make_outputs(case: str, model: str | None, use_reference: bool, data: Path = DATA):
     """Volume node and the run's OutputNodes in a headless scene, plus a caption."""
-    from SDMOrganSegLib import headless, modelfiles, mrmllogic
+    from SDMOrganSegLib.mrml import headless, mrmllogic
+    from SDMOrganSegLib.formats import modelfiles
 
     session = headless.start()
     image_path = data / "imagesTr" / f"{case}.nii.gz"
@@ -94,7 +95,7 @@ def make_outputs(case: str, model: str | None, use_reference: bool, data: Path =
 
 def _axial_slice_actor(volume, k: int, upsample: int = 4) -> tuple[vtk.vtkImageActor, float, np.ndarray]:
     """An image actor showing axial slice k of the volume, placed in RAS, smoothly upsampled."""
-    from SDMOrganSegLib import mrmllogic
+    from SDMOrganSegLib.mrml import mrmllogic
 
     image = mrmllogic.volume_node_to_sitk(volume)
     array = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -242,7 +243,7 @@ def render(volume, outputs, caption: str, path: Path, scale: float = 1.0) -> Non
 
 
 def _write_png(image: vtk.vtkImageData, path: Path) -> None:
-    from SDMOrganSegLib.files import atomic_path
+    from SDMOrganSegLib.common.files import atomic_path
 
     with atomic_path(path, overwrite=True) as temporary:
         writer = vtk.vtkPNGWriter()

@@ -12,7 +12,7 @@ script and the panel give unless asked otherwise, so that ``Testing/Python/test_
 ``metrics["largest_component_per_organ"]`` the default with ``--largest-component``.
 ``training.commands`` records the exact commands; the markdown table printed at the end goes into the
 model's README (its human-readable card). The shipped folder gets ``model.onnx`` (the network for ONNX
-Runtime, listed with its sha256 in the card; ``SDMOrganSegLib.onnxmodel.export_model``).
+Runtime, listed with its sha256 in the card; ``SDMOrganSegLib.engines.onnxmodel.export_model``).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def ship(
     run: Path, data: Path, target: Path, commands: list[str], note: str, goal: str, tta_default: bool = False,
     modality: str | None = None, field_of_view: str = "", description: str = "",
 ) -> None:
-    from SDMOrganSegLib.inference import tta_axes
-    from SDMOrganSegLib.modelfiles import load_model, save_model
-    from SDMOrganSegLib.onnxmodel import export_model
-    from SDMOrganSegLib.training import evaluate_model_on_split, split_metrics_record, summarize
+    from SDMOrganSegLib.engines.inference import tta_axes
+    from SDMOrganSegLib.formats.modelfiles import load_model, save_model
+    from SDMOrganSegLib.engines.onnxmodel import export_model
+    from SDMOrganSegLib.engines.training import evaluate_model_on_split, split_metrics_record, summarize
 
     model = load_model(run / "best", runtime="torch")
     card = model.card

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Segment a folder or a list of volumes with SDMOrganSeg, writing one output folder per case.
 
-Runs the same Logic as the Slicer module (``SDMOrganSegLib.mrmllogic``), either inside Slicer::
+Runs the same Logic as the Slicer module (``SDMOrganSegLib.mrml.mrmllogic``), either inside Slicer::
 
     Slicer --no-main-window --python-script SDMOrganSeg/Scripts/batch.py --input IMAGES --output OUT
 
@@ -13,7 +13,7 @@ or on several processes, one per GPU, with PyTorch's launcher (multi-node: ``--n
 
     torchrun --standalone --nproc-per-node=8 SDMOrganSeg/Scripts/batch.py --input IMAGES --output OUT --device cuda
 
-Each rank segments its share of the cases (:func:`SDMOrganSegLib.distributed.shard`, by input size) on
+Each rank segments its share of the cases (:func:`SDMOrganSegLib.engines.distributed.shard`, by input size) on
 ``cuda:LOCAL_RANK``, exactly as one process would; rank 0 gathers the rows and writes the summary files.
 
 Per case, in ``OUT/<case>/``, the files ``sdmorganseg segment`` writes, under the same names:
@@ -102,7 +102,7 @@ class CaseResult:
 
 def find_cases(inputs: Sequence[str]) -> list[Path]:
     """Image files named on the command line or found (not recursively) in the folders named."""
-    from SDMOrganSegLib.imageio import is_image_file
+    from SDMOrganSegLib.images.imageio import is_image_file
 
     cases: list[Path] = []
     for entry in inputs:
@@ -129,7 +129,7 @@ def _reference_for(path: Path, args: argparse.Namespace, result: CaseResult) -> 
 def _plan(path: Path, case: str, args: argparse.Namespace, context: dict[str, Any], result: CaseResult) -> tuple[list[str], tuple[str, ...], Path | None]:
     """The files a case gets (relative to its folder, summary.json last), its DICOM formats and its
     reference; notes in ``result`` say what it does not get."""
-    from SDMOrganSegLib.outputs import DICOM_FILES, output_names
+    from SDMOrganSegLib.engines.outputs import DICOM_FILES, output_names
 
     volume_format, dicom_formats = context["formats"]
     if dicom_formats and not path.is_dir():
@@ -159,7 +159,7 @@ def done_earlier(path: Path, case: str, args: argparse.Namespace, context: dict[
     summary.json last, so a run killed at any point leaves either no summary.json or a complete case."""
     import json
 
-    from SDMOrganSegLib.files import inside
+    from SDMOrganSegLib.common.files import inside
 
     case_dir = inside(Path(args.output), case)
     try:
@@ -174,7 +174,7 @@ def done_earlier(path: Path, case: str, args: argparse.Namespace, context: dict[
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         return None  # no summary, or not one of ours: the case is run, and refuses to replace files without --overwrite
     if reference is not None:
-        from SDMOrganSegLib.metrics import read_metrics_csv
+        from SDMOrganSegLib.method.metrics import read_metrics_csv
 
         result.metrics = read_metrics_csv(case_dir / "metrics.csv")
     if args.pictures:
@@ -184,10 +184,10 @@ def done_earlier(path: Path, case: str, args: argparse.Namespace, context: dict[
 
 def _thumbnail_of(path: Path, case_dir: Path, context: dict[str, Any], reference: Path | None, result: CaseResult) -> Any:
     """The overview thumbnail of a case done earlier, drawn again from its files."""
-    from SDMOrganSegLib.files import safe_name
-    from SDMOrganSegLib.imageio import read_image, read_volume
-    from SDMOrganSegLib.outputs import FORMATS
-    from SDMOrganSegLib.pictures import case_thumbnail
+    from SDMOrganSegLib.common.files import safe_name
+    from SDMOrganSegLib.images.imageio import read_image, read_volume
+    from SDMOrganSegLib.engines.outputs import FORMATS
+    from SDMOrganSegLib.images.pictures import case_thumbnail
 
     suffix = FORMATS[context["formats"][0]]
     organs = context["organs"]
@@ -204,10 +204,10 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
     """Segment one case and write its files; raises SDMOrganSegError with a one-line reason on failure."""
     import functools
 
-    from SDMOrganSegLib import headless, mrmllogic
-    from SDMOrganSegLib.files import check_writable, inside
-    from SDMOrganSegLib.imageio import read_image, read_volume
-    from SDMOrganSegLib.outputs import DICOM_FILES, write_result
+    from SDMOrganSegLib.mrml import headless, mrmllogic
+    from SDMOrganSegLib.common.files import check_writable, inside
+    from SDMOrganSegLib.images.imageio import read_image, read_volume
+    from SDMOrganSegLib.engines.outputs import DICOM_FILES, write_result
 
     result = CaseResult(case)
     case_dir = inside(Path(args.output), case)
@@ -219,7 +219,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
     image = read_volume(path, "image")
     series = None
     if dicom_formats:
-        from SDMOrganSegLib.dicomout import series_of
+        from SDMOrganSegLib.formats.dicomout import series_of
 
         series = series_of(path, image)
     scene = context["scene"]
@@ -237,13 +237,13 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
             result.volumes_ml = outputs.organ_volumes_ml()
             reference_image = None
             if reference is not None:
-                from SDMOrganSegLib.metrics import evaluate_images
+                from SDMOrganSegLib.method.metrics import evaluate_images
 
                 reference_image = read_image(reference, "reference label map")
                 result.metrics = evaluate_images(computed.labels, reference_image, {o.label: o.name for o in organs})
             files = {f"{case}.seg.nrrd": lambda target: headless.save_node(outputs.segmentation, target, overwrite=True)}
             if series is not None:
-                from SDMOrganSegLib.dicomout import WRITERS, empty_organs_note
+                from SDMOrganSegLib.formats.dicomout import WRITERS, empty_organs_note
 
                 note = empty_organs_note(computed.labels, organs, [DICOM_FILES[f] for f in dicom_formats])
                 if note:
@@ -252,7 +252,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
                 for fmt in dicom_formats:
                     files[DICOM_FILES[fmt]] = functools.partial(WRITERS[fmt], computed.labels, organs, series, model_name=computed.model_name)
             if reference is not None:
-                from SDMOrganSegLib.metrics import write_metrics_csv
+                from SDMOrganSegLib.method.metrics import write_metrics_csv
 
                 files["metrics.csv"] = lambda target: write_metrics_csv(result.metrics, target, overwrite=True)
             if args.pictures:
@@ -272,7 +272,7 @@ def process_case(path: Path, case: str, args: argparse.Namespace, context: dict[
 
 
 def _picture(target: Path, case: str, image: Any, computed: Any, reference: Any, result: CaseResult, window: Any = None) -> None:
-    from SDMOrganSegLib.pictures import case_picture
+    from SDMOrganSegLib.images.pictures import case_picture
 
     dice = {name: float(metrics.dice) for name, metrics in result.metrics.items()} if reference is not None else None
     result.thumbnail = case_picture(
@@ -283,7 +283,7 @@ def _picture(target: Path, case: str, image: Any, computed: Any, reference: Any,
 
 def summary_csv(results: Sequence[CaseResult], organs: Sequence[Any], with_metrics: bool) -> str:
     """The summary table: case, status, reason, seconds, per-organ volumes and (optionally) metrics."""
-    from SDMOrganSegLib.files import safe_name
+    from SDMOrganSegLib.common.files import safe_name
 
     header = ["case", "status", "reason", "notes", "seconds"] + [f"volume_ml_{safe_name(o.name)}" for o in organs]
     metric_fields = (("dice", "dice"), ("hd_mm", "hd"), ("hd95_mm", "hd95"), ("asd_mm", "asd"))
@@ -306,8 +306,8 @@ def summary_csv(results: Sequence[CaseResult], organs: Sequence[Any], with_metri
 
 def write_overview(path: Path, results: Sequence[CaseResult]) -> None:
     """overview.png: the cases' thumbnails, worst Dice first (written atomically)."""
-    from SDMOrganSegLib.files import atomic_path
-    from SDMOrganSegLib.pictures import overview_picture
+    from SDMOrganSegLib.common.files import atomic_path
+    from SDMOrganSegLib.images.pictures import overview_picture
 
     thumbnails = [result.thumbnail for result in results if result.thumbnail is not None]
     with atomic_path(path, overwrite=True) as temporary:
@@ -315,8 +315,8 @@ def write_overview(path: Path, results: Sequence[CaseResult]) -> None:
 
 
 def _formats(text: str) -> tuple[str, tuple[str, ...]]:
-    from SDMOrganSegLib.errors import SDMOrganSegError
-    from SDMOrganSegLib.outputs import parse_formats
+    from SDMOrganSegLib.common.errors import SDMOrganSegError
+    from SDMOrganSegLib.engines.outputs import parse_formats
 
     try:
         return parse_formats(text)
@@ -348,8 +348,8 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from SDMOrganSegLib import distributed
-    from SDMOrganSegLib.errors import SDMOrganSegError
+    from SDMOrganSegLib.engines import distributed
+    from SDMOrganSegLib.common.errors import SDMOrganSegError
 
     try:
         # Under torchrun, one rank of several: gloo only carries the set-up check and the gathered results.
@@ -371,8 +371,8 @@ def _input_bytes(path: Path) -> int:
 
 
 def _segment_cases(args: argparse.Namespace, ranks: Any) -> int:
-    from SDMOrganSegLib import distributed
-    from SDMOrganSegLib.errors import SDMOrganSegError
+    from SDMOrganSegLib.engines import distributed
+    from SDMOrganSegLib.common.errors import SDMOrganSegError
 
     output = Path(args.output)
     summary_path = output / SUMMARY
@@ -381,9 +381,9 @@ def _segment_cases(args: argparse.Namespace, ranks: Any) -> int:
         for earlier in (summary_path, output / OVERVIEW) if args.pictures else (summary_path,):
             if earlier.exists() and not args.overwrite:
                 raise SDMOrganSegError(f"{earlier} already exists (an earlier run); pass --overwrite to replace its outputs or choose another --output")
-        from SDMOrganSegLib import headless, mrmllogic
-        from SDMOrganSegLib.files import safe_name, write_text_atomic
-        from SDMOrganSegLib.imageio import case_name
+        from SDMOrganSegLib.mrml import headless, mrmllogic
+        from SDMOrganSegLib.common.files import safe_name, write_text_atomic
+        from SDMOrganSegLib.images.imageio import case_name
 
         levels = mrmllogic.as_levels(args.levels)
         formats = _formats(args.format)
@@ -395,7 +395,7 @@ def _segment_cases(args: argparse.Namespace, ranks: Any) -> int:
                 f"Python packages missing: {', '.join(missing)}; install them (pip install {' '.join(missing)}), "
                 "or in Slicer open the SDM Organ Segmentation module once and let it install them"
             )
-        from SDMOrganSegLib import modelfiles
+        from SDMOrganSegLib.formats import modelfiles
 
         model_dir = modelfiles.resolve_model(args.model)
         card = modelfiles.read_card(model_dir)
@@ -418,7 +418,7 @@ def _segment_cases(args: argparse.Namespace, ranks: Any) -> int:
         if args.tta is None:  # the card's default, recorded as what was done
             args.tta = bool(card.inference.get("tta", False))
         session = headless.start()
-        from SDMOrganSegLib.pictures import display_window
+        from SDMOrganSegLib.images.pictures import display_window
 
         context = {
             "scene": session.scene, "logic": mrmllogic.SDMSegmentationLogic(session.scene), "model_dir": model_dir,

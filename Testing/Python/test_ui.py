@@ -277,7 +277,7 @@ def module(monkeypatch):
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("the 'slicer' module found is not slicer-core")
     sys.path.insert(0, str(REPO / "SDMOrganSeg"))
-    from SDMOrganSegLib import headless
+    from SDMOrganSegLib.mrml import headless
 
     headless.start()
     stand_ins = {
@@ -312,8 +312,10 @@ def test_module_logic_segments_and_measures_on_a_real_scene(module, tmp_path, mo
     pytest.importorskip("torch", reason="PyTorch is not installed")
     import slicer
 
-    from SDMOrganSegLib import headless, modelfiles, network
-    from SDMOrganSegLib.modelfiles import ModelCard, Organ
+    from SDMOrganSegLib.mrml import headless
+    from SDMOrganSegLib.formats import modelfiles
+    from SDMOrganSegLib.method import network
+    from SDMOrganSegLib.formats.modelfiles import ModelCard, Organ
 
     net = network.UNet3D(network.preset("cpu", 1, 2))
     models = tmp_path / "Models"
@@ -345,7 +347,7 @@ def test_module_logic_prepares_a_training_from_scene_pairs(module, tmp_path):
     from the model to fine-tune; a problem is one line and leaves the scene as it was."""
     import slicer
 
-    from SDMOrganSegLib import headless
+    from SDMOrganSegLib.mrml import headless
 
     data = REPO / "Testing" / "Data" / "hippocampus"
     pairs = []
@@ -376,7 +378,7 @@ def test_logic_refuses_another_modality_before_the_worker_unless_forced(module, 
 
     import slicer
 
-    from SDMOrganSegLib import headless
+    from SDMOrganSegLib.mrml import headless
 
     lib = module._lib()
     started = []
