@@ -3,13 +3,16 @@
 Checked from the packages' metadata, without importing them: importing PyTorch takes seconds, and on
 Windows an imported package's files are locked, so an upgrade would fail. The Slicer module installs what
 :func:`unmet` reports (after the user agrees); the required packages in one go, each optional one on its
-own so that one without a wheel for the platform is skipped with a note instead of failing the install.
+own so that one without a wheel for the platform is skipped with a note instead of failing the install
+(:class:`Installation`, which imports ``slicer`` only when it runs).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import re
 import sys
 from dataclasses import dataclass
@@ -133,3 +136,117 @@ def install_failure(error: BaseException, what: str) -> str:
         f"could not install {what} ({failure_detail(error)}); check the network connection and try again "
         "(pip's messages are in the Python console)"
     )
+
+
+# --- installing them in Slicer (the module's Logic: SDMOrganSegLogic.ensureDependencies) ---
+
+
+def translated(text: str) -> str:
+    """``text`` in the user's language: Slicer's translation in the context of the module file (SDMOrganSeg.py),
+    whose panel and Logic say these words. Imported when called: this module imports without Slicer."""
+    from slicer.i18n import translate
+
+    return translate("SDMOrganSeg", text)
+
+
+_ = translated
+
+
+class Installation:
+    """One installation in Slicer's Python, after the user agreed: ``installed`` (pip requirements) and
+    ``notes`` for the user; ``offered_optional`` once the optional packages were offered (the module offers
+    them once per session: one without a wheel for this platform would otherwise be asked for at every run)."""
+
+    def __init__(self) -> None:
+        self.installed: list[str] = []
+        self.notes: list[str] = []
+        self.offered_optional = False
+
+    def run(self, required: Sequence[Requirement], offer_optional: bool, ask: bool) -> bool:
+        """Install what of ``required`` (and, with ``offer_optional``, of :data:`OPTIONAL`) is missing or too
+        old; False if the user declined. PyTorch comes from the PyTorch extension's PyTorchUtils when it is
+        installed (light-the-torch picks the build that matches the NVIDIA driver), otherwise from pip. The
+        other required packages are installed with pip in one go; each optional one on its own, and skipped
+        with a note if that fails. A failed install raises SDMOrganSegError with one line."""
+        import slicer
+
+        from ..common.errors import SDMOrganSegError
+
+        # A package this Slicer has imported cannot be replaced under it (as TotalSegmentator refuses too).
+        loaded = [message for message in map(loaded_too_old, required) if message]
+        if loaded:
+            raise SDMOrganSegError(loaded[0])
+        unmetRequired = unmet(required)
+        unmetOptional = unmet(OPTIONAL) if offer_optional else []
+        if not unmetRequired and not unmetOptional:
+            return True
+        self.offered_optional = True
+        if ask:
+            text = _("SDM Organ Segmentation needs these Python packages:\n\n{packages}\n\n").format(
+                packages=describe(unmetRequired)) if unmetRequired else ""
+            if unmetOptional:
+                text += _("Optional (skipped if they cannot be installed):\n\n{packages}\n\n").format(packages=describe(unmetOptional))
+            if any(requirement is TORCH for requirement, _reason in unmetRequired):
+                text += _("PyTorch is large: about 0.2 GB to download for computers without an NVIDIA GPU, 2-3 GB with one "
+                          "(1-6 GB on disk); the installation can take 5-20 minutes.\n\n")
+            text += _("Install them now? This needs a network connection.")
+            if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Install Python packages")):
+                return not unmetRequired  # without the optional ones the module works, more slowly
+        with slicer.util.WaitCursor():
+            others = [requirement for requirement, _reason in unmetRequired if requirement is not TORCH]
+            if len(others) < len(unmetRequired) and not self._installTorch():
+                return False
+            if others:
+                self._pipInstall([requirement.pip for requirement in others])
+            for requirement, _reason in unmetOptional:
+                try:
+                    slicer.util.pip_install([requirement.pip])
+                except Exception as error:  # e.g. no wheel for this platform: the module works without it
+                    logging.exception("pip install %s failed", requirement.pip)
+                    self.notes.append(_("Optional package {name} was not installed ({detail}): it only {purpose}.").format(
+                        name=requirement.distribution, detail=failure_detail(error), purpose=requirement.purpose))
+                else:
+                    self.installed.append(requirement.pip)
+        importlib.invalidate_caches()
+        stillUnmet = unmet(required)
+        if stillUnmet:
+            raise SDMOrganSegError(_("after the installation {packages} still does not meet the requirement ({reason}); restart Slicer and try again").format(
+                packages=stillUnmet[0][0].distribution, reason=stillUnmet[0][1]))
+        return True
+
+    def _pipInstall(self, requirements: list[str]) -> None:
+        """slicer.util.pip_install, with a failure turned into one line (pip's output is in the Python console)."""
+        import slicer
+
+        from ..common.errors import SDMOrganSegError
+
+        try:
+            slicer.util.pip_install(requirements)
+        except Exception as error:  # CalledProcessError, OSError, ...: pip's details are in the console already
+            logging.exception("pip install %s failed", " ".join(requirements))
+            raise SDMOrganSegError(install_failure(error, " ".join(requirements))) from None
+        self.installed.extend(requirements)
+
+    def _installTorch(self) -> bool:
+        """Install or upgrade PyTorch (the user has agreed already); False if PyTorchUtils was declined."""
+        from ..common.errors import SDMOrganSegError
+
+        requirement = TORCH
+        try:
+            import PyTorchUtils  # the PyTorch extension
+        except ImportError:
+            PyTorchUtils = None
+        if PyTorchUtils is None:
+            self.notes.append(_("PyTorch was installed with pip; for the build that matches your GPU driver, "
+                                "install the PyTorch extension from the Extensions Manager."))
+            self._pipInstall([requirement.pip])
+        else:
+            try:
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=f">={requirement.minimum}")
+            except Exception as error:  # light-the-torch or pip failed
+                logging.exception("PyTorchUtils could not install PyTorch")
+                raise SDMOrganSegError(install_failure(error, requirement.pip)) from None
+            if torch is None:
+                return False
+            self.installed.append(requirement.pip)
+        return True

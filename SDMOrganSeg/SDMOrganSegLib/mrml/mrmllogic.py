@@ -21,6 +21,7 @@ from .background import (  # noqa: F401
     BackgroundProcess, kill_process_tree, probe_devices_command, python_executable, start_process, worker_main,
 )
 from ..images.contours import DEFAULT_LEVELS, parse_levels  # noqa: F401
+from ..method.plausibility import modality_mismatch  # noqa: F401  (the Logic checks an input before its worker starts)
 from .mrmlmetrics import (  # noqa: F401
     MATCH_BY_NAME, MATCH_BY_ORDER, METRICS_COLUMNS, _fill_metrics_table, compute_metrics, match_segments, save_table_csv,
     table_rows,
