@@ -4,7 +4,8 @@ The panel's Logic and its parts (``mrmllogic``: scene conversions ``mrmlscene``,
 ``mrmlsegmentation``, training ``mrmltraining``, metrics tables ``mrmlmetrics``), the background worker
 process both long jobs run in (``background``), a headless MRML scene on the ``slicer-core`` package
 (``headless``), the packages Slicer's Python must install (``dependencies``), the panel's sections
-(``panels``) and the module's self-test (``moduletest``).
+(``panels``), the module's self-test (``moduletest``) and the batch runner behind ``Scripts/batch.py``
+(``batch``).
 
 May import: every other part of the library but the command line and ``SDMOrganSegLib.review``; and
 ``slicer``, ``vtkMRML*`` and ``qt``, inside the functions that need them, so that every module here but
