@@ -12,7 +12,7 @@ May import: every other part of the library but the command line and ``SDMOrganS
 ``headless`` (the slicer-core scene itself) imports without Slicer (Python 3.9 and 3.12 in CI).
 
 Public names: ``__all__`` below, the only names SDMOrganSeg.py (the Slicer module file) may import from the
-library. They are light: Slicer imports the module file at
+library (Testing/Python/test_layout.py checks it). They are light: Slicer imports the module file at
 start-up, so ``mrmllogic`` (SimpleITK, VTK) is imported when the panel first needs it, never here.
 """
 
