@@ -1,6 +1,6 @@
 """Copy a finished run's best model into ``Resources/Models/NAME`` with its validation metrics measured as shipped.
 
-    python docs/ship_model.py RUN --data DATA --to Resources/Models/NAME --command "..." [--command "..."]
+    python docs/experiments/ship_model.py RUN --data DATA --to Resources/Models/NAME --command "..." [--command "..."]
                               [--tta-default] [--note TEXT] [--goal TEXT]
 
 ``--tta-default`` makes mirroring test-time augmentation the model's default inference (the card's
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # this file is docs/experiments/<name>.py
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
 

@@ -1,6 +1,6 @@
 """Tables and figures of docs/ablation.md from the four finished runs in runs/ablation/.
 
-    python docs/make_ablation.py [--runs runs/ablation] [--data ../shared/data/hippocampus] [--case NAME] [--prefix ablation_]
+    python docs/experiments/make_ablation.py [--runs runs/ablation] [--data ../shared/data/hippocampus] [--case NAME] [--prefix ablation_]
 
 ``--runs`` holds one run folder (or a link to one) per mode: dice, sdm, l1+dice, sdm+dice. The figures'
 file names start with ``--prefix`` (``recipe_`` for the four modes on the final recipe).
@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # this file is docs/experiments/<name>.py
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
 from SDMOrganSegLib.images.contours import DEFAULT_LEVELS, LEVEL_COLORS  # noqa: E402

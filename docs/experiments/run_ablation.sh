@@ -2,7 +2,7 @@
 # The ablation of docs/ablation.md: one backbone (cpu preset), one schedule, four losses, one split.
 # Runs two trainings at a time with one thread each (2-core machine); rerunning resumes each run.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/hippocampus}
 EPOCHS=${EPOCHS:-40}
 common=(--split Resources/Splits/hippocampus.json --preset cpu --epochs "$EPOCHS" --lr-step 15 --batch-size 2

@@ -10,8 +10,8 @@ With the shipped model (default) the SDMs are the model's prediction. Without on
 automatically when no model is installed) they are the SDMs of the reference segmentation, and the
 picture says so.
 
-    python docs/make_screenshot.py [--case hippocampus_003] [--model M] [--out docs/screenshot.png] [--icons]
-    python docs/make_screenshot.py --data Testing/Data/openkbp-hn --case hn_235 --model headneck-oar --out docs/screenshot_headneck.png
+    python docs/experiments/make_screenshot.py [--case hippocampus_003] [--model M] [--out docs/screenshot.png] [--icons]
+    python docs/experiments/make_screenshot.py --data Testing/Data/openkbp-hn --case hn_235 --model headneck-oar --out docs/screenshot_headneck.png
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # this file is docs/experiments/<name>.py
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # no X server needed
 

@@ -1,6 +1,6 @@
 """Fine-tuning the shipped hippocampus model, measured (issue 15, item 5; figures in the README).
 
-    python docs/finetune_hippocampus.py --data ../shared/data/hippocampus --work runs/finetune [--lr LR] [--epochs 5]
+    python docs/experiments/finetune_hippocampus.py --data ../shared/data/hippocampus --work runs/finetune [--lr LR] [--epochs 5]
 
 Two fine-tuning runs of ``Resources/Models/hippocampus`` with ``sdmorganseg train --init hippocampus`` and
 its defaults (learning rate 5e-6 unless ``--lr``), on the first 10 training cases of
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # this file is docs/experiments/<name>.py
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
 

@@ -1,7 +1,7 @@
 """Controlled training experiments: evaluate finished runs per case, then compare configurations.
 
-    python docs/experiments.py evaluate RUN [RUN ...] --data DATA [--tta] [--largest-component]
-    python docs/experiments.py compare RUNS_DIR --baseline NAME [--tta] [--markdown FILE]
+    python docs/experiments/experiments.py evaluate RUN [RUN ...] --data DATA [--tta] [--largest-component]
+    python docs/experiments/experiments.py compare RUNS_DIR --baseline NAME [--tta] [--markdown FILE]
 
 ``evaluate`` scores each run's ``best/`` model on its card's validation split (Dice, HD, HD95, ASD per
 organ and case, partial labels honoured) and writes ``RUN/eval.json`` (``RUN/eval-tta.json`` with mirroring
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # this file is docs/experiments/<name>.py
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
 METRICS = ("dice", "hd", "hd95", "asd")

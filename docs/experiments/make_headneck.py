@@ -1,7 +1,7 @@
 """Tables and figures of docs/headneck.md from two head-and-neck CT runs (a Dice-only and an SDM one).
 
-    python docs/experiments.py evaluate runs/hn/dice-ce runs/hn/sdm+dice-ce --data ../shared/data/openkbp-hn
-    python docs/make_headneck.py [--runs runs/hn] [--compare dice-ce sdm+dice-ce] [--data ...] [--case hn_201]
+    python docs/experiments/experiments.py evaluate runs/hn/dice-ce runs/hn/sdm+dice-ce --data ../shared/data/openkbp-hn
+    python docs/experiments/make_headneck.py [--runs runs/hn] [--compare dice-ce sdm+dice-ce] [--data ...] [--case hn_201]
 
 Reads each run's ``eval.json`` (per-case metrics on the 32 validation cases, organs only where annotated)
 and ``log.csv``; prints the per-organ table with the paper's Table 2/3 figures beside it and the paired
@@ -25,9 +25,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # this file is docs/experiments/<name>.py
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
-sys.path.insert(0, str(REPO / "docs"))
+sys.path.insert(0, str(REPO / "docs" / "experiments"))  # experiments.py, beside this file
 
 from experiments import wilcoxon_p  # noqa: E402
 from SDMOrganSegLib.images.contours import DEFAULT_LEVELS, LEVEL_COLORS  # noqa: E402
