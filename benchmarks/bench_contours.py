@@ -36,7 +36,8 @@ import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from SDMOrganSegLib import contours, sdm  # noqa: E402
+from SDMOrganSegLib.images import contours  # noqa: E402
+from SDMOrganSegLib.method import sdm  # noqa: E402
 
 ORGANS = 9
 PREVIOUS = _common.previous_module("SDMOrganSeg/SDMOrganSegLib/contours.py")

@@ -63,8 +63,8 @@ def train(out: Path, processes: int, threads: int, epochs: int) -> tuple[list[di
 _ALL_REDUCE = """
 import sys, time, torch
 sys.path.insert(0, {library!r})
-from SDMOrganSegLib import distributed
-from SDMOrganSegLib.network import UNet3D, preset
+from SDMOrganSegLib.engines import distributed
+from SDMOrganSegLib.method.network import UNet3D, preset
 
 with distributed.process_group("gloo") as ranks:
     gradients = torch.ones(sum(p.numel() for p in UNet3D(preset("cpu", 1, 2)).parameters()))

@@ -55,14 +55,14 @@ SETUPS = {
 def build_network(preset: str):
     import torch
 
-    from SDMOrganSegLib.network import UNet3D, preset as make_preset
+    from SDMOrganSegLib.method.network import UNet3D, preset as make_preset
 
     torch.manual_seed(0)
     return UNet3D(make_preset(preset, 1, ORGANS)).eval()
 
 
 def normalised_volume(size_xyz) -> np.ndarray:
-    from SDMOrganSegLib.preprocessing import normalize_intensity
+    from SDMOrganSegLib.method.preprocessing import normalize_intensity
 
     return normalize_intensity(_common.ct_like_volume(size_xyz), {"method": "window", "low": -200, "high": 300})
 
@@ -72,7 +72,7 @@ def conv_flops_per_window(preset: str, window) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from SDMOrganSegLib.network import UNet3D, preset as make_preset
+    from SDMOrganSegLib.method.network import UNet3D, preset as make_preset
 
     with torch.device("meta"):
         network = UNet3D(make_preset(preset, 1, ORGANS))
@@ -110,7 +110,7 @@ def window_ablation(preset: str, window, repeat: int) -> dict[str, dict[str, flo
 
     import torch
 
-    from SDMOrganSegLib import inference
+    from SDMOrganSegLib.engines import inference
 
     network = build_network(preset)
     network_cl = copy.deepcopy(network).to(memory_format=torch.channels_last_3d)
@@ -166,7 +166,7 @@ def blend_overhead(size_xyz, window, repeat: int) -> dict[str, float]:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from SDMOrganSegLib import inference
+    from SDMOrganSegLib.engines import inference
 
     volume = normalised_volume(size_xyz)
     network = CheapNetwork(ORGANS)
@@ -188,7 +188,7 @@ def child(args: argparse.Namespace) -> None:
     """One whole-volume run in this (fresh) process; prints a JSON line."""
     import torch
 
-    from SDMOrganSegLib import inference
+    from SDMOrganSegLib.engines import inference
 
     size = tuple(int(v) for v in args.size.split(","))
     window = tuple(int(v) for v in args.window.split(","))
@@ -298,7 +298,7 @@ def main() -> int:
             "max_abs_difference": difference, "sign_agreement": sign_agreement, "runs": runs,
         }
         if preset == "paper" or size != _common.CT_SIZE_XYZ:
-            from SDMOrganSegLib.inference import tiles as make_tiles
+            from SDMOrganSegLib.engines.inference import tiles as make_tiles
 
             full_tiles = len(make_tiles(tuple(reversed(_common.CT_SIZE_XYZ)), window, OVERLAP))
             entry["extrapolated_full_ct_s"] = best["ours"] / tiles * full_tiles

@@ -1,4 +1,4 @@
-"""Time SDMOrganSegLib.metrics.organ_metrics against google-deepmind/surface-distance and MONAI.
+"""Time SDMOrganSegLib.method.metrics.organ_metrics against google-deepmind/surface-distance and MONAI.
 
     python benchmarks/bench_metrics.py [--quick]     # two cases, table of times, ratios and differences
     python benchmarks/bench_metrics.py --sizes       # growing cubes, ours vs surface-distance, PNG plot
@@ -32,7 +32,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SDMOrganSeg"))
 
-from SDMOrganSegLib.metrics import organ_metrics  # noqa: E402
+from SDMOrganSegLib.method.metrics import organ_metrics  # noqa: E402
 
 SPACING_XYZ = (0.8, 0.8, 2.5)
 PLOT = Path(__file__).resolve().parent / "metrics_scaling.png"

@@ -28,10 +28,10 @@ import _common  # noqa: E402
 
 import torch  # noqa: E402
 
-from SDMOrganSegLib.dataset import find_cases, load_cases, read_label_names  # noqa: E402
-from SDMOrganSegLib.losses import SDMSegmentationLoss  # noqa: E402
-from SDMOrganSegLib.network import UNet3D, preset as make_preset  # noqa: E402
-from SDMOrganSegLib.training import PatchSampler, cpu_has_bf16  # noqa: E402
+from SDMOrganSegLib.formats.dataset import find_cases, load_cases, read_label_names  # noqa: E402
+from SDMOrganSegLib.method.losses import SDMSegmentationLoss  # noqa: E402
+from SDMOrganSegLib.method.network import UNet3D, preset as make_preset  # noqa: E402
+from SDMOrganSegLib.engines.training import PatchSampler, cpu_has_bf16  # noqa: E402
 
 DATA = {
     "hippocampus": (_common.ROOT / "Testing" / "Data" / "hippocampus", None, {"method": "percentile", "lower": 0.5, "upper": 99.5}, "sdm+dice"),

@@ -44,8 +44,8 @@ SIZE = (600, 600)
 
 def child(case_dir: str) -> None:
     """One case opened as the page opens it, in this fresh process; prints the JSON line run_child reads."""
-    from SDMOrganSegLib import reviewscene
-    from SDMOrganSegLib.reviewcases import find_cases, load_case
+    from SDMOrganSegLib.review import reviewscene
+    from SDMOrganSegLib.review.reviewcases import find_cases, load_case
 
     app = reviewscene.slicer_app()
     views = {name: reviewscene.offscreen_view(app, name, SIZE) for name in VIEWS}
@@ -103,10 +103,10 @@ def ct_case(scratch: Path, size_xyz: tuple[int, int, int]) -> Path:
     """A CT-like case folder as ``segment`` writes it: image, label map, nine exact SDMs, contours, summary."""
     import SimpleITK as sitk
 
-    from SDMOrganSegLib.contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
-    from SDMOrganSegLib.imageio import image_from_array
-    from SDMOrganSegLib.imagewriting import write_image
-    from SDMOrganSegLib.sdm import normalized_sdm
+    from SDMOrganSegLib.images.contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
+    from SDMOrganSegLib.images.imageio import image_from_array
+    from SDMOrganSegLib.images.imagewriting import write_image
+    from SDMOrganSegLib.method.sdm import normalized_sdm
 
     folder = scratch / "ct"
     (folder / "contours").mkdir(parents=True)

@@ -91,7 +91,7 @@ def startup(repeat: int) -> dict:
 def build_network(organs: int = ORGANS):
     import torch
 
-    from SDMOrganSegLib.network import UNet3D, preset
+    from SDMOrganSegLib.method.network import UNet3D, preset
 
     torch.manual_seed(0)
     return UNet3D(preset("cpu", 1, organs)).eval()
@@ -104,14 +104,14 @@ def normalised_volume(size_xyz) -> np.ndarray:
 
 def child(args: argparse.Namespace) -> None:
     """One whole-volume run in this (fresh) process; prints a JSON line."""
-    from SDMOrganSegLib import inference
+    from SDMOrganSegLib.engines import inference
 
     size = tuple(int(v) for v in args.size.split(","))
     volume = normalised_volume(size)
     before = _common.current_rss_bytes()
     if args.child == "onnxruntime":
-        from SDMOrganSegLib.architecture import preset
-        from SDMOrganSegLib.onnxmodel import OnnxNetwork
+        from SDMOrganSegLib.method.architecture import preset
+        from SDMOrganSegLib.engines.onnxmodel import OnnxNetwork
 
         network = OnnxNetwork(args.onnx, "cpu", preset("cpu", 1, ORGANS))
         started = time.perf_counter()
@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def ct(size_xyz, repeat: int) -> dict:
-    from SDMOrganSegLib.onnxmodel import export_onnx
+    from SDMOrganSegLib.engines.onnxmodel import export_onnx
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -169,7 +169,7 @@ def _bf16_autocast():
     that the convolutions do run in bfloat16."""
     import torch
 
-    from SDMOrganSegLib import inference
+    from SDMOrganSegLib.engines import inference
 
     inference.ONEDNN_ON_CPU = False
     try:
@@ -183,8 +183,8 @@ def bf16(repeat: int) -> dict:
     import SimpleITK as sitk
     import torch
 
-    from SDMOrganSegLib.inference import predict_array, segment_image
-    from SDMOrganSegLib.modelfiles import load_model
+    from SDMOrganSegLib.engines.inference import predict_array, segment_image
+    from SDMOrganSegLib.formats.modelfiles import load_model
 
     network = build_network()
     tile = normalised_volume((160, 160, 160))[:128, :128, :128].copy()

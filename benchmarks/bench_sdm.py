@@ -33,7 +33,7 @@ import _common  # noqa: E402
 import edt  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from SDMOrganSegLib import sdm  # noqa: E402
+from SDMOrganSegLib.method import sdm  # noqa: E402
 
 SPACING_XYZ = _common.CT_SPACING_XYZ
 PLOT = Path(__file__).resolve().parent / "sdm_scaling.png"

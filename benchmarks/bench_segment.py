@@ -43,14 +43,14 @@ SHIPPED = _common.ROOT / "Resources" / "Models" / "hippocampus"
 GOAL_S = 2.0
 CT_MODEL_SPACING = (1.0, 1.0, 2.5)
 CT_WINDOW = (128, 128, 128)
-IMPORTS = "import SDMOrganSegLib.cli, SDMOrganSegLib.imageio, SDMOrganSegLib.inference, SDMOrganSegLib.modelfiles, SDMOrganSegLib.outputs"
+IMPORTS = "import SDMOrganSegLib.cli, SDMOrganSegLib.images.imageio, SDMOrganSegLib.engines.inference, SDMOrganSegLib.formats.modelfiles, SDMOrganSegLib.engines.outputs"
 
 
 def random_model(directory: Path, organs: dict[int, str], spacing=None, window=None, seed: int = 0) -> Path:
     import torch
 
-    from SDMOrganSegLib.modelfiles import ModelCard, organs_from_labels, save_model
-    from SDMOrganSegLib.network import UNet3D, preset
+    from SDMOrganSegLib.formats.modelfiles import ModelCard, organs_from_labels, save_model
+    from SDMOrganSegLib.method.network import UNet3D, preset
 
     torch.manual_seed(seed)
     network = UNet3D(preset("cpu", 1, len(organs)))
@@ -103,8 +103,8 @@ def realistic_sdms(result, image) -> None:
     """Replace ``result``'s SDMs and label map by exact ones of nine ellipsoid organs on ``image``'s grid."""
     import SimpleITK as sitk
 
-    from SDMOrganSegLib.imageio import image_from_array
-    from SDMOrganSegLib.sdm import normalized_sdm
+    from SDMOrganSegLib.images.imageio import image_from_array
+    from SDMOrganSegLib.method.sdm import normalized_sdm
 
     labels = _common.organ_masks(sitk.GetArrayViewFromImage(image).shape, len(result.organs))
     for organ in result.organs:
@@ -117,13 +117,13 @@ def ct_child(args: argparse.Namespace) -> None:
     import SimpleITK as sitk
     import torch
 
-    from SDMOrganSegLib import contours
-    from SDMOrganSegLib.files import safe_name
-    from SDMOrganSegLib.imageio import read_image
-    from SDMOrganSegLib.imagewriting import write_image
-    from SDMOrganSegLib.inference import segment_image
-    from SDMOrganSegLib.modelfiles import load_model
-    from SDMOrganSegLib.outputs import write_result
+    from SDMOrganSegLib.images import contours
+    from SDMOrganSegLib.common.files import safe_name
+    from SDMOrganSegLib.images.imageio import read_image
+    from SDMOrganSegLib.images.imagewriting import write_image
+    from SDMOrganSegLib.engines.inference import segment_image
+    from SDMOrganSegLib.formats.modelfiles import load_model
+    from SDMOrganSegLib.engines.outputs import write_result
 
     scratch = Path(args.scratch)
     timings: dict[str, float] = {}

@@ -70,8 +70,8 @@ def save_stats() -> None:
 
 def run_one(data: bytes) -> None:
     """One fuzz input through ``read_volume``; records the outcome, never raises."""
-    from SDMOrganSegLib.errors import SDMOrganSegError
-    from SDMOrganSegLib.imageio import read_volume
+    from SDMOrganSegLib.common.errors import SDMOrganSegError
+    from SDMOrganSegLib.images.imageio import read_volume
 
     if not data:
         return
@@ -194,9 +194,9 @@ def main() -> None:
         import atheris
 
         with atheris.instrument_imports(include=["SDMOrganSegLib"]):
-            from SDMOrganSegLib import imageio
+            from SDMOrganSegLib.images import imageio
     else:
-        from SDMOrganSegLib import imageio
+        from SDMOrganSegLib.images import imageio
     imageio.capture_native_messages = True  # as the command line runs it
     # stderr is captured during reads, so crash stacks go to a file of their own.
     faulthandler.enable(file=open(OUT / "crash_stack.txt", "w"))  # noqa: SIM115 (open until exit)

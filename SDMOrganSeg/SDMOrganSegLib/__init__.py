@@ -1,8 +1,19 @@
-"""Slicer-free core of SDMOrganSeg: organ segmentation by predicting signed distance maps.
+"""SDMOrganSeg's library: organ segmentation by predicting signed distance maps.
 
 Implements Xue et al., "Shape-Aware Organ Segmentation by Predicting Signed Distance Maps", AAAI 2020.
-Nothing in this package imports Slicer or Qt, so the same code runs in Slicer's Python, in plain Python
-and on a training server.
+One sub-package per concern, each importing only those below it (README, "Layout"; import-linter checks it):
+
+- ``cli`` (the command line), above everything;
+- ``review``: the browser review (trame-slicer), and ``mrml``: the Slicer side (MRML logic, the panel's
+  sections, the worker process, the batch run), the only places that touch ``slicer``, ``vtkMRML*`` or ``qt``;
+- ``engines``: running networks (inference, training, several processes, ONNX, the output files);
+- ``formats``: model folders, terminology, training data, DICOM outputs;
+- ``method``: the method and its math (SDMs, network, losses, metrics, pre- and post-processing);
+- ``images``: image files, contours and pictures;
+- ``common``: errors and file helpers.
+
+So everything below the Slicer side runs the same in Slicer's Python, in plain Python and on a training
+server. This package's own namespace holds only the version numbers below.
 """
 
 __version__ = "0.1.0"

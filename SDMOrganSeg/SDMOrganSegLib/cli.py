@@ -18,15 +18,16 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__, distributed
-from .errors import SDMOrganSegError
+from . import __version__
+from .engines import distributed
+from .common.errors import SDMOrganSegError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
 def _levels(text: str) -> tuple[float, ...]:
-    from .contours import parse_levels
+    from .images.contours import parse_levels
 
     try:
         return parse_levels(text)
@@ -65,7 +66,7 @@ def _intensity(text: str) -> dict:
         return {"method": "window", "low": numbers[0], "high": numbers[1]}
     raise argparse.ArgumentTypeError(f"expected percentile[:LOW,HIGH] or window:LOW,HIGH (e.g. window:-500,1000 for CT), got {text!r}")
 def _formats(text: str) -> tuple[str, tuple[str, ...]]:
-    from .outputs import parse_formats
+    from .engines.outputs import parse_formats
 
     try:
         return parse_formats(text)
@@ -253,7 +254,7 @@ def _end_progress_line() -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from .imageio import read_volume
+    from .images.imageio import read_volume
 
     if not 0 <= args.overlap <= 0.9:
         raise SDMOrganSegError("--overlap must lie in [0, 0.9]")
@@ -267,21 +268,21 @@ def run_segment(args: argparse.Namespace) -> int:
     image = read_volume(args.image)
     series = _dicom_series(args.image, image) if dicom_formats else None
     if dicom_formats:
-        from .dicomout import WRITERS
+        from .formats.dicomout import WRITERS
 
-    from .modelfiles import load_model, resolve_model
+    from .formats.modelfiles import load_model, resolve_model
 
     model = load_model(resolve_model(args.model), runtime=args.runtime)
 
-    from .files import check_writable, inside
-    from .inference import segment_image
-    from .outputs import DICOM_FILES, output_names, write_result
+    from .common.files import check_writable, inside
+    from .engines.inference import segment_image
+    from .engines.outputs import DICOM_FILES, output_names, write_result
 
     out = Path(args.out)
     picture = None
     if args.pictures:
-        from .files import safe_name
-        from .imageio import case_name
+        from .common.files import safe_name
+        from .images.imageio import case_name
 
         picture = f"{safe_name(case_name(Path(args.image)))}.png"
     # Refuse before any work rather than after minutes of inference.
@@ -296,7 +297,7 @@ def run_segment(args: argparse.Namespace) -> int:
     )
     _end_progress_line()
     if dicom_formats:
-        from .dicomout import empty_organs_note
+        from .formats.dicomout import empty_organs_note
 
         note = empty_organs_note(result.labels, model.card.organs, [DICOM_FILES[f] for f in dicom_formats])
         if note:
@@ -306,7 +307,7 @@ def run_segment(args: argparse.Namespace) -> int:
         for f in dicom_formats
     }
     if picture:
-        from .pictures import case_picture, display_window
+        from .images.pictures import case_picture, display_window
 
         extra_files[picture] = lambda target: case_picture(
             target, picture[:-4], image, result.labels, result.sdms, model.card.organs, args.levels,
@@ -331,7 +332,7 @@ def _dicom_series(folder: str, image) -> list:
     missing = [name for name in ("highdicom", "pydicom") if importlib.util.find_spec(name) is None]
     if missing:
         raise SDMOrganSegError(f"the DICOM outputs need {' and '.join(missing)}; install them: pip install 'sdmorganseg[dicom]'")
-    from .dicomout import series_of
+    from .formats.dicomout import series_of
 
     return series_of(folder, image)
 
@@ -341,12 +342,12 @@ def _organ_names(args: argparse.Namespace) -> dict[int, str] | None:
     if args.model and args.labels:
         raise SDMOrganSegError("--model and --labels both name the organs; give one of them")
     if args.model:
-        from .modelfiles import read_card, resolve_model
+        from .formats.modelfiles import read_card, resolve_model
 
         card = read_card(resolve_model(args.model))
         return {o.label: o.name for o in card.organs}
     if args.labels:
-        from .dataset import read_label_names
+        from .formats.dataset import read_label_names
 
         path = Path(args.labels)
         names = read_label_names(path.parent) if path.name == "labels.json" else None
@@ -368,8 +369,8 @@ def _summary_organs(path: Path) -> dict[int, str] | None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .imageio import case_name, read_image
-    from .metrics import annotated_organs, evaluate_images, format_metrics_table, write_metrics_csv, write_metrics_json
+    from .images.imageio import case_name, read_image
+    from .method.metrics import annotated_organs, evaluate_images, format_metrics_table, write_metrics_csv, write_metrics_json
 
     organs = _organ_names(args)
     annotated = annotated_organs(args.ignore_unannotated, case_name(Path(args.ref))) if args.ignore_unannotated else None
@@ -383,10 +384,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_sdm(args: argparse.Namespace) -> int:
-    from .files import atomic_path
-    from .imageio import IMAGE_SUFFIXES, error_line, image_from_array, label_array, read_image
-    from .imagewriting import write_image
-    from .sdm import normalized_sdm
+    from .common.files import atomic_path
+    from .images.imageio import IMAGE_SUFFIXES, error_line, image_from_array, label_array, read_image
+    from .images.imagewriting import write_image
+    from .method.sdm import normalized_sdm
 
     fix = "use a .nii.gz, .nrrd or .mha name in a writable folder"
     if not args.out.lower().endswith(IMAGE_SUFFIXES):
@@ -413,8 +414,8 @@ _CONFIG_FIELDS = {"patch": "patch_size", "lr": "learning_rate", "time_budget": "
 
 
 def run_pack(args: argparse.Namespace) -> int:
-    from .datapack import write_pack
-    from .preprocessing import DEFAULT_INTENSITY
+    from .formats.datapack import write_pack
+    from .method.preprocessing import DEFAULT_INTENSITY
 
     if Path(args.out).exists() and not args.overwrite:
         raise SDMOrganSegError(f"{args.out} exists; give --overwrite to replace it, or another --out")
@@ -430,8 +431,8 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .datapack import is_pack
-    from .dataset import check_case_headers, find_cases
+    from .formats.datapack import is_pack
+    from .formats.dataset import check_case_headers, find_cases
 
     if not is_pack(args.data):
         # Cases on mismatched grids are refused from their headers, before PyTorch is even loaded.
@@ -453,9 +454,9 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.init:
         # The base model's card (read without PyTorch) fills in every setting not given; given ones that
         # contradict it are refused here, before any work.
-        from .dataset import read_label_names
-        from .finetuning import fine_tuning_settings, organs_for_data
-        from .modelfiles import read_card, resolve_model
+        from .formats.dataset import read_label_names
+        from .formats.finetuning import fine_tuning_settings, organs_for_data
+        from .formats.modelfiles import read_card, resolve_model
 
         card = read_card(resolve_model(args.init))
         names = read_label_names(args.data)
@@ -467,7 +468,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if args.name is None:
             fields["model_name"] = f"{card.name}-finetuned"
 
-    from .training import Trainer, TrainingConfig, finalize_best_model
+    from .engines.training import Trainer, TrainingConfig, finalize_best_model
 
     best = Trainer(TrainingConfig(**fields)).run()
     if not distributed.from_environment().main:
@@ -480,8 +481,8 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .modelfiles import resolve_model
-    from .onnxmodel import export_model
+    from .formats.modelfiles import resolve_model
+    from .engines.onnxmodel import export_model
 
     directory = resolve_model(args.model_dir)
     record = export_model(directory, check=not args.no_check)
@@ -490,7 +491,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    from .reviewscene import parse_size, snapshot
+    from .review.reviewscene import parse_size, snapshot
 
     drawn = snapshot(args.case_dir, args.out, args.view, args.slice, parse_size(args.size), args.overwrite)
     where = "" if drawn["slice_offset_mm"] is None else f" at {drawn['slice_offset_mm']:.1f} mm"
@@ -499,7 +500,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
 
 
 def run_review(args: argparse.Namespace) -> int:
-    from .reviewapp import serve
+    from .review.reviewapp import serve
 
     return serve(args.path, compare=args.compare, model=args.model, port=args.port, host=args.host)
 
@@ -516,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     import SimpleITK as sitk
 
-    from . import imageio
+    from .images import imageio
 
     # ITK prints warnings, and some readers their errors, straight to stderr; here errors reach the user as
     # one line through SDMOrganSegError instead.

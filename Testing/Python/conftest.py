@@ -69,8 +69,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     needs_torch()
     import torch
 
-    from SDMOrganSegLib.modelfiles import ModelCard, organs_from_labels, save_model
-    from SDMOrganSegLib.network import UNet3D, preset
+    from SDMOrganSegLib.formats.modelfiles import ModelCard, organs_from_labels, save_model
+    from SDMOrganSegLib.method.network import UNet3D, preset
 
     torch.manual_seed(0)
     network = UNet3D(preset("cpu", 1, 2))
@@ -90,9 +90,10 @@ def calibrated_model(folder: Path, name: str, organs: list, image_path: Path, fr
     import SimpleITK as sitk
     import torch
 
-    from SDMOrganSegLib import modelfiles, network
-    from SDMOrganSegLib.inference import segment_image
-    from SDMOrganSegLib.modelfiles import ModelCard
+    from SDMOrganSegLib.formats import modelfiles
+    from SDMOrganSegLib.method import network
+    from SDMOrganSegLib.engines.inference import segment_image
+    from SDMOrganSegLib.formats.modelfiles import ModelCard
 
     torch.manual_seed(0)
     net = network.UNet3D(network.preset("cpu", 1, len(organs)))
@@ -178,8 +179,8 @@ def assert_corrupted_copy_refused(model_dir: Path, tmp_path: Path) -> None:
     """A copy of a shipped model with 8 bytes of its weights zeroed is refused by its checksum."""
     import shutil
 
-    from SDMOrganSegLib.errors import SDMOrganSegError
-    from SDMOrganSegLib.modelfiles import WEIGHTS_FILE, load_model
+    from SDMOrganSegLib.common.errors import SDMOrganSegError
+    from SDMOrganSegLib.formats.modelfiles import WEIGHTS_FILE, load_model
 
     copy = tmp_path / model_dir.name
     shutil.copytree(model_dir, copy)

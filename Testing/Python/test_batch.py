@@ -30,9 +30,9 @@ import vtk  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib import modelfiles  # noqa: E402
-from SDMOrganSegLib.files import safe_name  # noqa: E402
-from SDMOrganSegLib.modelfiles import Organ  # noqa: E402
+from SDMOrganSegLib.formats import modelfiles  # noqa: E402
+from SDMOrganSegLib.common.files import safe_name  # noqa: E402
+from SDMOrganSegLib.formats.modelfiles import Organ  # noqa: E402
 from conftest import calibrated_model, write_dicom_series  # noqa: E402
 
 BATCH = REPO / "SDMOrganSeg" / "Scripts" / "batch.py"
@@ -146,7 +146,7 @@ def test_a_case_without_a_reference_is_segmented_with_a_note(first_run):
 def test_dicom_case_gets_a_segmentation_object_equal_to_its_label_map(first_run, data, model):
     highdicom = pytest.importorskip("highdicom")
     pydicom = pytest.importorskip("pydicom")
-    from SDMOrganSegLib.imageio import dicom_series_files
+    from SDMOrganSegLib.images.imageio import dicom_series_files
 
     output, _process = first_run
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in dicom_series_files(data[0].parent / DICOM_CASE)]

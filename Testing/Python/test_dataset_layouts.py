@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import HIPPOCAMPUS, REPO, hippocampus_cases
 
-from SDMOrganSegLib.dataset import find_cases, read_label_names
-from SDMOrganSegLib.errors import SDMOrganSegError
-from SDMOrganSegLib.modelfiles import shipped_models
+from SDMOrganSegLib.formats.dataset import find_cases, read_label_names
+from SDMOrganSegLib.common.errors import SDMOrganSegError
+from SDMOrganSegLib.formats.modelfiles import shipped_models
 
 
 def nnunet_dataset(root: Path, channels: dict[str, str] | None = None) -> Path:

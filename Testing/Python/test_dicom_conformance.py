@@ -19,8 +19,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import write_dicom_series
 
-from SDMOrganSegLib import dicomout
-from SDMOrganSegLib.modelfiles import read_card, shipped_models
+from SDMOrganSegLib.formats import dicomout
+from SDMOrganSegLib.formats.modelfiles import read_card, shipped_models
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")

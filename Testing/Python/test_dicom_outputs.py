@@ -13,9 +13,9 @@ from matplotlib.path import Path as PolygonPath
 from scipy import ndimage
 from test_segment_evaluate import run_cli
 
-from SDMOrganSegLib.dicomout import modifier, terminology
-from SDMOrganSegLib.modelfiles import Organ, read_card
-from SDMOrganSegLib.terminology import default_terminology
+from SDMOrganSegLib.formats.dicomout import modifier, terminology
+from SDMOrganSegLib.formats.modelfiles import Organ, read_card
+from SDMOrganSegLib.formats.terminology import default_terminology
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")

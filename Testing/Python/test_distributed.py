@@ -1,4 +1,4 @@
-"""The pieces of multi-process runs (SDMOrganSegLib.distributed): ranks from torchrun's variables, sharing
+"""The pieces of multi-process runs (SDMOrganSegLib.engines.distributed): ranks from torchrun's variables, sharing
 cases and batches out, the sampler's shards, and the loss weighting under DistributedDataParallel with a
 real two-process gloo group (torchrun).
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import HIPPOCAMPUS, REPO, needs_torch, single_threaded_environment, torchrun
 
-from SDMOrganSegLib import distributed
-from SDMOrganSegLib.errors import SDMOrganSegError
+from SDMOrganSegLib.engines import distributed
+from SDMOrganSegLib.common.errors import SDMOrganSegError
 
 
 def test_ranks_come_from_torchruns_variables():
@@ -35,7 +35,7 @@ def test_ranks_come_from_torchruns_variables():
 def test_the_default_memory_budget_is_shared_by_the_processes_of_a_machine(monkeypatch):
     assert [distributed.processes_on_this_machine(e) for e in ({}, {"LOCAL_WORLD_SIZE": "8"}, {"LOCAL_WORLD_SIZE": "x"})] == [1, 8, 1]
     needs_torch()
-    from SDMOrganSegLib.inference import MEMORY_ENV, memory_budget_bytes
+    from SDMOrganSegLib.engines.inference import MEMORY_ENV, memory_budget_bytes
 
     monkeypatch.delenv(MEMORY_ENV, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -88,8 +88,8 @@ def test_the_ranks_slices_are_exactly_the_single_process_batch(tmp_path, batch, 
     needs_torch()
     import torch
 
-    from SDMOrganSegLib.dataset import find_cases, load_cases
-    from SDMOrganSegLib.training import PatchSampler
+    from SDMOrganSegLib.formats.dataset import find_cases, load_cases
+    from SDMOrganSegLib.engines.training import PatchSampler
 
     cases = load_cases(find_cases(HIPPOCAMPUS)[:5], [1, 2], {"method": "percentile", "lower": 0.5, "upper": 99.5}, None, tmp_path)
     sampler = PatchSampler(cases, [1, 2], (24, 32, 24), flip=True, foreground_fraction=0.5)
@@ -108,7 +108,7 @@ _WEIGHTING = """
 import copy, json, sys
 import torch
 sys.path.insert(0, {library!r})
-from SDMOrganSegLib import distributed
+from SDMOrganSegLib.engines import distributed
 
 with distributed.process_group("gloo") as ranks:
     torch.manual_seed(0)

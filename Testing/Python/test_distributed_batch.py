@@ -24,7 +24,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 import SimpleITK as sitk  # noqa: E402
 from conftest import HIPPOCAMPUS, REPO, single_threaded_environment, torchrun  # noqa: E402
 
-from SDMOrganSegLib import distributed  # noqa: E402
+from SDMOrganSegLib.engines import distributed  # noqa: E402
 
 BATCH = REPO / "SDMOrganSeg" / "Scripts" / "batch.py"
 CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
@@ -120,7 +120,7 @@ def test_a_rerun_after_a_crash_keeps_complete_cases_and_does_the_rest(cohort, im
     # taken as this run's, and not replaced either.
     (output / "summary.csv").unlink()
     (output / "overview.png").unlink()
-    from SDMOrganSegLib.modelfiles import read_card, resolve_model
+    from SDMOrganSegLib.formats.modelfiles import read_card, resolve_model
 
     other_tta = "--no-tta" if read_card(resolve_model(None)).inference.get("tta") else "--tta"
     other = run_batch(2, images, output, "--pictures", other_tta)

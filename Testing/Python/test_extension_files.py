@@ -22,7 +22,7 @@ def _listed_scripts() -> set[str]:
 
 
 def test_every_library_file_is_packaged_and_every_listed_file_exists():
-    on_disk = {p.relative_to(MODULE).as_posix() for pattern in ("SDMOrganSegLib/*.py", "Scripts/*.py") for p in MODULE.glob(pattern)}
+    on_disk = {p.relative_to(MODULE).as_posix() for pattern in ("SDMOrganSegLib/**/*.py", "Scripts/*.py") for p in MODULE.glob(pattern)}
     on_disk.add("SDMOrganSeg.py")
     listed = _listed_scripts()
     assert on_disk - listed == set(), "add these to MODULE_PYTHON_SCRIPTS"

@@ -19,9 +19,9 @@ import SimpleITK as sitk
 from conftest import HIPPOCAMPUS, hippocampus_cases, needs_torch
 
 from SDMOrganSegLib import cli
-from SDMOrganSegLib.errors import SDMOrganSegError
-from SDMOrganSegLib.finetuning import FINE_TUNING_LEARNING_RATE, contradictions, fine_tuning_settings, organs_for_data
-from SDMOrganSegLib.modelfiles import read_card, resolve_model, shipped_models
+from SDMOrganSegLib.common.errors import SDMOrganSegError
+from SDMOrganSegLib.formats.finetuning import FINE_TUNING_LEARNING_RATE, contradictions, fine_tuning_settings, organs_for_data
+from SDMOrganSegLib.formats.modelfiles import read_card, resolve_model, shipped_models
 
 SHIPPED = read_card(resolve_model("hippocampus"))
 
@@ -113,8 +113,8 @@ def fine_tuned(tmp_path_factory):
 
 
 def test_cli_fine_tuning_starts_from_the_base_and_keeps_what_it_is(fine_tuned):
-    from SDMOrganSegLib.modelfiles import load_model
-    from SDMOrganSegLib.training import evaluate_model_on_split
+    from SDMOrganSegLib.formats.modelfiles import load_model
+    from SDMOrganSegLib.engines.training import evaluate_model_on_split
 
     rows = list(csv.DictReader(open(fine_tuned / "log.csv")))
     assert [int(row["epoch"]) for row in rows] == [0, 1, 2]
@@ -181,9 +181,9 @@ def _dilated_copy(folder: Path) -> Path:
 def _predicted(model_dir: Path, cases) -> list[np.ndarray]:
     import torch
 
-    from SDMOrganSegLib.inference import predict_array
-    from SDMOrganSegLib.modelfiles import load_model
-    from SDMOrganSegLib.sdm import sdms_to_label_map
+    from SDMOrganSegLib.engines.inference import predict_array
+    from SDMOrganSegLib.formats.modelfiles import load_model
+    from SDMOrganSegLib.method.sdm import sdms_to_label_map
 
     model = load_model(model_dir)
     return [sdms_to_label_map(predict_array(model.network, case.image, torch.device("cpu")), model.card.label_values) for case in cases]
@@ -196,8 +196,8 @@ def _dice(prediction: np.ndarray, reference: np.ndarray, value: int) -> float:
 
 def test_fine_tuning_on_labels_grown_by_one_voxel_moves_the_predictions_toward_them(tmp_path):
     needs_torch()
-    from SDMOrganSegLib.dataset import find_cases, load_cases
-    from SDMOrganSegLib.training import Trainer, TrainingConfig
+    from SDMOrganSegLib.formats.dataset import find_cases, load_cases
+    from SDMOrganSegLib.engines.training import Trainer, TrainingConfig
 
     data = _dilated_copy(tmp_path / "grown")
     split = {"train": ["hippocampus_001", "hippocampus_003", "hippocampus_006", "hippocampus_007"], "validation": ["hippocampus_004", "hippocampus_011"]}

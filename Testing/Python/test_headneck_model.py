@@ -13,9 +13,9 @@ from conftest import assert_corrupted_copy_refused, DATA, REPO
 
 pytest.importorskip("torch")
 
-from SDMOrganSegLib.inference import segment_image  # noqa: E402
-from SDMOrganSegLib.metrics import organ_metrics  # noqa: E402
-from SDMOrganSegLib.modelfiles import WEIGHTS_FILE, load_model, resolve_model, sha256_of  # noqa: E402
+from SDMOrganSegLib.engines.inference import segment_image  # noqa: E402
+from SDMOrganSegLib.method.metrics import organ_metrics  # noqa: E402
+from SDMOrganSegLib.formats.modelfiles import WEIGHTS_FILE, load_model, resolve_model, sha256_of  # noqa: E402
 
 MODEL = REPO / "Resources" / "Models" / "headneck-oar"
 CASES = DATA / "openkbp-hn"

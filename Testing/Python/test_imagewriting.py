@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SDMOrganSegLib import imagewriting
-from SDMOrganSegLib.imagewriting import write_image
+from SDMOrganSegLib.images import imagewriting
+from SDMOrganSegLib.images.imagewriting import write_image
 
 OBLIQUE = (0.0, 1.0, 0.0, 0.6, 0.0, 0.8, 0.8, 0.0, -0.6)
 
@@ -102,7 +102,7 @@ def test_files_written_side_by_side_are_each_right(tmp_path):
 
 
 def test_worker_threads_is_bounded():
-    from SDMOrganSegLib.files import worker_threads
+    from SDMOrganSegLib.common.files import worker_threads
 
     assert 1 <= worker_threads() <= 4 and worker_threads(1) == 1
 
@@ -120,8 +120,8 @@ def test_without_isal_pythons_zlib_writes_the_same_content(tmp_path, monkeypatch
 
 
 def test_reading_check_without_isal_still_catches_corrupt_files(tmp_path, monkeypatch):
-    from SDMOrganSegLib import imageio
-    from SDMOrganSegLib.errors import SDMOrganSegError
+    from SDMOrganSegLib.images import imageio
+    from SDMOrganSegLib.common.errors import SDMOrganSegError
 
     image, _ = _image(np.float32)
     write_image(image, tmp_path / "a.nii.gz")

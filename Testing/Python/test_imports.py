@@ -20,9 +20,9 @@ from conftest import REPO
 LIBRARY = REPO / "SDMOrganSeg" / "SDMOrganSegLib"
 #: Modules that import PyTorch at the top. Every other module must import without it: the Slicer module,
 #: the model cards and the metrics are used before PyTorch is installed.
-NEEDS_TORCH = {"augmentation", "losses", "network", "training"}
+NEEDS_TORCH = {"method.augmentation", "method.losses", "method.network", "engines.training"}
 #: Modules that need Slicer or slicer-core (no slicer-core wheel exists for Python 3.9).
-NEEDS_SLICER = {"headless"}
+NEEDS_SLICER = {"mrml.headless"}
 
 _IMPORT_ALL = r"""
 import importlib, json, sys, types
@@ -64,7 +64,7 @@ print(json.dumps(results))
 
 
 def _modules() -> list[str]:
-    return sorted(path.stem for path in LIBRARY.glob("*.py") if path.stem != "__init__")
+    return sorted(".".join(path.relative_to(LIBRARY).with_suffix("").parts) for path in LIBRARY.rglob("*.py") if path.stem != "__init__")
 
 
 def _import_all(mode: str, names: list[str]) -> dict:

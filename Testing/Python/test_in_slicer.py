@@ -37,7 +37,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib import background, dependencies, mrmllogic  # noqa: E402
+from SDMOrganSegLib.mrml import background, dependencies, mrmllogic  # noqa: E402
 
 MODULE_FILE = REPO / "SDMOrganSeg" / "SDMOrganSeg.py"
 BATCH = REPO / "SDMOrganSeg" / "Scripts" / "batch.py"
@@ -266,7 +266,7 @@ class _TrainingRun:
         return self.state
 
     def training_progress(self):
-        from SDMOrganSegLib import mrmltraining
+        from SDMOrganSegLib.mrml import mrmltraining
 
         return mrmltraining.read_training_progress(self.run_dir, self.config["epochs"])
 
@@ -325,7 +325,7 @@ def test_the_training_poll_shows_epoch_loss_dice_eta_and_the_curve_as_it_changes
 def test_a_finished_training_puts_the_model_in_the_selector_and_selects_it(module, slicer_python, tmp_path):
     import shutil
 
-    from SDMOrganSegLib.modelfiles import shipped_models
+    from SDMOrganSegLib.formats.modelfiles import shipped_models
 
     widget = _training_panel(module, tmp_path)
     model_dir = tmp_path / "run" / "best"
@@ -628,7 +628,7 @@ def _run_in_simulated_slicer(broken: str, *arguments: str) -> subprocess.Complet
 
 
 def test_batch_in_slicer_exits_non_zero_on_an_unexpected_exception(tmp_path):
-    process = _run_in_simulated_slicer("headless", "--input", str(tmp_path), "--output", str(tmp_path / "out"))
+    process = _run_in_simulated_slicer("mrml.headless", "--input", str(tmp_path), "--output", str(tmp_path / "out"))
     assert process.returncode == 0, process.stderr  # the script returned to Slicer instead of raising
     assert "slicer.util.exit called with [2]" in process.stdout
     assert "Traceback" not in process.stderr

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from SDMOrganSegLib.errors import SDMOrganSegError
-from SDMOrganSegLib.metrics import (
+from SDMOrganSegLib.common.errors import SDMOrganSegError
+from SDMOrganSegLib.method.metrics import (
     ABSENT,
     UNANNOTATED,
     OrganMetrics,

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from conftest import REPO
 
-from SDMOrganSegLib.errors import SDMOrganSegError
-from SDMOrganSegLib.modelfiles import CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, load_model, read_card, resolve_model, save_model, shipped_models
+from SDMOrganSegLib.common.errors import SDMOrganSegError
+from SDMOrganSegLib.formats.modelfiles import CARD_FILE, DEFAULT_MODEL, WEIGHTS_FILE, load_model, read_card, resolve_model, save_model, shipped_models
 
 SHIPPED = REPO / "Resources" / "Models" / DEFAULT_MODEL
 

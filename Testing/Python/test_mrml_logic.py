@@ -26,11 +26,12 @@ from vtk.util import numpy_support  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib import headless, modelfiles, mrmllogic  # noqa: E402
-from SDMOrganSegLib.contours import LEVEL_COLORS  # noqa: E402
-from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError  # noqa: E402
-from SDMOrganSegLib.metrics import evaluate_label_maps, organ_metrics  # noqa: E402
-from SDMOrganSegLib.modelfiles import Organ  # noqa: E402
+from SDMOrganSegLib.mrml import headless, mrmllogic  # noqa: E402
+from SDMOrganSegLib.formats import modelfiles  # noqa: E402
+from SDMOrganSegLib.images.contours import LEVEL_COLORS  # noqa: E402
+from SDMOrganSegLib.common.errors import CancelledError, SDMOrganSegError  # noqa: E402
+from SDMOrganSegLib.method.metrics import evaluate_label_maps, organ_metrics  # noqa: E402
+from SDMOrganSegLib.formats.modelfiles import Organ  # noqa: E402
 from conftest import calibrated_model, needs_torch  # noqa: E402
 
 DATA = REPO / "Testing" / "Data"
@@ -183,7 +184,7 @@ def test_segmentation_geometry_equals_the_volume(session, any_run):
 
 
 def test_sdm_volumes_equal_the_core_library_output(any_run):
-    from SDMOrganSegLib.inference import segment_image
+    from SDMOrganSegLib.engines.inference import segment_image
 
     volume, outputs, model_dir, image_path = any_run
     expected = segment_image(sitk.ReadImage(str(image_path)), modelfiles.load_model(model_dir), "cpu")
@@ -296,7 +297,7 @@ def test_failure_while_nodes_are_created_removes_them_all(session, hippocampus_r
 
 
 def test_model_that_raises_adds_nothing(session, models, monkeypatch, tmp_path):
-    from SDMOrganSegLib import network
+    from SDMOrganSegLib.method import network
 
     volume = headless.load_volume(HIPPOCAMPUS)
     logic = mrmllogic.SDMSegmentationLogic(session.scene)
@@ -477,9 +478,9 @@ def test_background_run_gives_the_same_result_and_can_be_cancelled(session, hipp
 def test_slicer_storage_nodes_read_the_written_files(tmp_path):
     """What `segment` writes (ISA-L gzip volumes, LZ4 .vtp in LPS) loads through slicer-core's own storage
     nodes, as File > Add Data would: same voxels, and the surface in RAS (x and y negated)."""
-    from SDMOrganSegLib.contours import iso_surface, write_polydata
-    from SDMOrganSegLib.imagewriting import write_image
-    from SDMOrganSegLib.sdm import normalized_sdm
+    from SDMOrganSegLib.images.contours import iso_surface, write_polydata
+    from SDMOrganSegLib.images.imagewriting import write_image
+    from SDMOrganSegLib.method.sdm import normalized_sdm
 
     mask = np.zeros((24, 30, 28), bool)
     mask[6:18, 8:22, 7:20] = True

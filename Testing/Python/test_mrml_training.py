@@ -25,9 +25,10 @@ import SimpleITK as sitk  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
-from SDMOrganSegLib import headless, modelfiles, mrmllogic, mrmltraining  # noqa: E402
-from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
-from SDMOrganSegLib.finetuning import FINE_TUNING_LEARNING_RATE  # noqa: E402
+from SDMOrganSegLib.mrml import headless, mrmllogic, mrmltraining  # noqa: E402
+from SDMOrganSegLib.formats import modelfiles  # noqa: E402
+from SDMOrganSegLib.common.errors import SDMOrganSegError  # noqa: E402
+from SDMOrganSegLib.formats.finetuning import FINE_TUNING_LEARNING_RATE  # noqa: E402
 from conftest import HIPPOCAMPUS, hippocampus_cases, needs_torch  # noqa: E402
 
 ORGANS = {1: "anterior hippocampus", 2: "posterior hippocampus"}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from SDMOrganSegLib.losses import MODES, SDMSegmentationLoss, l1_loss, product_loss, smooth_heaviside, soft_dice_loss
-from SDMOrganSegLib.network import UNet3D, UNetConfig, preset
+from SDMOrganSegLib.method.losses import MODES, SDMSegmentationLoss, l1_loss, product_loss, smooth_heaviside, soft_dice_loss
+from SDMOrganSegLib.method.network import UNet3D, UNetConfig, preset
 
 
 def test_paper_preset_is_the_papers_architecture():

@@ -22,7 +22,7 @@ from conftest import DATA, HAVE_TORCH, REPO, float32_tolerance, needs_torch
 
 pytest.importorskip("onnxruntime")
 
-from SDMOrganSegLib.modelfiles import CARD_FILE, ONNX_FILE, load_model, sha256_of  # noqa: E402
+from SDMOrganSegLib.formats.modelfiles import CARD_FILE, ONNX_FILE, load_model, sha256_of  # noqa: E402
 
 MODELS = REPO / "Resources" / "Models"
 HIPPOCAMPUS_CASE = DATA / "hippocampus" / "imagesTr" / "hippocampus_003.nii.gz"
@@ -137,7 +137,7 @@ def both_runtimes():
 @pytest.mark.parametrize("tta", [False, True])
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_onnx_runtime_and_pytorch_give_the_same_labels_and_sdms(both_runtimes, name, tta):
-    from SDMOrganSegLib.inference import segment_image
+    from SDMOrganSegLib.engines.inference import segment_image
 
     image = sitk.ReadImage(str(FIXTURES[name]))
     onnx = segment_image(image, both_runtimes[name]["onnxruntime"], "cpu", tta=tta)
@@ -160,8 +160,8 @@ def test_export_writes_a_checked_onnx_that_save_model_retires_with_its_weights(t
     import torch
 
     from SDMOrganSegLib.cli import main
-    from SDMOrganSegLib.inference import network_runner, predict_array
-    from SDMOrganSegLib.modelfiles import save_model
+    from SDMOrganSegLib.engines.inference import network_runner, predict_array
+    from SDMOrganSegLib.formats.modelfiles import save_model
 
     folder = tmp_path / "tiny"
     shutil.copytree(tiny_model_dir, folder)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from SDMOrganSegLib import background, dependencies
+from SDMOrganSegLib.mrml import background, dependencies
 
 
 def test_a_loaded_package_that_is_too_old_is_refused_with_a_restart():
@@ -45,13 +45,13 @@ def test_an_orphaned_worker_exits_by_itself(tmp_path):
     caller = subprocess.Popen([sys.executable, "-c", "pass"])
     caller.wait(timeout=10)
     code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from SDMOrganSegLib import background as b; "
-        "b.JOBS['wait'] = 'errors'; "
-        "import SDMOrganSegLib.errors as e; e.run_job = lambda *a: time.sleep(30) or {}; "
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from SDMOrganSegLib.mrml import background as b; "
+        "b.JOBS['wait'] = 'common.errors'; "
+        "import SDMOrganSegLib.common.errors as e; e.run_job = lambda *a: time.sleep(30) or {}; "
         "sys.exit(b.worker_main([sys.argv[2]]))"
     )
     background.write_json_atomic(tmp_path / background.REQUEST, {"job": "wait", "parent_pid": caller.pid})
-    library = str(background.Path(background.__file__).resolve().parent.parent)
+    library = str(background.Path(background.__file__).resolve().parents[2])
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code, library, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == background.EXIT_ORPHANED, done.stderr

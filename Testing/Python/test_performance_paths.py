@@ -16,9 +16,11 @@ import vtk
 from scipy import ndimage
 from vtk.util import numpy_support
 
-from SDMOrganSegLib import contours, inference, sdm
-from SDMOrganSegLib.errors import CancelledError
-from SDMOrganSegLib.network import UNet3D, preset
+from SDMOrganSegLib.images import contours
+from SDMOrganSegLib.engines import inference
+from SDMOrganSegLib.method import sdm
+from SDMOrganSegLib.common.errors import CancelledError
+from SDMOrganSegLib.method.network import UNet3D, preset
 from conftest import float32_tolerance
 
 
@@ -321,9 +323,9 @@ _MEMORY_CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np, SimpleITK as sitk, torch
-from SDMOrganSegLib import inference
-from SDMOrganSegLib.modelfiles import LoadedModel, ModelCard, organs_from_labels
-from SDMOrganSegLib.network import UNet3D, preset
+from SDMOrganSegLib.engines import inference
+from SDMOrganSegLib.formats.modelfiles import LoadedModel, ModelCard, organs_from_labels
+from SDMOrganSegLib.method.network import UNet3D, preset
 
 def status(field):
     with open("/proc/self/status") as handle:

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 pytest.importorskip("matplotlib")
 
-from SDMOrganSegLib import pictures  # noqa: E402
+from SDMOrganSegLib.images import pictures  # noqa: E402
 
 #: Phantom (LPS voxel grid, 1 mm): a bright ball near the anterior (small y), left (large x) and superior
 #: (large z) edges, so that a view mirrored along any of its axes puts the outline far from the ball.

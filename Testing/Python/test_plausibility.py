@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import CT, HIPPOCAMPUS, REPO
 
-from SDMOrganSegLib.plausibility import input_warnings, looks_like_ct, modality_mismatch, volume_warnings
+from SDMOrganSegLib.method.plausibility import input_warnings, looks_like_ct, modality_mismatch, volume_warnings
 
 HIPPOCAMPUS_MODEL = REPO / "Resources" / "Models" / "hippocampus"
 CT_IMAGE = CT / "example_ct_sm.nii.gz"
@@ -28,9 +28,9 @@ def test_ct_and_mr_are_told_apart():
 
 def test_ct_given_to_the_hippocampus_model_is_refused_before_the_network_unless_forced(monkeypatch):
     pytest.importorskip("torch")
-    from SDMOrganSegLib import inference
-    from SDMOrganSegLib.errors import InputMismatchError
-    from SDMOrganSegLib.modelfiles import load_model
+    from SDMOrganSegLib.engines import inference
+    from SDMOrganSegLib.common.errors import InputMismatchError
+    from SDMOrganSegLib.formats.modelfiles import load_model
 
     model = load_model(HIPPOCAMPUS_MODEL)
     assert model.card.modality == "MR" and model.card.input_extent_mm and all(o.volume_ml for o in model.card.organs)
@@ -80,7 +80,7 @@ def test_volume_warnings_flag_only_volumes_far_outside_the_training_range():
 
 
 def test_the_card_keeps_volume_ranges_modality_and_terminology(tmp_path):
-    from SDMOrganSegLib.modelfiles import ModelCard, read_card
+    from SDMOrganSegLib.formats.modelfiles import ModelCard, read_card
 
     card = read_card(HIPPOCAMPUS_MODEL)
     copy = ModelCard.from_dict(card.to_dict())
@@ -89,7 +89,7 @@ def test_the_card_keeps_volume_ranges_modality_and_terminology(tmp_path):
     assert copy.organs[0].terminology["type"] == ["5366008", "SCT", "Hippocampus"]
     bad = card.to_dict()
     bad["modality"] = "PET"
-    from SDMOrganSegLib.errors import SDMOrganSegError
+    from SDMOrganSegLib.common.errors import SDMOrganSegError
 
     with pytest.raises(SDMOrganSegError, match="modality"):
         ModelCard.from_dict(bad)
@@ -104,9 +104,9 @@ def test_a_dice_only_model_says_its_outputs_are_logits_not_distances():
     torch = pytest.importorskip("torch")
     import numpy as np
 
-    from SDMOrganSegLib.inference import segment_image
-    from SDMOrganSegLib.modelfiles import LoadedModel, ModelCard, organs_from_labels
-    from SDMOrganSegLib.network import UNet3D, preset
+    from SDMOrganSegLib.engines.inference import segment_image
+    from SDMOrganSegLib.formats.modelfiles import LoadedModel, ModelCard, organs_from_labels
+    from SDMOrganSegLib.method.network import UNet3D, preset
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32))
     said = {}

@@ -12,10 +12,10 @@ from conftest import HIPPOCAMPUS, calibrated_model
 from scipy import ndimage
 from test_segment_evaluate import run_cli
 
-from SDMOrganSegLib.inference import minimum_window, predict_array, segment_image, tta_axes
-from SDMOrganSegLib.modelfiles import Organ, load_model
-from SDMOrganSegLib.postprocessing import keep_largest_component
-from SDMOrganSegLib.preprocessing import normalize_intensity
+from SDMOrganSegLib.engines.inference import minimum_window, predict_array, segment_image, tta_axes
+from SDMOrganSegLib.formats.modelfiles import Organ, load_model
+from SDMOrganSegLib.method.postprocessing import keep_largest_component
+from SDMOrganSegLib.method.preprocessing import normalize_intensity
 
 IMAGE = HIPPOCAMPUS / "imagesTr" / "hippocampus_001.nii.gz"
 

@@ -11,16 +11,16 @@ import SimpleITK as sitk
 
 torch = pytest.importorskip("torch")
 
-from SDMOrganSegLib import training  # noqa: E402
-from SDMOrganSegLib.architecture import UNetConfig, split_heads  # noqa: E402
-from SDMOrganSegLib.augmentation import augment_batch, spatial_transform  # noqa: E402
-from SDMOrganSegLib.datapack import read_pack, write_pack  # noqa: E402
-from SDMOrganSegLib.dataset import PreparedCase  # noqa: E402
-from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
-from SDMOrganSegLib.losses import SDMSegmentationLoss  # noqa: E402
-from SDMOrganSegLib.network import UNet3D, preset  # noqa: E402
-from SDMOrganSegLib.sdm import label_map_to_sdms  # noqa: E402
-from SDMOrganSegLib.training import PatchSampler, Trainer, TrainingConfig, initial_output_biases, resolve_precision  # noqa: E402
+from SDMOrganSegLib.engines import training  # noqa: E402
+from SDMOrganSegLib.method.architecture import UNetConfig, split_heads  # noqa: E402
+from SDMOrganSegLib.method.augmentation import augment_batch, spatial_transform  # noqa: E402
+from SDMOrganSegLib.formats.datapack import read_pack, write_pack  # noqa: E402
+from SDMOrganSegLib.formats.dataset import PreparedCase  # noqa: E402
+from SDMOrganSegLib.common.errors import SDMOrganSegError  # noqa: E402
+from SDMOrganSegLib.method.losses import SDMSegmentationLoss  # noqa: E402
+from SDMOrganSegLib.method.network import UNet3D, preset  # noqa: E402
+from SDMOrganSegLib.method.sdm import label_map_to_sdms  # noqa: E402
+from SDMOrganSegLib.engines.training import PatchSampler, Trainer, TrainingConfig, initial_output_biases, resolve_precision  # noqa: E402
 
 
 def _ball(shape, centre, radius):
@@ -59,7 +59,7 @@ def _leave_nan_in_freed_memory() -> None:
 def test_bf16_convolution_of_a_two_voxel_deep_input_gives_finite_weight_gradients():
     # PyTorch 2.13's CPU bf16 convolution read memory it never wrote for a depth of 2, and a NaN left in freed
     # memory became a NaN weight gradient (most draws, with the buffer freed below, before the fix).
-    from SDMOrganSegLib.network import Conv3x3x3
+    from SDMOrganSegLib.method.network import Conv3x3x3
 
     torch.manual_seed(0)
     conv = Conv3x3x3(64, 64)
@@ -160,7 +160,7 @@ def test_spatial_augmentation_moves_image_sdm_and_mask_together():
     image = torch.from_numpy(np.where(mask, 1.0, -1.0).astype(np.float32))[None, None]
     masks = torch.from_numpy(mask.astype(np.float32))[None, None]
     generator = torch.Generator().manual_seed(3)
-    import SDMOrganSegLib.augmentation as augmentation
+    import SDMOrganSegLib.method.augmentation as augmentation
 
     moved = 0
     for _ in range(20):
@@ -283,7 +283,7 @@ def test_pack_round_trip_and_training_from_a_pack(tmp_path):
     write_pack(data, pack_path, intensity)
     pack = read_pack(pack_path)
     assert pack.case_names == ["c0", "c1", "c2", "c3"] and pack.label_names == {1: "big"}
-    from SDMOrganSegLib.dataset import find_cases, prepare_case
+    from SDMOrganSegLib.formats.dataset import find_cases, prepare_case
 
     reference = prepare_case(find_cases(data)[0], [1], intensity, None, {"normalization": "clip", "scale_mm": 5.0})
     (packed,) = pack.prepared(["c0"], [1], {"normalization": "clip", "scale_mm": 5.0})
@@ -306,10 +306,10 @@ def test_pack_round_trip_and_training_from_a_pack(tmp_path):
 def test_a_saved_dual_model_reproduces_its_card_through_segment(tmp_path):
     from conftest import HIPPOCAMPUS
 
-    from SDMOrganSegLib.inference import segment_image
-    from SDMOrganSegLib.metrics import organ_metrics
-    from SDMOrganSegLib.modelfiles import load_model
-    from SDMOrganSegLib.training import finalize_best_model
+    from SDMOrganSegLib.engines.inference import segment_image
+    from SDMOrganSegLib.method.metrics import organ_metrics
+    from SDMOrganSegLib.formats.modelfiles import load_model
+    from SDMOrganSegLib.engines.training import finalize_best_model
 
     run = tmp_path / "run"
     config = TrainingConfig(
@@ -339,7 +339,7 @@ def test_a_saved_dual_model_reproduces_its_card_through_segment(tmp_path):
 
 
 def test_organ_balanced_cross_entropy_gives_each_organ_half_the_weight_whatever_its_size():
-    from SDMOrganSegLib.losses import cross_entropy_loss
+    from SDMOrganSegLib.method.losses import cross_entropy_loss
 
     mask = torch.zeros(1, 2, 8, 16, 16)
     mask[0, 0, 2:6, 4:12, 4:12] = 1  # 256 of 2048 voxels

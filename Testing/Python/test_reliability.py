@@ -36,15 +36,16 @@ from hypothesis.extra import numpy as hnp
 from torch import nn
 
 from conftest import HIPPOCAMPUS, REPO
-from SDMOrganSegLib import dataset, inference
-from SDMOrganSegLib.errors import CancelledError, SDMOrganSegError
-from SDMOrganSegLib.files import inside
-from SDMOrganSegLib.imageio import read_volume
-from SDMOrganSegLib.inference import estimate_memory_bytes, segment_image
-from SDMOrganSegLib.modelfiles import LoadedModel, ModelCard, load_model, organs_from_labels, save_model
-from SDMOrganSegLib.network import UNet3D, preset
-from SDMOrganSegLib.outputs import write_result
-from SDMOrganSegLib.sdm import heaviside, normalized_sdm
+from SDMOrganSegLib.formats import dataset
+from SDMOrganSegLib.engines import inference
+from SDMOrganSegLib.common.errors import CancelledError, SDMOrganSegError
+from SDMOrganSegLib.common.files import inside
+from SDMOrganSegLib.images.imageio import read_volume
+from SDMOrganSegLib.engines.inference import estimate_memory_bytes, segment_image
+from SDMOrganSegLib.formats.modelfiles import LoadedModel, ModelCard, load_model, organs_from_labels, save_model
+from SDMOrganSegLib.method.network import UNet3D, preset
+from SDMOrganSegLib.engines.outputs import write_result
+from SDMOrganSegLib.method.sdm import heaviside, normalized_sdm
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -604,7 +605,7 @@ def test_bad_training_case_is_refused_by_the_dataset(bad_training, name):
 
 
 def test_case_with_an_organ_missing_trains(tmp_path):
-    from SDMOrganSegLib.training import Trainer, TrainingConfig
+    from SDMOrganSegLib.engines.training import Trainer, TrainingConfig
 
     def drop_lower(image, labels):
         return _with(np.where(labels == 2, 0, labels).astype(np.uint8))
@@ -724,7 +725,7 @@ def test_writer_error_midway_leaves_no_partial_files(small_result, tmp_path, mon
 def test_trainer_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path):
     """``sdmorganseg train`` is SIGKILLed once its epoch-2 checkpoint exists and rerun: it resumes from the
     checkpoint and ends with the same weights and losses as an uninterrupted run with the same seed."""
-    from SDMOrganSegLib.training import Trainer, TrainingConfig
+    from SDMOrganSegLib.engines.training import Trainer, TrainingConfig
 
     settings_ = dict(max_cases=3, epochs=4, threads=1, seed=3, patch=(16, 24, 16))
     common = ["train", HIPPOCAMPUS, "--max-cases", "3", "--epochs", "4", "--threads", "1", "--seed", "3", "--patch", "16,24,16"]

@@ -15,15 +15,15 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO
 
-from SDMOrganSegLib.errors import SDMOrganSegError
-from SDMOrganSegLib.reviewcases import compare_dice, find_cases, largest_area_slice, load_case
+from SDMOrganSegLib.common.errors import SDMOrganSegError
+from SDMOrganSegLib.review.reviewcases import compare_dice, find_cases, largest_area_slice, load_case
 
 ORGANS = {"liver": (1, (0.8, 0.2, 0.2)), "spleen": (2, (0.2, 0.2, 0.8))}
 
 
 def _case(folder: Path, shift: int = 0, metrics: dict | None = None, relative_input: bool = False) -> Path:
     """A case folder as ``segment`` writes it (no contours: they are computed in memory when missing)."""
-    from SDMOrganSegLib.sdm import normalized_sdm
+    from SDMOrganSegLib.method.sdm import normalized_sdm
 
     folder.mkdir(parents=True)
     array = np.zeros((12, 16, 20), np.uint8)

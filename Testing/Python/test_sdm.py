@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from conftest import HIPPOCAMPUS, hippocampus_cases
 from scipy import ndimage
 
-from SDMOrganSegLib.sdm import heaviside, label_map_to_sdms, normalized_sdm, sdms_to_label_map, signed_distance_mm
+from SDMOrganSegLib.method.sdm import heaviside, label_map_to_sdms, normalized_sdm, sdms_to_label_map, signed_distance_mm
 
 
 def _grid(shape, spacing_xyz):

@@ -13,10 +13,10 @@ import SimpleITK as sitk
 from conftest import CT, HIPPOCAMPUS, REPO
 from vtk.util import numpy_support
 
-from SDMOrganSegLib.contours import iso_surface
-from SDMOrganSegLib.files import safe_name
-from SDMOrganSegLib.modelfiles import load_model, shipped_models
-from SDMOrganSegLib.sdm import normalized_sdm
+from SDMOrganSegLib.images.contours import iso_surface
+from SDMOrganSegLib.common.files import safe_name
+from SDMOrganSegLib.formats.modelfiles import load_model, shipped_models
+from SDMOrganSegLib.method.sdm import normalized_sdm
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -141,7 +141,7 @@ def test_sdm_command_matches_library(tmp_path):
 
 
 def test_ct_volume_through_sliding_window_keeps_geometry(tiny_model_dir):
-    from SDMOrganSegLib.inference import segment_image
+    from SDMOrganSegLib.engines.inference import segment_image
 
     image = sitk.ReadImage(str(CT / "example_ct_sm.nii.gz"))
     model = load_model(tiny_model_dir)

@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 from conftest import assert_corrupted_copy_refused, HIPPOCAMPUS, REPO
 
-from SDMOrganSegLib.inference import segment_image
-from SDMOrganSegLib.metrics import organ_metrics
-from SDMOrganSegLib.modelfiles import WEIGHTS_FILE, load_model, resolve_model, sha256_of
+from SDMOrganSegLib.engines.inference import segment_image
+from SDMOrganSegLib.method.metrics import organ_metrics
+from SDMOrganSegLib.formats.modelfiles import WEIGHTS_FILE, load_model, resolve_model, sha256_of
 
 MODEL = REPO / "Resources" / "Models" / "hippocampus"
 VALIDATION_CASES = ["hippocampus_003", "hippocampus_004", "hippocampus_011"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from SDMOrganSegLib.modelfiles import organs_from_labels, read_card, shipped_models
-from SDMOrganSegLib.terminology import _TYPES, SLICER_CONTEXT, check_terminology, default_terminology, slicer_terminology_entry
+from SDMOrganSegLib.formats.modelfiles import organs_from_labels, read_card, shipped_models
+from SDMOrganSegLib.formats.terminology import _TYPES, SLICER_CONTEXT, check_terminology, default_terminology, slicer_terminology_entry
 
 MASTER_LIST = Path(__file__).resolve().parents[1] / "Data" / "slicer-terminology" / "SegmentationCategoryTypeModifier-DICOM-Master.excerpt.json"
 

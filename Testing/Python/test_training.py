@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import HIPPOCAMPUS
 
-from SDMOrganSegLib.dataset import find_cases, load_cases, make_split
-from SDMOrganSegLib.modelfiles import load_model
-from SDMOrganSegLib.sdm import heaviside
-from SDMOrganSegLib.training import PatchSampler, Trainer, TrainingConfig
+from SDMOrganSegLib.formats.dataset import find_cases, load_cases, make_split
+from SDMOrganSegLib.formats.modelfiles import load_model
+from SDMOrganSegLib.method.sdm import heaviside
+from SDMOrganSegLib.engines.training import PatchSampler, Trainer, TrainingConfig
 
 
 SETTINGS = dict(data_dir=str(HIPPOCAMPUS), batch_size=2, validate_every=4, lr_step=4, learning_rate=2e-3, max_cases=4, seed=0, command="test")
@@ -55,7 +55,7 @@ def test_rerun_resumes_instead_of_starting_over(trained_run):
      ({"base_channels": 16}, "base_channels: None -> 16"), ({"sdm_normalization": "clip"}, "sdm_normalization")],
 )
 def test_resuming_with_other_settings_is_refused_naming_them(trained_run, change, named):
-    from SDMOrganSegLib.errors import SDMOrganSegError
+    from SDMOrganSegLib.common.errors import SDMOrganSegError
 
     out, _ = trained_run
     before = (out / "checkpoint.pt").read_bytes()

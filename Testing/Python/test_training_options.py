@@ -10,11 +10,11 @@ import SimpleITK as sitk
 
 torch = pytest.importorskip("torch")
 
-from SDMOrganSegLib.dataset import read_annotations  # noqa: E402
-from SDMOrganSegLib.errors import SDMOrganSegError  # noqa: E402
-from SDMOrganSegLib.losses import SDMSegmentationLoss, l1_loss, product_loss, soft_dice_loss  # noqa: E402
-from SDMOrganSegLib.sdm import heaviside, label_map_to_sdms, normalized_sdm, scaled_sdm, signed_distance_mm  # noqa: E402
-from SDMOrganSegLib.training import Trainer, TrainingConfig, changed_settings, whole_volume_patch  # noqa: E402
+from SDMOrganSegLib.formats.dataset import read_annotations  # noqa: E402
+from SDMOrganSegLib.common.errors import SDMOrganSegError  # noqa: E402
+from SDMOrganSegLib.method.losses import SDMSegmentationLoss, l1_loss, product_loss, soft_dice_loss  # noqa: E402
+from SDMOrganSegLib.method.sdm import heaviside, label_map_to_sdms, normalized_sdm, scaled_sdm, signed_distance_mm  # noqa: E402
+from SDMOrganSegLib.engines.training import Trainer, TrainingConfig, changed_settings, whole_volume_patch  # noqa: E402
 
 
 def _ball(shape=(21, 23, 25), radius=5.0, centre=None):
@@ -191,8 +191,8 @@ def test_cross_entropy_term_is_the_mean_bce_and_keeps_a_gradient_where_dice_has_
 
 
 def test_prior_output_bias_starts_the_network_at_each_organs_average_target():
-    from SDMOrganSegLib.dataset import PreparedCase
-    from SDMOrganSegLib.training import prior_output_bias
+    from SDMOrganSegLib.formats.dataset import PreparedCase
+    from SDMOrganSegLib.engines.training import prior_output_bias
 
     # Organ 0 fills 1/8 of case a and 1/4 of case b; organ 1 is contoured in case a only (1/8).
     sdms_a = np.ones((2, 4, 4, 4), np.float16)

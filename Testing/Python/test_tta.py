@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from SDMOrganSegLib.inference import mirror_subsets, predict_array  # noqa: E402
-from SDMOrganSegLib.network import UNet3D, preset  # noqa: E402
+from SDMOrganSegLib.engines.inference import mirror_subsets, predict_array  # noqa: E402
+from SDMOrganSegLib.method.network import UNet3D, preset  # noqa: E402
 from conftest import float32_tolerance  # noqa: E402
 
 
@@ -35,8 +35,8 @@ def test_mirrored_prediction_is_the_mean_of_the_flipped_outputs():
 def test_the_cards_inference_default_decides_tta_unless_the_caller_does(tmp_path):
     import SimpleITK as sitk
 
-    from SDMOrganSegLib.inference import segment_image
-    from SDMOrganSegLib.modelfiles import LoadedModel, ModelCard, load_model, organs_from_labels, save_model
+    from SDMOrganSegLib.engines.inference import segment_image
+    from SDMOrganSegLib.formats.modelfiles import LoadedModel, ModelCard, load_model, organs_from_labels, save_model
 
     torch.manual_seed(2)
     network = UNet3D(preset("cpu", 1, 1)).eval()

@@ -19,6 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 UI_FILE = REPO / "Resources" / "UI" / "SDMOrganSeg.ui"
 MODULE_FILE = REPO / "SDMOrganSeg" / "SDMOrganSeg.py"
+#: The panel's code: the module file's shell and parameter node, and its sections and choices in the library.
+PANEL_FILES = [*sorted((REPO / "SDMOrganSeg" / "SDMOrganSegLib" / "mrml" / "panels").glob("*.py")), MODULE_FILE]
 PARAMETER_CLASS = "SDMOrganSegParameterNode"
 
 #: Which widget class may be bound to which kind of parameter by Slicer's parameterNodeWrapper.
@@ -47,7 +49,11 @@ def _parameter_bindings() -> dict[str, str]:
 
 
 def _module_tree() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    return ast.Module(body=[node for path in PANEL_FILES for node in ast.parse(path.read_text(encoding="utf-8")).body], type_ignores=[])
+
+
+def _panel_source() -> str:
+    return "\n".join(path.read_text(encoding="utf-8") for path in PANEL_FILES)
 
 
 def _parameter_fields() -> dict[str, str]:
@@ -84,7 +90,7 @@ def test_ui_file_is_well_formed_and_names_are_unique():
 
 
 def test_every_widget_the_module_uses_exists():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
+    used = set(re.findall(r"self\.ui\.(\w+)", _panel_source()))
     assert used, "the module should refer to its widgets as self.ui.<name>"
     missing = sorted(used - set(_widgets()))
     assert not missing, f"SDMOrganSeg.py uses widgets missing from {UI_FILE.name}: {missing}"
@@ -277,7 +283,7 @@ def module(monkeypatch):
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("the 'slicer' module found is not slicer-core")
     sys.path.insert(0, str(REPO / "SDMOrganSeg"))
-    from SDMOrganSegLib import headless
+    from SDMOrganSegLib.mrml import headless
 
     headless.start()
     stand_ins = {
@@ -312,8 +318,10 @@ def test_module_logic_segments_and_measures_on_a_real_scene(module, tmp_path, mo
     pytest.importorskip("torch", reason="PyTorch is not installed")
     import slicer
 
-    from SDMOrganSegLib import headless, modelfiles, network
-    from SDMOrganSegLib.modelfiles import ModelCard, Organ
+    from SDMOrganSegLib.mrml import headless
+    from SDMOrganSegLib.formats import modelfiles
+    from SDMOrganSegLib.method import network
+    from SDMOrganSegLib.formats.modelfiles import ModelCard, Organ
 
     net = network.UNet3D(network.preset("cpu", 1, 2))
     models = tmp_path / "Models"
@@ -345,7 +353,7 @@ def test_module_logic_prepares_a_training_from_scene_pairs(module, tmp_path):
     from the model to fine-tune; a problem is one line and leaves the scene as it was."""
     import slicer
 
-    from SDMOrganSegLib import headless
+    from SDMOrganSegLib.mrml import headless
 
     data = REPO / "Testing" / "Data" / "hippocampus"
     pairs = []
@@ -376,7 +384,7 @@ def test_logic_refuses_another_modality_before_the_worker_unless_forced(module, 
 
     import slicer
 
-    from SDMOrganSegLib import headless
+    from SDMOrganSegLib.mrml import headless
 
     lib = module._lib()
     started = []
@@ -405,9 +413,10 @@ def test_panel_asks_before_forcing_and_keeps_buttons_disabled_while_starting():
     """The panel's code (read, not run: the widget needs Slicer's Qt): Apply catches InputMismatchError and
     asks a yes/no question before starting with force=True; Apply, Train and Compute are disabled from the
     click until the run has started (pip's install loop processes events); cleanup() disconnects aboutToQuit."""
-    source = MODULE_FILE.read_text(encoding="utf-8")
-    tree = _module_tree()
-    methods = {node.name: ast.get_source_segment(source, node) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    methods = {
+        node.name: ast.get_source_segment(path.read_text(encoding="utf-8"), node)
+        for path in PANEL_FILES for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.FunctionDef)
+    }
     apply = methods["onApplyButton"]
     assert "except InputMismatchError" in apply and "confirmYesNoDisplay" in apply and "force=True" in apply
     assert apply.index("confirmYesNoDisplay") < apply.index("force=True")

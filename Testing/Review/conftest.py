@@ -62,8 +62,8 @@ def segmented_without_tta(tmp_path_factory) -> Path:
 
 def make_case(folder: Path, image: sitk.Image, labels: sitk.Image, organs: dict[str, tuple[int, tuple[float, float, float]]]) -> Path:
     """A case folder as ``segment`` writes it (image beside it, labels, SDMs, summary), without contour files."""
-    from SDMOrganSegLib.files import safe_name
-    from SDMOrganSegLib.sdm import normalized_sdm
+    from SDMOrganSegLib.common.files import safe_name
+    from SDMOrganSegLib.method.sdm import normalized_sdm
 
     folder.mkdir(parents=True)
     sitk.WriteImage(image, str(folder / "image.nii.gz"))

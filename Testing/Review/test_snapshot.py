@@ -22,7 +22,7 @@ _SHOWN: list = []
 @pytest.fixture(scope="module")
 def slicer():
     require_review_extra()
-    from SDMOrganSegLib import reviewscene
+    from SDMOrganSegLib.review import reviewscene
 
     yield reviewscene.slicer_app()
     reviewscene._quiet_teardown()
@@ -30,8 +30,8 @@ def slicer():
 
 def _render(app, folder: Path, view: str, visible=None, slice_index=None):
     """Render ``view`` of the case in ``folder``; returns (pixels, view, shown). ``visible`` = (organs, levels, fill)."""
-    from SDMOrganSegLib import reviewscene
-    from SDMOrganSegLib.reviewcases import find_cases, load_case
+    from SDMOrganSegLib.review import reviewscene
+    from SDMOrganSegLib.review.reviewcases import find_cases, load_case
 
     while _SHOWN:  # one case in the scene at a time, as on the page
         reviewscene.remove_case(app.scene, _SHOWN.pop())
@@ -89,7 +89,7 @@ def test_zero_contour_lies_on_the_segmentation_boundary(slicer, segmented):
 def test_organ_fills_have_the_cards_colours(slicer, segmented):
     """With contours hidden, fill = 0.75 image + 0.25 organ colour (the panel's 2D fill opacity): the colour
     is recovered from a render with and one without the fill."""
-    from SDMOrganSegLib import reviewscene
+    from SDMOrganSegLib.review import reviewscene
 
     case = segmented / "hippocampus_001"
     summary = json.loads((case / "summary.json").read_text())

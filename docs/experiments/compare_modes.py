@@ -91,9 +91,9 @@ def head_agreement(runs_dir: Path, data_dir: Path, seeds: list[int]) -> str:
     """Dice between a dual model's segmentation-head mask and its SDM head's zero level, per organ."""
     import SimpleITK as sitk
 
-    from SDMOrganSegLib.dataset import find_cases
-    from SDMOrganSegLib.inference import segment_image
-    from SDMOrganSegLib.modelfiles import load_model
+    from SDMOrganSegLib.formats.dataset import find_cases
+    from SDMOrganSegLib.engines.inference import segment_image
+    from SDMOrganSegLib.formats.modelfiles import load_model
 
     lines = ["| run | organ | Dice(segmentation head, SDM < 0): mean | min |", "|---|---|---|---|"]
     cases = {case.name: case for case in find_cases(data_dir)}

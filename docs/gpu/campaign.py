@@ -88,11 +88,11 @@ def evaluate_one(run_dir: Path, pack: Path, out: Path) -> None:
     import numpy as np
     import torch
 
-    from SDMOrganSegLib.architecture import split_heads
-    from SDMOrganSegLib.inference import predict_array, tta_axes
-    from SDMOrganSegLib.modelfiles import load_model
-    from SDMOrganSegLib.sdm import sdms_to_label_map
-    from SDMOrganSegLib.training import evaluate_model_on_split, summarize
+    from SDMOrganSegLib.method.architecture import split_heads
+    from SDMOrganSegLib.engines.inference import predict_array, tta_axes
+    from SDMOrganSegLib.formats.modelfiles import load_model
+    from SDMOrganSegLib.method.sdm import sdms_to_label_map
+    from SDMOrganSegLib.engines.training import evaluate_model_on_split, summarize
 
     model = load_model(run_dir / "best")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,6 @@
+"""Reviewing segmentations in a web browser (``sdmorganseg review`` and ``snapshot``): trame-slicer's MRML
+scene and views (``reviewscene``), the cases of a batch output or a folder (``reviewcases``) and the web
+application (``reviewapp``). Part of the Slicer side: it runs on slicer-core.
+
+May import: every other part of the library but the command line, ``slicer``, ``vtkMRML*`` and trame.
+"""
