@@ -26,6 +26,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "SDMOrganSeg"))
 
+from experiments import wilcoxon_p  # noqa: E402  (docs/experiments/experiments.py, beside this script)
+
 MODES = ["dice", "sdm", "dual"]
 METRICS = ["dice", "hd95", "asd"]
 
@@ -44,13 +46,6 @@ def load_runs(runs_dir: Path) -> dict[str, dict[int, dict]]:
 def case_values(records: dict[int, dict], seeds: list[int], organ: str, metric: str) -> np.ndarray:
     """Per case, the metric averaged over ``seeds`` (all runs share the fixed validation split and its order)."""
     return np.mean([np.asarray(records[s]["per_case"][organ][metric], float) for s in seeds], axis=0)
-
-
-def wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import wilcoxon
-
-    finite = np.isfinite(a) & np.isfinite(b)
-    return 1.0 if not np.any(a[finite] != b[finite]) else float(wilcoxon(a[finite], b[finite]).pvalue)
 
 
 def summary_table(runs: dict[str, dict[int, dict]]) -> str:

@@ -858,12 +858,12 @@ class Trainer:
                 scaler.unscale_(self.optimizer)
                 # nnU-Net clips the gradient norm at 12 with SGD: momentum 0.99 turns one outlier batch into many bad steps.
                 gradient_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0 if config.optimizer == "sgd" else math.inf)
-                if torch.isfinite(gradient_norm) or self.precision == "fp16":
+                if self.precision == "fp16" or torch.isfinite(gradient_norm):
                     scaler.step(self.optimizer)  # fp16: the scaler skips overflowing steps itself, while it finds its scale
                 else:
-                    # One non-finite gradient would make every weight NaN through Adam's moments. PyTorch 2.13's
-                    # oneDNN bf16 convolution gave one now and then here (docs/ablation.md); fp16 skips such steps
-                    # in its GradScaler already, and the same is done for every precision.
+                    # One non-finite gradient would make every weight NaN through Adam's moments. The one cause
+                    # seen (PyTorch 2.13's CPU bf16 convolution of 2-voxel-deep inputs) is avoided in
+                    # method/network.Conv3x3x3; this is the backstop, as fp16's GradScaler is for overflows.
                     skipped += 1
                 scaler.update()
                 for name, value in values.items():
