@@ -34,8 +34,9 @@ class Conv3x3x3(nn.Conv3d):
 
     PyTorch 2.13's CPU bf16 convolution returns a non-finite weight gradient most of the time when the input's
     depth is 2 (it reads memory it never wrote: ``test_recipe.py`` shows it with a freed NaN buffer); the cpu
-    preset's bottleneck is 2 x 3 x 2 voxels on a 32 x 48 x 32 patch. Such inputs hold a few dozen voxels, so
-    float32 costs nothing there. Weights and their names are those of ``nn.Conv3d``.
+    preset's bottleneck is 2 x 3 x 2 voxels on a 32 x 48 x 32 patch. Such inputs hold a few dozen voxels: a
+    cpu-preset bf16 step took 300 ms against 293 ms with the plain convolution (one thread, interleaved,
+    under load; benchmarks/RESULTS.md). Weights and their names are those of ``nn.Conv3d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
