@@ -1,6 +1,7 @@
 """Tables of issue 19, item 4: dice, sdm+dice and dual on the hippocampus at one budget, three seeds.
 
     python docs/experiments/compare_modes.py [--runs runs/compare] [--data ../shared/data/hippocampus] [--no-agreement]
+    python docs/experiments/compare_modes.py --campaign DIR   # the runs of docs/gpu/campaign.py, unpacked in DIR
 
 Reads each finished run's ``best/model.json`` (``train --finalize --tta`` stores the validation metrics per case
 there; ``compare_modes_cpu.sh`` trains the runs) and prints markdown:
@@ -40,6 +41,21 @@ def load_runs(runs_dir: Path) -> dict[str, dict[int, dict]]:
         metrics = json.loads(card_path.read_text()).get("metrics", {})
         if "per_case" in metrics:
             found.setdefault(mode, {})[int(seed)] = metrics
+    return found
+
+
+def load_campaign(campaign_dir: Path) -> dict[str, dict[int, dict]]:
+    """The same from a GPU campaign's results (``docs/gpu/campaign.py``): ``runs/hippo-MODE-sSEED/metrics.json``,
+    with TTA where the run was evaluated with it, and the SDM head's agreement measured there."""
+    found: dict[str, dict[int, dict]] = {}
+    for path in sorted(campaign_dir.glob("runs/hippo-*-s[0-9]/metrics.json")):
+        mode, seed = path.parent.name.removeprefix("hippo-").rsplit("-s", 1)
+        record = json.loads(path.read_text())
+        evaluated = record.get("tta", record["plain"])
+        found.setdefault(mode, {})[int(seed)] = {
+            "per_case": evaluated["per_case"], "epoch": record["card_metrics"].get("epoch"), "budget": record["budget"],
+            "agreement": record.get("sdm_head_vs_segmentation_dice"),
+        }
     return found
 
 
@@ -115,7 +131,20 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "compare")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "hippocampus")
     parser.add_argument("--no-agreement", action="store_true", help="skip the dual models' head agreement (it segments the validation cases)")
+    parser.add_argument("--campaign", type=Path, help="read a GPU campaign's unpacked results instead of --runs")
     args = parser.parse_args()
+    if args.campaign:
+        runs = load_campaign(args.campaign)
+        for mode, records in runs.items():
+            budgets = [records[s]["budget"] for s in sorted(records)]
+            print(f"- {mode}: best epochs {[records[s]['epoch'] for s in sorted(records)]}, steps to them {[b['steps'] for b in budgets]}, "
+                  f"{budgets[0]['precision']}, {min(b['steps_per_s'] for b in budgets)}-{max(b['steps_per_s'] for b in budgets)} steps/s ({budgets[0]['machine']})"
+                  + (f"; SDM head vs segmentation Dice {[{o[:4]: round(v, 3) for o, v in records[s]['agreement'].items()} for s in sorted(records)]}" if records[min(records)]["agreement"] else ""))
+        print()
+        print(summary_table(runs))
+        print()
+        print(paired_table(runs))
+        return
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"no finished runs in {args.runs}: train them with docs/experiments/compare_modes_cpu.sh")

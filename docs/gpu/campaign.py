@@ -32,7 +32,7 @@ HIPPO_SDM = ["--mode", "sdm+dice", "--sdm-normalization", "clip", "--sdm-scale",
 HIPPO_DUAL = ["--mode", "dual", "--sdm-normalization", "clip", "--sdm-scale", "5", "--sdm-weight", "1", "--dice-reduction", "batch", "--ce-weight", "1"]
 CT = [
     "--spacing", "3.906,3.906,2.5", "--intensity", "window:-500,1000", "--patch", "96,96,64", "--batch-size", "4", "--validate-every", "5",
-    "--foreground-fraction", "0.5", "--no-flip", "--sliding-window", "--dice-reduction", "batch", "--ce-weight", "1", "--modality", "CT",
+    "--foreground-fraction", "0.5", "--ce-balance", "organ", "--no-flip", "--sliding-window", "--dice-reduction", "batch", "--ce-weight", "1", "--modality", "CT",
     "--name", "headneck-oar", "--field-of-view", "head and neck planning CT (OpenKBP: brainstem to below the larynx)",
 ]
 CT_SDM = ["--sdm-normalization", "clip", "--sdm-scale", "20"]
@@ -47,6 +47,12 @@ for seed in (0, 1, 2):
 RUNS["hippo-dual-basicaug"] = ("hippo", HIPPO + RECIPE + HIPPO_DUAL + ["--augment", "basic"])
 RUNS["hippo-dual-sgd"] = ("hippo", HIPPO + RECIPE + HIPPO_DUAL + ["--optimizer", "sgd", "--lr", "0.01"])
 RUNS["hippo-dual-base8"] = ("hippo", HIPPO + RECIPE + HIPPO_DUAL + ["--base-channels", "8"])
+# Wider, nnU-Net's 32 channels at full resolution (a GPU buys it), capped at 128 so the weights (27 MB) can ship.
+RUNS["hippo-dual-base32"] = ("hippo", HIPPO + RECIPE + HIPPO_DUAL + ["--base-channels", "32", "--max-channels", "128"])
+# Ship candidates on a lightly shared GPU (two processes): the CPU comparison's 32x48x32 patches, batch 4.
+SHIP = ["--patch", "32,48,32", "--batch-size", "4"]
+RUNS["hippo-dual-ship"] = ("hippo", HIPPO + RECIPE + HIPPO_DUAL + SHIP)
+RUNS["hippo-sdm-ship"] = ("hippo", HIPPO + RECIPE + HIPPO_SDM + SHIP)
 RUNS["hn-dice"] = ("hn", CT + RECIPE + ["--mode", "dice", "--output-bias", "soft-prior"])
 RUNS["hn-sdm"] = ("hn", CT + RECIPE + CT_SDM + ["--mode", "sdm+dice", "--heaviside-k", "15", "--output-bias", "soft-prior"])
 RUNS["hn-dual"] = ("hn", CT + RECIPE + CT_SDM + ["--mode", "dual", "--sdm-weight", "1", "--output-bias", "soft-prior"])
@@ -152,7 +158,7 @@ def main() -> int:
         log = open(runs_dir / f"{name}.log", "w")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         processes[name] = subprocess.Popen([sys.executable, __file__, "--packs", str(packs), "--out", str(out), "--train-one", *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = started + args.minutes * 60 * 1.15 + 90  # a backstop: the runs end themselves within 10 % of the budget
+    deadline = started + args.minutes * 60 * 1.1 + 60  # a backstop: the runs end themselves within 10 % of the budget
     while any(p.poll() is None for p in processes.values()):
         if time.time() > deadline:
             for name, p in processes.items():
@@ -174,7 +180,7 @@ def main() -> int:
                 [sys.executable, __file__, "--packs", str(packs), "--out", str(out), "--evaluate-one", str(runs_dir / name), str(pack), str(runs_dir / name / "metrics.json")],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
             )
-    evaluation_deadline = time.time() + 150
+    evaluation_deadline = time.time() + 100
     for name, p in evaluations.items():
         try:
             p.wait(timeout=max(evaluation_deadline - time.time(), 1))
@@ -199,6 +205,7 @@ def main() -> int:
         seeds = [n for n in summary if n.startswith(f"hippo-{mode}-s")]
         if seeds:
             keep.append(max(seeds, key=lambda n: sum(summary[n]["dice"].values())))
+    keep += [n for n in summary if n.endswith("-base32") or n.endswith("-ship")]
     for name in keep:
         subprocess.run(["cp", "-r", str(runs_dir / name / "best"), str(out / "models" / name)], check=False) if (out / "models").mkdir(exist_ok=True) is None else None
     summary["kept_models"] = keep
