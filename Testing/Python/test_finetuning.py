@@ -31,14 +31,16 @@ SHIPPED = read_card(resolve_model("hippocampus"))
 
 def test_the_base_card_gives_the_network_the_preprocessing_and_a_lower_learning_rate():
     settings = fine_tuning_settings(SHIPPED)
-    assert (settings["preset"], settings["depth"], settings["base_channels"], settings["max_channels"]) == ("cpu", 4, 8, 64)
+    assert (settings["preset"], settings["depth"], settings["base_channels"], settings["max_channels"]) == ("cpu", 4, 16, 64)
     assert settings["spacing"] == (1.0, 1.0, 1.0) and settings["intensity"] == {"method": "percentile", "lower": 0.5, "upper": 99.5}
-    assert settings["sdm_normalization"] == "clip" and settings["sdm_scale_mm"] == 5.0 and settings["heaviside_k"] == 15.0 and settings["sliding_window"] is False
-    assert settings["mode"] == "sdm+dice" and settings["patch_size"] == (32, 48, 32) and settings["flip"] is True
+    assert settings["sdm_normalization"] == "clip" and settings["sdm_scale_mm"] == 5.0 and settings["heaviside_k"] == SHIPPED.heaviside_k and settings["sliding_window"] is False
+    assert settings["mode"] == "dual" and settings["patch_size"] == (32, 48, 32) and settings["flip"] is True
     assert settings["modality"] == "MR" and settings["learning_rate"] == FINE_TUNING_LEARNING_RATE < 5e-4
     # Training settings may change; the base's values, given explicitly, are no contradiction.
-    chosen = fine_tuning_settings(SHIPPED, {"learning_rate": 3e-4, "mode": "sdm", "patch_size": None, "spacing": [1, 1, 1], "preset": "cpu"})
-    assert (chosen["learning_rate"], chosen["mode"], chosen["patch_size"]) == (3e-4, "sdm", None)
+    chosen = fine_tuning_settings(SHIPPED, {"learning_rate": 3e-4, "mode": "dual", "patch_size": None, "spacing": [1, 1, 1], "preset": "cpu", "base_channels": 16})
+    assert (chosen["learning_rate"], chosen["mode"], chosen["patch_size"]) == (3e-4, "dual", None)
+    with pytest.raises(SDMOrganSegError, match="mode sdm: single output head"):  # a dual model keeps its two heads
+        fine_tuning_settings(SHIPPED, {"mode": "sdm"})
 
 
 @pytest.mark.parametrize(
@@ -47,10 +49,10 @@ def test_the_base_card_gives_the_network_the_preprocessing_and_a_lower_learning_
         ({"spacing": (2.0, 2.0, 2.0)}, "spacing: 2,2,2 (the model's: 1,1,1)"),
         ({"intensity": {"method": "window", "low": -500.0, "high": 1000.0}}, "intensity: method=window,low=-500,high=1000"),
         ({"mode": "dice"}, "mode dice: output activation none (the model's: tanh)"),
-        ({"preset": "paper"}, "network: depth 6, 24-384 channels, 2 outputs (the model's: depth 4, 8-64 channels, 2 outputs)"),
-        ({"base_channels": 16}, "network: depth 4, 16-64 channels"),
+        ({"preset": "paper"}, "network: depth 6, 24-384 channels, 2 outputs (the model's: depth 4, 16-64 channels, 2 outputs)"),
+        ({"base_channels": 8}, "network: depth 4, 8-64 channels"),
         ({"sdm_normalization": "tanh"}, "sdm normalization: tanh (the model's: clip)"),
-        ({"heaviside_k": 50.0}, "heaviside k: 50 (the model's: 15)"),
+        ({"heaviside_k": 50.0}, "heaviside k: 50 (the model's: 1500)"),
         ({"sliding_window": True}, "sliding window: on (the model's: whole volumes)"),
         ({"modality": "CT"}, "modality: CT (the model's: MR)"),
     ],
@@ -183,10 +185,12 @@ def _predicted(model_dir: Path, cases) -> list[np.ndarray]:
 
     from SDMOrganSegLib.engines.inference import predict_array
     from SDMOrganSegLib.formats.modelfiles import load_model
+    from SDMOrganSegLib.method.architecture import split_heads
     from SDMOrganSegLib.method.sdm import sdms_to_label_map
 
     model = load_model(model_dir)
-    return [sdms_to_label_map(predict_array(model.network, case.image, torch.device("cpu")), model.card.label_values) for case in cases]
+    outputs = (predict_array(model.network, case.image, torch.device("cpu")) for case in cases)
+    return [sdms_to_label_map(split_heads(output, model.card.architecture)[1], model.card.label_values) for output in outputs]
 
 
 def _dice(prediction: np.ndarray, reference: np.ndarray, value: int) -> float:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import assert_corrupted_copy_refused, HIPPOCAMPUS, REPO
+from conftest import assert_corrupted_copy_refused, assert_sdm_is_a_distance, HIPPOCAMPUS, REPO
 
 from SDMOrganSegLib.engines.inference import segment_image
 from SDMOrganSegLib.method.metrics import organ_metrics
@@ -42,6 +42,19 @@ def test_reaches_the_dice_its_card_claims(case):
         dice = organ_metrics(prediction == organ.label, reference == organ.label, image.GetSpacing()).dice
         assert dice == pytest.approx(metrics["per_case"][organ.name]["dice"][index], abs=0.01)
         assert dice > 0.75
+
+
+def test_sdm_head_gives_distances_that_agree_with_the_segmentation():
+    """A dual model: its label map comes from the segmentation head and its SDMs from the SDM head; the SDMs
+    must still be distances around the segmentation shown beside them (what the iso-contours promise)."""
+    model = load_model(MODEL)
+    assert model.card.architecture.heads == "dual"
+    image = sitk.ReadImage(str(HIPPOCAMPUS / "imagesTr" / f"{VALIDATION_CASES[0]}.nii.gz"))
+    result = segment_image(image, model, "cpu")
+    labels = sitk.GetArrayFromImage(result.labels)
+    for organ in model.card.organs:
+        sdm = sitk.GetArrayFromImage(result.sdms[organ.name])
+        assert_sdm_is_a_distance(sdm, labels == organ.label, image.GetSpacing(), model.card.training["sdm"]["scale_mm"])
 
 
 def test_corrupted_copy_is_refused(tmp_path):

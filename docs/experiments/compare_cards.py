@@ -2,8 +2,9 @@
 
     python docs/experiments/compare_cards.py NEW_MODEL OLD_MODEL
 
-Both cards must hold ``metrics.per_case`` over the same validation cases (``ship_model.py`` writes them with
-the model's default inference). Prints, per organ and metric, both means, the mean paired difference and the
+Both cards must hold ``metrics.per_case`` (``ship_model.py`` writes them with the model's default inference);
+each organ is compared on the validation cases where both cards measured it (partially annotated data sets
+list them in ``organ_case_names``). Prints, per organ and metric, both means, the mean paired difference and the
 two-sided Wilcoxon signed-rank p-value: the "paired test before better" of a re-ship.
 """
 
@@ -19,24 +20,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiments import wilcoxon_p  # noqa: E402
 
 
-def per_case(model_dir: Path) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+def per_case(model_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """organ -> case -> metric -> value (cases where the organ is annotated, as the card lists them)."""
     metrics = json.loads((model_dir / "model.json").read_text())["metrics"]
-    return metrics["case_names"], metrics["per_case"]
+    names = metrics.get("organ_case_names") or {organ: metrics["case_names"] for organ in metrics["per_case"]}
+    return {
+        organ: {case: {m: values[m][i] for m in values} for i, case in enumerate(names[organ])}
+        for organ, values in metrics["per_case"].items()
+    }
 
 
 def main() -> int:
     new_dir, old_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    new_cases, new = per_case(new_dir)
-    old_cases, old = per_case(old_dir)
-    if new_cases != old_cases:
-        raise SystemExit("the two cards were measured on different validation cases: not a paired comparison")
-    print(f"{len(new_cases)} validation cases; new = {new_dir}, old = {old_dir}\n")
-    print("| organ | metric | new | old | mean difference (new - old) | p (Wilcoxon) |")
-    print("|---|---|---|---|---|---|")
+    new, old = per_case(new_dir), per_case(old_dir)
+    print(f"new = {new_dir}, old = {old_dir}; per organ, the validation cases both cards measured it on\n")
+    print("| organ | cases | metric | new | old | mean difference (new - old) | p (Wilcoxon) |")
+    print("|---|---|---|---|---|---|---|")
     for organ in new:
+        cases = [c for c in new[organ] if c in old.get(organ, {})]
+        if not cases:
+            continue
         for metric in ("dice", "hd95", "asd"):
-            a, b = np.asarray(new[organ][metric], float), np.asarray(old[organ][metric], float)
-            print(f"| {organ} | {metric} | {np.nanmean(a):.3f} | {np.nanmean(b):.3f} | {np.nanmean(a - b):+.3f} | {wilcoxon_p(a, b):.2g} |")
+            a = np.asarray([new[organ][c].get(metric, np.nan) for c in cases], float)
+            b = np.asarray([old[organ][c].get(metric, np.nan) for c in cases], float)
+            print(f"| {organ} | {len(cases)} | {metric} | {np.nanmean(a):.3f} | {np.nanmean(b):.3f} | {np.nanmean(a - b):+.3f} | {wilcoxon_p(a, b):.2g} |")
     return 0
 
 

@@ -22,7 +22,8 @@ import time
 import types
 from pathlib import Path
 
-HIPPO = ["--patch", "40,56,40", "--batch-size", "8", "--validate-every", "10", "--foreground-fraction", "0.33", "--name", "hippocampus"]
+HIPPO = ["--patch", "40,56,40", "--batch-size", "8", "--validate-every", "10", "--foreground-fraction", "0.33", "--name", "hippocampus",
+         "--modality", "MR", "--field-of-view", "T1 MRI crop around one hippocampus (MSD Task04 style, about 35 x 50 x 36 mm)"]
 #: The recipe (docs/ablation.md): Adam with nnU-Net's poly schedule, strong augmentation, 16 channels at full
 #: resolution. Adam, not nnU-Net's SGD, because its steps do not grow with the number of organs that the
 #: losses sum over (SGD is one of the hippocampus ablations).
