@@ -268,12 +268,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def offscreen_view(app: Any, view: str, size: tuple[int, int]) -> Any:
-    """An offscreen trame-slicer view; create views before adding a case's nodes (a slice view made after
-    the SDM volumes exist trips VTK errors in its layer pipeline)."""
-    from trame_slicer.views import DirectViewFactory
+    """An offscreen trame-slicer view that renders only when its ``render()`` is called (see
+    :mod:`.offscreenviews`); create views before adding a case's nodes (a slice view made after the SDM
+    volumes exist trips VTK errors in its layer pipeline)."""
+    from .offscreenviews import OffscreenViewFactory
 
-    if not any(isinstance(f, DirectViewFactory) for f in getattr(app.view_manager, "_factories", [])):
-        app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+    if not any(isinstance(f, OffscreenViewFactory) for f in getattr(app.view_manager, "_factories", [])):
+        app.view_manager.register_factory(OffscreenViewFactory())
     rendered = app.view_manager.create_view(view_definition(view))
     rendered.render_window().SetSize(*size)
     return rendered
