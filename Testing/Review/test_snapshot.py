@@ -154,6 +154,28 @@ def test_slicer_orientation(slicer, tmp_path, view, up, right):
         assert cube[1] < middle[1], f"{view}: anterior is drawn on the screen's right"
 
 
+def test_offscreen_views_render_only_when_asked(slicer, tmp_path):
+    """Adding a case and moving the slice ask the view for many renders: it renders none of them by itself,
+    then once when asked, as the page's scheduler coalesces them; slice views draw without multisampling."""
+    from vtkmodules.vtkCommonCore import vtkCommand
+
+    from SDMOrganSegLib.review import reviewscene
+    from SDMOrganSegLib.review.offscreenviews import render_pending
+    from SDMOrganSegLib.review.reviewcases import find_cases, load_case
+
+    while _SHOWN:
+        reviewscene.remove_case(slicer.scene, _SHOWN.pop())
+    rendered = reviewscene.offscreen_view(slicer, "axial", SIZE)
+    frames = []
+    rendered.render_window().AddObserver(vtkCommand.StartEvent, lambda *_: frames.append(1))
+    _SHOWN.append(reviewscene.show_case(slicer.scene, load_case(find_cases(_synthetic_case(tmp_path))[0]), slice_views=[rendered]))
+    rendered.set_slice_value(rendered.get_slice_value() + 1.0)
+    assert frames == []
+    assert render_pending([rendered]) == [rendered] and len(frames) == 1
+    assert render_pending([rendered]) == [] and len(frames) == 1
+    assert rendered.render_window().GetMultiSamples() == 0
+
+
 def test_snapshot_command(segmented, tmp_path):
     """The command line: a PNG with the level-0 red and the card's colours; an existing file is kept."""
     require_review_extra()

@@ -59,7 +59,7 @@ class ReviewApp:
         from trame_slicer.core import LayoutManager
         from trame_slicer.rca_view import register_rca_factories
 
-        from .reviewscene import slicer_app
+        from .reviewscene import PAGE_IMAGE_QUALITY, slicer_app, without_multisampling
 
         self.server = server
         self.cases = cases
@@ -70,7 +70,7 @@ class ReviewApp:
         self.worker = None
         self.compare_problem = ""
         server.enable_module(trame_slicer_module)
-        register_rca_factories(self.slicer.view_manager, server)
+        register_rca_factories(self.slicer.view_manager, server, interactive_quality=PAGE_IMAGE_QUALITY)
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, server)
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.layout_manager.set_layout("Quad View")
@@ -100,7 +100,8 @@ class ReviewApp:
         server.controller.segment_volume = self.segment_volume
         server.controller.cancel_segment = self.cancel_segment
         server.controller.on_server_ready.add(self._on_ready)
-        self._build_ui()
+        self._build_ui()  # creates the layout's views; the first render waits for the server's loop
+        without_multisampling(self.slicer.view_manager.get_slice_views())
 
     def _case_entry(self, index: int, case: ReviewCase) -> dict:
         return {"index": index, "name": case.name, "subtitle": _subtitle(case), "broken": bool(case.error)}

@@ -34,6 +34,12 @@ COMPARE_LEVEL_COLORS = {0.0: (0.0, 0.85, 1.0), 0.1: (0.2, 0.55, 1.0), 0.2: (0.45
 #: Opacity of the segmentation's fill in slice views (the panel's; the contours draw the boundary).
 FILL_OPACITY = 0.25
 SDM_OVERLAY_OPACITY = 0.5
+#: JPEG quality of the page's images, one for every frame: trame-rca's default (50 while changing, then 90)
+#: renders each change twice, and a render costs far more than encoding (600 x 600: ~2 ms either way).
+PAGE_IMAGE_QUALITY = 90
+#: Multisampling of slice views. trame-slicer asks for 8 samples; slice views draw an image and 2-pixel
+#: lines, where Mesa's llvmpipe pays 2-3x the CPU per frame for softer line edges (benchmarks/RESULTS.md).
+SLICE_VIEW_MULTISAMPLES = 0
 
 # A window that renders 4x4 pixels red and reads one back: SupportsOpenGL() says yes for OSMesa even
 # where libOSMesa is missing, so only a real render tells. In a child process: a broken driver must not
@@ -268,15 +274,25 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def offscreen_view(app: Any, view: str, size: tuple[int, int]) -> Any:
-    """An offscreen trame-slicer view; create views before adding a case's nodes (a slice view made after
-    the SDM volumes exist trips VTK errors in its layer pipeline)."""
-    from trame_slicer.views import DirectViewFactory
+    """An offscreen trame-slicer view that renders only when its ``render()`` is called (see
+    :mod:`.offscreenviews`); create views before adding a case's nodes (a slice view made after the SDM
+    volumes exist trips VTK errors in its layer pipeline)."""
+    from .offscreenviews import OffscreenViewFactory
 
-    if not any(isinstance(f, DirectViewFactory) for f in getattr(app.view_manager, "_factories", [])):
-        app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+    if not any(isinstance(f, OffscreenViewFactory) for f in getattr(app.view_manager, "_factories", [])):
+        app.view_manager.register_factory(OffscreenViewFactory())
     rendered = app.view_manager.create_view(view_definition(view))
     rendered.render_window().SetSize(*size)
+    if view != "3d":
+        without_multisampling([rendered])
     return rendered
+
+
+def without_multisampling(slice_views: Sequence[Any]) -> None:
+    """Slice views drawn without multisampling (:data:`SLICE_VIEW_MULTISAMPLES`); call before their first
+    render, which sizes the window's framebuffers."""
+    for view in slice_views:
+        view.render_window().SetMultiSamples(SLICE_VIEW_MULTISAMPLES)
 
 
 def render_view(rendered: Any, shown: ShownCase, view: str, slice_index: int | None = None) -> np.ndarray:
