@@ -8,8 +8,11 @@ cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/hippocampus}
 EPOCHS=${EPOCHS:-30}
 OUT=${OUT:-runs/compare}
+PRECISION=${PRECISION:-bf16}  # fp32: the paired precision check of item 1 (PRECISION=fp32 OUT=runs/compare-fp32 SEEDS=0 MODES=dual)
+SEEDS=${SEEDS:-0 1 2}
+MODES=${MODES:-dice sdm dual}
 common=(--split Resources/Splits/hippocampus.json --preset cpu --patch 32,48,32 --batch-size 2 --epochs "$EPOCHS"
-        --validate-every 5 --threads 1 --device cpu --precision bf16 --optimizer adam --lr 5e-4 --lr-schedule poly
+        --validate-every 5 --threads 1 --device cpu --precision "$PRECISION" --optimizer adam --lr 5e-4 --lr-schedule poly
         --augment strong --foreground-fraction 0.33 --name hippocampus --finalize --tta)
 declare -A mode_args=(
   [dice]="--mode dice --dice-reduction batch --ce-weight 1"
@@ -17,8 +20,8 @@ declare -A mode_args=(
   [dual]="--mode dual --sdm-normalization clip --sdm-scale 5 --sdm-weight 1 --dice-reduction batch --ce-weight 1"
 )
 mkdir -p "$OUT"
-for seed in 0 1 2; do
-  for mode in dice sdm dual; do
+for seed in $SEEDS; do
+  for mode in $MODES; do
     run="$OUT/$mode-s$seed"
     if [ -f "$run/best/model.json" ] && grep -q '"metrics"' "$run/best/model.json"; then continue; fi
     # shellcheck disable=SC2086
