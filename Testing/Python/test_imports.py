@@ -23,6 +23,8 @@ LIBRARY = REPO / "SDMOrganSeg" / "SDMOrganSegLib"
 NEEDS_TORCH = {"method.augmentation", "method.losses", "method.network", "engines.training"}
 #: Modules that need Slicer or slicer-core (no slicer-core wheel exists for Python 3.9).
 NEEDS_SLICER = {"mrml.headless"}
+#: Modules that need the review extra (trame-slicer, and with it slicer-core) at the top.
+NEEDS_REVIEW = {"review.offscreenviews"}
 
 _IMPORT_ALL = r"""
 import importlib, json, sys, types
@@ -82,8 +84,14 @@ def _slicer_available() -> bool:
     return importlib.util.find_spec("slicer") is not None
 
 
+def _review_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trame_slicer") is not None
+
+
 def test_the_lists_name_real_modules():
-    assert NEEDS_TORCH | NEEDS_SLICER <= set(_modules())
+    assert NEEDS_TORCH | NEEDS_SLICER | NEEDS_REVIEW <= set(_modules())
 
 
 def test_every_module_imports_without_pytorch():
@@ -93,8 +101,10 @@ def test_every_module_imports_without_pytorch():
             assert name not in NEEDS_TORCH, f"{name} imports without PyTorch now: take it off NEEDS_TORCH"
         elif failure == ["missing", "torch"]:
             assert name in NEEDS_TORCH, f"{name} must import without PyTorch (import it inside the functions that need it)"
+        elif failure == ["missing", "trame_slicer"] and not _review_available():
+            assert name in NEEDS_REVIEW, f"{name} must import without the review extra"
         elif failure == ["missing", "slicer"] and not _slicer_available():
-            assert name in NEEDS_SLICER, f"{name} must import without Slicer"
+            assert name in NEEDS_SLICER | NEEDS_REVIEW, f"{name} must import without Slicer"
         else:
             pytest.fail(f"SDMOrganSegLib.{name} does not import on Python {sys.version.split()[0]}: {failure}")
 
