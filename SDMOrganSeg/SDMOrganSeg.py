@@ -148,7 +148,7 @@ class SDMOrganSegParameterNode:
     trainingVolumes: list[vtkMRMLScalarVolumeNode]
     trainingDataFolder: pathlib.Path
     trainingStart: str = ""
-    trainingMode: TrainingMode = TrainingMode.SDM_DICE
+    trainingMode: TrainingMode = TrainingMode.DUAL  # the default model's (hippocampus)
     trainingEpochs: Annotated[int, WithinRange(1, 10000)] = 20
     trainingOutputFolder: pathlib.Path
 

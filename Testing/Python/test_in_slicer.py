@@ -322,6 +322,27 @@ def test_the_training_poll_shows_epoch_loss_dice_eta_and_the_curve_as_it_changes
     assert widget._trainingRun is run and not run.cleaned
 
 
+def test_choosing_a_model_to_fine_tune_sets_the_loss_it_was_trained_with(module, slicer_python, tmp_path):
+    """The default model has two heads: a loss other than dual would be refused at Train, so the panel's loss
+    follows the model chosen to start from (from scratch, the user's choice stays)."""
+    from SDMOrganSegLib.formats.modelfiles import read_card, shipped_models
+
+    widget = _training_panel(module, tmp_path)
+    widget._parameterNode.trainingStart, widget._parameterNode.trainingMode = "", module.TrainingMode.SDM
+    combo = widget.ui.trainingStartComboBox
+    for text, data in (("Fine-tune hippocampus", "hippocampus"), ("Fine-tune headneck-oar", "headneck-oar"), ("From scratch", "scratch:cpu")):
+        combo.addItem(text, data)
+    widget.training.onTrainingStartChanged(0)
+    assert widget._parameterNode.trainingStart == "hippocampus" and widget._parameterNode.trainingMode is module.TrainingMode.DUAL
+    widget.training.onTrainingStartChanged(1)
+    headneck_mode = read_card(shipped_models()["headneck-oar"]).training["config"]["mode"]
+    assert widget._parameterNode.trainingMode is module.TrainingMode(headneck_mode)
+    widget._parameterNode.trainingMode = module.TrainingMode.SDM
+    widget.training.onTrainingStartChanged(2)
+    assert widget._parameterNode.trainingStart == "scratch:cpu" and widget._parameterNode.trainingMode is module.TrainingMode.SDM
+    assert slicer_python.errors == []
+
+
 def test_a_finished_training_puts_the_model_in_the_selector_and_selects_it(module, slicer_python, tmp_path):
     import shutil
 

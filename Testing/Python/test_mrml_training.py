@@ -147,13 +147,23 @@ def test_the_output_folder_must_be_new_empty_or_a_run(tmp_path):
         mrmltraining.check_run_folder(".")
 
 
+def test_a_model_to_fine_tune_brings_its_loss_mode():
+    """What the panel's loss selector switches to when a model is chosen to start from."""
+    assert mrmltraining.training_mode_of("hippocampus") == "dual"  # two heads: only dual keeps them
+    assert mrmltraining.training_mode_of(str(modelfiles.shipped_models()["headneck-oar"])) == modelfiles.read_card(
+        modelfiles.shipped_models()["headneck-oar"]).training["config"]["mode"]
+    assert mrmltraining.training_mode_of("scratch:cpu") is None and mrmltraining.training_mode_of("no-such-model") is None
+
+
 def test_a_data_folder_is_used_as_it_is(tmp_path):
     fields = mrmltraining.prepare_training(tmp_path / "run", "scratch:paper", "dice", 30, data_dir=HIPPOCAMPUS)
     assert fields["data_dir"] == str(HIPPOCAMPUS) and fields["preset"] == "paper" and fields["mode"] == "dice"
     assert fields["validate_every"] == 3 and fields["model_name"] == "run" and "init_model" not in fields
-    fine = mrmltraining.prepare_training(tmp_path / "run", "hippocampus", "sdm", 5, data_dir=HIPPOCAMPUS)
+    fine = mrmltraining.prepare_training(tmp_path / "run", "hippocampus", "dual", 5, data_dir=HIPPOCAMPUS)
     assert fine["init_model"] == str(modelfiles.shipped_models()["hippocampus"])
-    assert fine["learning_rate"] == FINE_TUNING_LEARNING_RATE and fine["spacing"] == (1.0, 1.0, 1.0) and fine["mode"] == "sdm"
+    assert fine["learning_rate"] == FINE_TUNING_LEARNING_RATE and fine["spacing"] == (1.0, 1.0, 1.0) and fine["mode"] == "dual"
+    with pytest.raises(SDMOrganSegError, match="mode sdm\\+dice: single output head\\(s\\) \\(the model's: dual\\)"):
+        mrmltraining.prepare_training(tmp_path / "run", "hippocampus", "sdm+dice", 5, data_dir=HIPPOCAMPUS)
     with pytest.raises(SDMOrganSegError, match="mode dice: output activation none \\(the model's: tanh\\)"):
         mrmltraining.prepare_training(tmp_path / "run", "hippocampus", "dice", 5, data_dir=HIPPOCAMPUS)
 
@@ -194,7 +204,7 @@ def test_fine_tuning_from_the_scene_cancel_resume_and_segment(session, pairs, tm
     scene = session.scene
     run_dir = tmp_path / "hippocampus-clinic"
     before = _counts(scene)
-    config = mrmltraining.prepare_training(run_dir, "hippocampus", "sdm+dice", 6, "cpu", pairs=pairs[:5], scene=scene, threads=1)
+    config = mrmltraining.prepare_training(run_dir, "hippocampus", "dual", 6, "cpu", pairs=pairs[:5], scene=scene, threads=1)
     assert _counts(scene) == before
     assert config["validate_every"] == 1 and config["init_model"] == str(modelfiles.shipped_models()["hippocampus"])
 
@@ -214,7 +224,7 @@ def test_fine_tuning_from_the_scene_cancel_resume_and_segment(session, pairs, tm
     assert not (run_dir / "last").exists()
 
     # Resume: the same request (the pairs are exported again, unchanged) continues after the last checkpoint.
-    config = mrmltraining.prepare_training(run_dir, "hippocampus", "sdm+dice", 6, "cpu", pairs=pairs[:5], scene=scene, threads=1)
+    config = mrmltraining.prepare_training(run_dir, "hippocampus", "dual", 6, "cpu", pairs=pairs[:5], scene=scene, threads=1)
     run = mrmltraining.TrainingRun(config, python=sys.executable)
     try:
         run.start()

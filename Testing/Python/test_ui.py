@@ -259,7 +259,7 @@ def test_bound_widgets_show_and_return_the_parameter_values(module, tmp_path):
             assert _widgets()[name].get("class") == "qMRMLNodeComboBox", name
         checked.add(parameter)
     assert {"trainingSource", "trainingMode", "trainingEpochs", "trainingOutputFolder", "trainingDataFolder"} <= checked
-    assert module.SDMOrganSegParameterNode.trainingMode is module.TrainingMode.SDM_DICE
+    assert module.SDMOrganSegParameterNode.trainingMode is module.TrainingMode.DUAL  # the default model's
     assert [member.value for member in module.TrainingMode] == ["sdm+dice", "sdm", "l1+dice", "dice", "dual"]
     widget.deleteLater()
     app.processEvents()
@@ -365,13 +365,13 @@ def test_module_logic_prepares_a_training_from_scene_pairs(module, tmp_path):
         pairs.append((volume, segmentation))
     logic = module.SDMOrganSegLogic()
     before = slicer.mrmlScene.GetNumberOfNodes()
-    config = logic.prepareTraining(str(tmp_path / "run"), "hippocampus", "sdm+dice", 10, "cpu", pairs=pairs)
+    config = logic.prepareTraining(str(tmp_path / "run"), "hippocampus", "dual", 10, "cpu", pairs=pairs)
     assert slicer.mrmlScene.GetNumberOfNodes() == before
     assert config["data_dir"] == str(tmp_path / "run" / "data") and config["init_model"].endswith("hippocampus")
     assert sorted(p.name for p in (tmp_path / "run" / "data" / "labelsTr").iterdir()) == [f"{v.GetName()}.nii.gz" for v, _ in pairs]
     pairs[1][1].GetSegmentation().GetNthSegment(1).SetName("Segment_2")
     with pytest.raises(module.SDMOrganSegError, match="segment 'Segment_2' of"):
-        logic.prepareTraining(str(tmp_path / "other"), "hippocampus", "sdm+dice", 10, "cpu", pairs=pairs)
+        logic.prepareTraining(str(tmp_path / "other"), "hippocampus", "dual", 10, "cpu", pairs=pairs)
     assert slicer.mrmlScene.GetNumberOfNodes() == before
     assert logic.trainingPresets().keys() == {"cpu", "paper"}
 

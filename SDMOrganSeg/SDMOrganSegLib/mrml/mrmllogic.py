@@ -33,5 +33,5 @@ from .mrmlsegmentation import (  # noqa: F401
 )
 from .mrmltraining import (  # noqa: F401
     DATA_FOLDER, TrainingProgress, TrainingRun, can_resume, check_run_folder, export_training_folder, prepare_training,
-    read_training_progress, scene_organs,
+    read_training_progress, scene_organs, training_mode_of,
 )

@@ -62,6 +62,21 @@ CANCELLED = "cancelled by the user; the checkpoint of the last finished epoch is
 # --- the run folder and the data ----------------------------------------------------------------------------
 
 
+def training_mode_of(start: str) -> str | None:
+    """The loss mode a fine-tuning of ``start`` (a shipped name or a model folder) takes by default: the one
+    its network was trained with (a dual model keeps its two heads, a Dice-only one its logits); None for
+    ``scratch:<preset>`` or a model that cannot be read (the training will say why)."""
+    from ..formats.finetuning import default_settings
+    from ..formats.modelfiles import read_card, resolve_model
+
+    if not start or start.startswith(SCRATCH):
+        return None
+    try:
+        return default_settings(read_card(resolve_model(start)))["mode"]
+    except SDMOrganSegError:
+        return None
+
+
 def can_resume(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` holds a checkpoint that training there would continue from."""
     return bool(str(run_dir).strip()) and (Path(run_dir) / "checkpoint.pt").is_file()

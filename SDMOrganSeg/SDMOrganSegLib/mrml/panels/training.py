@@ -9,7 +9,7 @@ from pathlib import Path
 from ...common.errors import SDMOrganSegError
 from ...formats.modelfiles import DEFAULT_MODEL
 from ..dependencies import translated as _
-from .section import SCRATCH, PanelSection, TrainingSource, _isSet, _lib, _unexpected
+from .section import SCRATCH, PanelSection, TrainingMode, TrainingSource, _isSet, _lib, _unexpected
 from .segmentation import SegmentationPanel
 
 
@@ -67,7 +67,11 @@ class TrainingPanel(PanelSection):
     def onTrainingStartChanged(self, index: int) -> None:
         if self.models.updatingModelCombo or self.parameterNode is None:
             return
-        self.parameterNode.trainingStart = self.ui.trainingStartComboBox.itemData(index) or ""
+        start = self.ui.trainingStartComboBox.itemData(index) or ""
+        self.parameterNode.trainingStart = start
+        mode = _lib().training_mode_of(start)
+        if mode is not None:  # a model to fine-tune brings its loss: its network's heads and output fix it
+            self.parameterNode.trainingMode = TrainingMode(mode)
 
     def _currentTrainingStart(self) -> str:
         data = self.ui.trainingStartComboBox.currentData
