@@ -160,7 +160,9 @@ def _settled_axial(driver) -> np.ndarray:
 
 
 def _red(pixels: np.ndarray) -> int:
-    return int(np.count_nonzero((pixels[..., 0] > 200) & (pixels[..., 1] < 70) & (pixels[..., 2] < 70)))
+    """Pixels of the red level-0 line as the page streams it: JPEG halves the chroma, so a 1-2 pixel red line
+    arrives at about (190, 50, 50); the orange 0.1 line (255, 140, 0) keeps its green above 90."""
+    return int(np.count_nonzero((pixels[..., 0] > 150) & (pixels[..., 1] < 90) & (pixels[..., 2] < 90)))
 
 
 def _open(driver, name: str) -> None:
