@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -203,12 +205,13 @@ def main() -> int:
     # The models worth bringing back: every head-and-neck run, and per hippocampus mode its best seed.
     keep = [n for n in summary if n.startswith("hn-")]
     for mode in ("dice", "sdm", "dual"):
-        seeds = [n for n in summary if n.startswith(f"hippo-{mode}-s")]
+        seeds = [n for n in summary if re.fullmatch(f"hippo-{mode}-s[0-9]+", n)]  # not hippo-sdm-ship
         if seeds:
             keep.append(max(seeds, key=lambda n: sum(summary[n]["dice"].values())))
     keep += [n for n in summary if n.endswith("-base32") or n.endswith("-ship")]
+    (out / "models").mkdir(exist_ok=True)
     for name in keep:
-        subprocess.run(["cp", "-r", str(runs_dir / name / "best"), str(out / "models" / name)], check=False) if (out / "models").mkdir(exist_ok=True) is None else None
+        shutil.copytree(runs_dir / name / "best", out / "models" / name)
     summary["kept_models"] = keep
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1), flush=True)
