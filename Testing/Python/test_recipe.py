@@ -378,3 +378,53 @@ def test_organ_balanced_cross_entropy_learns_a_rare_small_organ_that_voxel_avera
         rare[balance] = max(float(row["val_dice_rare"]) for row in trainer.log_rows if "val_dice_rare" in row)
     # Measured: voxel 0.0 for all 80 epochs tried; organ 0.91 from epoch 18 (1.0 from 51).
     assert rare["voxel"] < 0.1 and rare["organ"] > 0.5, rare
+
+
+# --- a dual model's SDM head whose tanh saturated (issue 20: the head-and-neck campaign) -----------------
+
+
+def _saturated_copy(source, target, bias: float):
+    """``source``'s model with its SDM head's bias set to ``bias``: tanh at +1 everywhere, as the
+    head-and-neck campaign's clip-normalised head ended (pre-activations 3-25 on hn_235)."""
+    from SDMOrganSegLib.formats.modelfiles import load_model, save_model
+
+    model = load_model(source)
+    with torch.no_grad():
+        model.network.head.bias.fill_(bias)
+    save_model(model.network, model.card, target)
+    return target
+
+
+def test_reset_sdm_head_relearns_a_saturated_head_that_fine_tuning_alone_leaves_dead(tmp_path):
+    data = _tiny_data(tmp_path / "data")
+    common = dict(
+        mode="dual", batch_size=2, patch_size=(16, 16, 16), device="cpu", threads=1, validation_fraction=0.5,
+        sdm_weight=1.0, ce_weight=1.0, dice_reduction="batch", flip=False, learning_rate=5e-3, spacing=(1.0, 1.0, 1.0),
+    )
+    start = tmp_path / "start"
+    Trainer(TrainingConfig(str(data), str(start), epochs=2, validate_every=2, sdm_normalization="clip", sdm_scale_mm=3.0, **common),
+            progress=lambda text: None).run()
+    saturated = _saturated_copy(start / "best", tmp_path / "saturated", 30.0)
+
+    def fine_tune(name, **options):
+        trainer = Trainer(TrainingConfig(str(data), str(tmp_path / name), epochs=40, validate_every=20, init_model=str(saturated),
+                                         **{**common, **options}), progress=lambda text: None)
+        trainer.run()
+        return [row["val_sdm_agreement"] for row in trainer.log_rows if "val_sdm_agreement" in row]
+
+    # The SDM head's zero level is empty everywhere while the segmentation finds the organ: agreement 0. With
+    # tanh'(30) ~ 4e-26, 40 steps of fine-tuning cannot move it.
+    kept = fine_tune("kept", sdm_normalization="clip", sdm_scale_mm=3.0)
+    assert kept[0] == 0.0 and kept[-1] < 0.1, kept
+    # Started afresh (and on tanh targets, which the head reaches with finite pre-activations), it learns.
+    reset = fine_tune("reset", reset_sdm_head=True, sdm_normalization="tanh", sdm_scale_mm=3.0)
+    assert reset[-1] > 0.8, reset
+    card = json.loads((tmp_path / "reset" / "best" / "model.json").read_text())
+    assert card["training"]["sdm"] == {"normalization": "tanh", "scale_mm": 3.0} and card["metrics"]["epoch"] > 0
+    # A changed normalisation without the reset is refused, as is the reset of a single-head model.
+    with pytest.raises(SDMOrganSegError, match="sdm normalization"):
+        Trainer(TrainingConfig(str(data), str(tmp_path / "refused"), epochs=1, init_model=str(saturated),
+                               **{**common, "sdm_normalization": "tanh"}), progress=lambda text: None).run()
+    with pytest.raises(SDMOrganSegError, match="--reset-sdm-head"):
+        Trainer(TrainingConfig(str(data), str(tmp_path / "single"), epochs=1, init_model=str(saturated),
+                               reset_sdm_head=True, **{**common, "mode": "sdm+dice"}), progress=lambda text: None)

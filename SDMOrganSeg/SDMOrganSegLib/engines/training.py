@@ -99,6 +99,9 @@ class TrainingConfig:
     #: Model folder or shipped model name whose weights training starts from (fine-tuning): its organs,
     #: network and preprocessing are kept (see :mod:`.finetuning`, whose fine_tuning_settings fills them in).
     init_model: str | None = None
+    #: With ``init_model`` of a dual model: start its SDM head afresh (the segmentation head and the network
+    #: are kept), so that the SDM normalisation may change; for a head whose tanh saturated (docs/headneck.md).
+    reset_sdm_head: bool = False
 
 
 #: Initial biases of the output layer (``--output-bias``).
@@ -298,10 +301,12 @@ def whole_volume_patch(cases: Sequence[PreparedCase], multiple: int) -> tuple[in
 def evaluate_cases(
     network: torch.nn.Module, cases: Sequence[PreparedCase], organs: Sequence[Organ], device: torch.device, surface: bool = True,
     window_zyx: Sequence[int] | None = None, mirror_axes: Sequence[int] = (), largest_component: bool = False,
+    head_agreement: bool = False,
 ) -> dict[str, dict[str, list[float]]]:
     """Per organ, lists over cases of Dice (and HD, HD95, ASD with ``surface``) on whole volumes; with
     ``largest_component``, after keeping each organ's largest connected component (``segment
-    --largest-component``).
+    --largest-component``). With ``head_agreement``, a dual model's lists also hold ``sdm_agreement``: the
+    Dice between the SDM head's zero level and the segmentation head's organ (1 where both are empty).
 
     Organs not annotated in a case (partial labels) are skipped for that case: the lists hold only the
     cases where the organ was contoured, in case order (``case_names`` of :func:`annotated_case_names`).
@@ -312,7 +317,9 @@ def evaluate_cases(
     for case in cases:
         # segment's default overlap, so that validation and card metrics are what users get.
         output = predict_array(network, case.image, device, window=window_zyx, overlap=0.25, mirror_axes=mirror_axes)
-        prediction = sdms_to_label_map(split_heads(output, network.config)[1], label_values)
+        sdm_head, segmentation_head = split_heads(output, network.config)
+        prediction = sdms_to_label_map(segmentation_head, label_values)
+        sdm_zero_level = sdms_to_label_map(sdm_head, label_values) if head_agreement and network.config.heads == "dual" else None
         if largest_component:
             from ..method.postprocessing import keep_largest_component
 
@@ -328,8 +335,11 @@ def evaluate_cases(
             else:
                 total = pred.sum() + ref.sum()
                 values = {"dice": float(2 * (pred & ref).sum() / total) if total else 1.0}
+            if sdm_zero_level is not None:
+                inside, total = sdm_zero_level == organ.label, pred.sum() + (sdm_zero_level == organ.label).sum()
+                values["sdm_agreement"] = float(2 * (pred & inside).sum() / total) if total else 1.0
             for metric, value in values.items():
-                results[organ.name][metric].append(float(value))
+                results[organ.name].setdefault(metric, []).append(float(value))
     network.to("cpu")
     return results
 
@@ -480,6 +490,8 @@ class Trainer:
                 raise SDMOrganSegError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
         if config.time_budget_min is not None and not config.time_budget_min > 0:
             raise SDMOrganSegError("the time budget must be a positive number of minutes")
+        if config.reset_sdm_head and (not config.init_model or config.mode != "dual"):
+            raise SDMOrganSegError("--reset-sdm-head starts a dual model's SDM head afresh: give --init MODEL (a dual model) and --mode dual")
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.say = progress or (lambda text: print(text, file=sys.stderr))
@@ -657,11 +669,20 @@ class Trainer:
 
     def _validation_dice(self, device: torch.device, window: Sequence[int] | None) -> tuple[float, dict[str, float]]:
         """Mean validation Dice on whole volumes, and the log's ``val_mean_dice`` and ``val_dice_<organ>``."""
-        results = evaluate_cases(self.network, self.validation_cases, self.organs, device, surface=False, window_zyx=window)
+        results = evaluate_cases(self.network, self.validation_cases, self.organs, device, surface=False, window_zyx=window, head_agreement=True)
         self.network.to(device)
         mean_dice = _mean_dice(results)
         fields = {"val_mean_dice": round(mean_dice, 5)}
         fields.update({f"val_dice_{organ}": round(float(np.mean(metrics["dice"])), 5) for organ, metrics in results.items()})
+        agreement = [float(np.mean(metrics["sdm_agreement"])) for metrics in results.values() if metrics.get("sdm_agreement")]
+        if agreement:
+            # A dual model's SDM head is only trusted where it describes the segmentation it is shown beside.
+            fields["val_sdm_agreement"] = round(float(np.mean(agreement)), 5)
+            if fields["val_sdm_agreement"] < 0.5:
+                self.say(
+                    f"warning: the SDM head's zero level agrees with the segmentation by Dice {fields['val_sdm_agreement']:.2f} only; "
+                    "if it stays low, its tanh has saturated: --sdm-normalization tanh and, fine-tuning, --reset-sdm-head (docs/headneck.md)"
+                )
         return mean_dice, fields
 
     def _save_checkpoint(self, epoch: int, best: float, log_rows: list[dict[str, Any]]) -> None:
@@ -751,6 +772,10 @@ class Trainer:
                 raise SDMOrganSegError(f"the network of this run differs from that of model {self.base.card.name}; it cannot be fine-tuned")
             if state is None:
                 self.network.load_state_dict(self.base.network.state_dict())
+                if config.reset_sdm_head:
+                    with torch.no_grad():  # PyTorch's initial weights, and a zero bias: every SDM starts at 0
+                        self.network.head.reset_parameters()
+                        self.network.head.bias.zero_()
         self.patch_size = tuple(config.patch_size) if config.patch_size else whole_volume_patch(self.train_cases, self.network.size_multiple)
         if config.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.network.parameters(), lr=config.learning_rate, momentum=0.99, nesterov=True, weight_decay=3e-5)
@@ -813,11 +838,16 @@ class Trainer:
         if self.base is not None and start_epoch == 0 and ranks.main:
             # The base model is the first candidate: best/ is replaced only by an epoch that validates better,
             # so fine-tuning never hands back a model that is worse on the validation cases than the one it started from.
-            best, fields = self._validation_dice(device, validation_window)
+            # With its SDM head reset it is no candidate: that head is untrained.
+            base_dice, fields = self._validation_dice(device, validation_window)
             log_rows.append({"epoch": 0, **fields})
             _write_log(log_rows, self.out_dir / "log.csv")
-            save_model(self.network, self._card({"validation_mean_dice": round(best, 5), "epoch": 0}, 0), self.out_dir / "best", overwrite=True)
-            self.say(f"base model {self.base.card.name}: validation Dice {best:.4f} before fine-tuning")
+            if config.reset_sdm_head:
+                self.say(f"base model {self.base.card.name}: validation Dice {base_dice:.4f}; its SDM head starts afresh")
+            else:
+                best = base_dice
+                save_model(self.network, self._card({"validation_mean_dice": round(best, 5), "epoch": 0}, 0), self.out_dir / "best", overwrite=True)
+                self.say(f"base model {self.base.card.name}: validation Dice {best:.4f} before fine-tuning")
         run_started, run_first_epoch = time.perf_counter(), start_epoch + 1
         self.say(f"precision {self.precision} on {device.type}; optimizer {config.optimizer}, {config.lr_schedule} schedule, {config.augment} augmentation")
         from tqdm import tqdm

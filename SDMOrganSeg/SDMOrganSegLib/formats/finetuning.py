@@ -135,7 +135,13 @@ def contradictions(card: ModelCard, settings: Mapping[str, Any]) -> list[str]:
         if dataclasses.replace(built, output_activation=arch.output_activation, heads=arch.heads) != arch:
             problems.append(f"network: {_describe_network(built)} (the model's: {_describe_network(arch)})")
     kept = kept_settings(card)
-    for key in ("spacing", "intensity", "sdm_normalization", "sdm_scale_mm", "heaviside_k", "modality"):
+    checked = ("spacing", "intensity", "sdm_normalization", "sdm_scale_mm", "heaviside_k", "modality")
+    if settings.get("reset_sdm_head"):
+        if arch.heads != "dual":
+            problems.append(f"--reset-sdm-head: the model has {arch.heads} output head(s), not a dual model's separate SDM head")
+        else:
+            checked = tuple(key for key in checked if not key.startswith("sdm_"))  # the new head learns the new normalisation
+    for key in checked:
         if key in settings and key in kept and not _same(settings[key], kept[key]):
             if key == "modality" and settings[key] is None:
                 continue  # not stated: the model's
