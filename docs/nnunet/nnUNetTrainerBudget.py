@@ -21,11 +21,15 @@ What differs from the stock nnUNetTrainer, and why:
   so this pseudo-Dice says little and costs budget;
 - checkpoint_latest after every epoch (so a stop keeps the last state), and a copy at nnUNet_snapshot_minutes
   (default 80, our shipped model's training time) as checkpoint_snapshot.pth;
+- resumable across sessions: the wall time and iterations used so far are written beside checkpoint_latest
+  (budget_state.json) after every epoch, and `nnUNetv2_train ... --c` continues the same budget from there
+  (the time of an epoch cut off by a stop is not counted, as its work is not kept);
 - no final validation (nnUNetv2_train predicts the fold's validation cases, which with fold "all" are the 167
   training cases): the 32 held-out cases are predicted with nnUNetv2_predict instead.
 Everything else (plans, network, loss, augmentation, sampling, optimizer) is nnU-Net's own.
 """
 
+import json
 import os
 import shutil
 import time
@@ -60,10 +64,25 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         self.num_epochs = 100000  # an upper bound only: the wall clock ends training
         self.iterations_done = 0
         self._clock_start = None
+        self._elapsed_before = 0.0  # wall time of earlier sessions, restored by load_checkpoint
         self._snapshot_written = False
 
+    def _budget_state_path(self) -> str:
+        return join(self.output_folder, "budget_state.json")
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if isfile(self._budget_state_path()):
+            with open(self._budget_state_path()) as stream:
+                state = json.load(stream)
+            self._elapsed_before = float(state["elapsed_seconds"])
+            self.iterations_done = int(state["iterations"])
+            self._snapshot_written = bool(state["snapshot_written"])
+            self.print_to_log_file(f"resumed the budget: {self._elapsed_before / 60:.1f} min and "
+                                   f"{self.iterations_done} iterations used before")
+
     def _elapsed(self) -> float:
-        return time.monotonic() - self._clock_start
+        return self._elapsed_before + time.monotonic() - self._clock_start
 
     def _out_of_time(self) -> bool:
         return self._elapsed() >= self.budget_seconds
@@ -83,6 +102,9 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         self.current_epoch -= 1
         self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
         self.current_epoch += 1
+        with open(self._budget_state_path(), "w") as stream:
+            json.dump({"elapsed_seconds": elapsed, "iterations": self.iterations_done,
+                       "snapshot_written": self._snapshot_written or elapsed >= self.snapshot_seconds}, stream)
         if not self._snapshot_written and elapsed >= self.snapshot_seconds:
             shutil.copyfile(join(self.output_folder, "checkpoint_latest.pth"),
                             join(self.output_folder, "checkpoint_snapshot.pth"))
