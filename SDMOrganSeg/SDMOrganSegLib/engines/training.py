@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -342,6 +342,38 @@ def evaluate_cases(
                 results[organ.name].setdefault(metric, []).append(float(value))
     network.to("cpu")
     return results
+
+
+def fit_sdm_head_to_segmentation(network: torch.nn.Module, batches: Iterator, max_batches: int = 8, band: float = 2.0) -> list[float]:
+    """Start a dual network's SDM head as a scaled copy of its segmentation head, so that the SDM's zero level
+    lies on the segmentation's surface from the first step; returns each organ's scale.
+
+    Both heads read the same features and are negative inside, so ``head = a * segmentation_head`` per organ
+    is an SDM whose pre-activation is ``a`` times the organ's logit. ``a`` is the least-squares fit of the
+    logits ``l`` to the targets' pre-activations ``z = atanh(target)`` over the annotated voxels of up to
+    ``max_batches`` training batches with ``|z| < band`` (near the surface, where the iso-contours are):
+    ``a = sum(l z) / sum(l^2)``. A freshly initialised head (zero output) would need thousands of Adam steps at
+    a fine-tuning rate just to reach the far field's +1 (measured on OpenKBP: SDM-to-segmentation agreement
+    0.01 after 420 steps at 2e-4). Organs without such voxels, or with a fit <= 0, keep the head as it is."""
+    numerator = torch.zeros(network.config.out_channels, dtype=torch.float64)
+    denominator = torch.zeros_like(numerator)
+    device = next(network.parameters()).device
+    network.eval()
+    with torch.no_grad():
+        for _, (images, target_sdm, _mask, annotated) in zip(range(max_batches), batches):
+            logits = split_heads(network(images.to(device)).float().cpu().transpose(0, 1), network.config)[1].transpose(0, 1)
+            pre_activation = torch.atanh(target_sdm.float().clamp(-0.995, 0.995))
+            used = (pre_activation.abs() < band) & annotated.bool()[:, :, None, None, None]
+            numerator += torch.where(used, logits * pre_activation, 0.0).sum(dim=(0, 2, 3, 4)).double()
+            denominator += torch.where(used, logits.square(), 0.0).sum(dim=(0, 2, 3, 4)).double()
+    network.train()
+    scales = torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), 0.0)
+    with torch.no_grad():
+        for organ, scale in enumerate(scales.tolist()):
+            if scale > 0:
+                network.head.weight[organ].copy_(scale * network.segmentation_head.weight[organ])
+                network.head.bias[organ].copy_(scale * network.segmentation_head.bias[organ])
+    return [float(a) for a in scales]
 
 
 def annotated_case_names(cases: Sequence[PreparedCase], organs: Sequence[Organ]) -> dict[str, list[str]]:
@@ -829,6 +861,10 @@ class Trainer:
                 f"picks the shipped one: use this run's folder ({self.out_dir / 'best'}), or another name (--name)"
             )
         sampler = PatchSampler(self.train_cases, [o.label for o in self.organs], self.patch_size, config.flip, config.foreground_fraction)
+        if config.reset_sdm_head and self.base is not None and state is None:
+            # Before DistributedDataParallel, which hands every rank rank 0's weights.
+            scales = fit_sdm_head_to_segmentation(self.network, sampler.batches(config.batch_size, np.random.default_rng([config.seed, 0])))
+            self.say("SDM head started from the segmentation head, scaled by " + ", ".join(f"{o.name} {a:.3f}" for o, a in zip(self.organs, scales)))
         model = distributed.data_parallel(self.network, ranks, device)
         if ranks.distributed:
             self.say(f"{ranks.world_size} processes, {config.batch_size // ranks.world_size} patches each per batch of {config.batch_size}")
