@@ -71,3 +71,17 @@ def test_heaviside_gives_back_every_real_organ(case):
         soft = heaviside(sdms[channel])
         assert np.mean((soft > 1e-3) & (soft < 1 - 1e-3)) < 0.001
     np.testing.assert_array_equal(sdms_to_label_map(sdms, [1, 2]), labels)
+
+
+def test_level_distance_mm_inverts_the_clip_and_tanh_normalisations():
+    from SDMOrganSegLib.method.sdm import level_distance_mm, scaled_sdm
+
+    # A 1-D ramp of distances: the normalised SDM at the distance level_distance_mm gives is the level.
+    mask = np.zeros((1, 1, 200), bool)
+    mask[..., :100] = True
+    for method in ("clip", "tanh"):
+        sdm = scaled_sdm(mask, (0.5, 1.0, 1.0), 20.0, method)[0, 0]
+        positions = signed_distance_mm(mask, (0.5, 1.0, 1.0))[0, 0]  # increasing along the ramp
+        for level in (0.1, 0.2, 0.3, -0.3):
+            assert np.interp(level_distance_mm(level, method, 20.0), positions, sdm) == pytest.approx(level, abs=0.01)
+    assert level_distance_mm(0.1, "paper", 20.0) is None

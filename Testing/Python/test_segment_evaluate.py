@@ -51,6 +51,10 @@ def test_segment_then_evaluate_real_case(model_dir, tmp_path):
         np.testing.assert_allclose(getattr(labels, getter)(), getattr(source, getter)(), atol=1e-6)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["coordinate_system"] == "LPS" and summary["device"].startswith("cpu")
+    sdm = card.training.get("sdm", {})
+    if sdm.get("normalization") == "clip":  # the shipped model: each contour level is a distance, level x scale
+        assert summary["sdm_normalization"] == sdm
+        assert summary["sdm_levels_mm"] == {f"{level:g}": pytest.approx(level * sdm["scale_mm"]) for level in (0.0, 0.1, 0.2, 0.3)}
     voxels = np.bincount(sitk.GetArrayFromImage(labels).ravel(), minlength=3)
     assert summary["organs"][card.organ_names[0]]["volume_ml"] == pytest.approx(voxels[1] * np.prod(source.GetSpacing()) / 1000, abs=1e-3)
 

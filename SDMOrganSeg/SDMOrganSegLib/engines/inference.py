@@ -66,6 +66,9 @@ class SegmentationResult:
     settings: dict[str, Any] = field(default_factory=dict)
     runtime: str = "torch"  #: "torch" or "onnxruntime"
     provider: str = ""  #: PyTorch's device type, or ONNX Runtime's execution provider
+    #: The card's SDM normalisation, ``{"normalization": ..., "scale_mm": ...}``, where the SDMs are the
+    #: model's distances (empty for a Dice-only model's logits): what an iso-contour level means in mm.
+    sdm_normalization: dict[str, Any] = field(default_factory=dict)
 
     def organ_volumes_ml(self) -> dict[str, float]:
         voxel_ml = float(np.prod(self.labels.GetSpacing())) / 1000.0
@@ -621,6 +624,7 @@ def segment_image(
     result = SegmentationResult(
         labels=labels, sdms=sdm_images, organs=list(card.organs), device=network.description,
         model_name=card.name, timings=timings, notes=notes, settings=settings, runtime=network.runtime, provider=network.provider,
+        sdm_normalization=dict(card.training.get("sdm") or {}) if card.architecture.output_activation == "tanh" else {},
     )
     notes.extend(volume_warnings(result.organ_volumes_ml(), {organ.name: organ.volume_ml for organ in card.organs}))
     return result

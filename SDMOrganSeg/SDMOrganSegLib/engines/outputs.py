@@ -17,7 +17,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .. import __version__
 from ..images.contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
@@ -45,6 +45,19 @@ def parse_formats(text: str) -> tuple[str, tuple[str, ...]]:
         else:
             raise ValueError(f"unknown format {value!r}; use nifti or nrrd, and/or dicom-seg, rtstruct (comma-separated)")
     return volume, tuple(dict.fromkeys(dicom))
+
+
+def _levels_in_mm(sdm: dict[str, Any], levels: Sequence[float]) -> dict[str, Any]:
+    """``summary.json``'s ``sdm_normalization`` and ``sdm_levels_mm`` (each level's signed distance from the
+    surface), where the model's normalisation gives its levels a fixed distance."""
+    from ..method.sdm import level_distance_mm
+
+    normalization, scale = sdm.get("normalization"), sdm.get("scale_mm")
+    distances = {f"{level:g}": level_distance_mm(level, normalization, float(scale)) for level in levels} if scale else {}
+    if not distances or None in distances.values():
+        return {}
+    return {"sdm_normalization": {"normalization": normalization, "scale_mm": float(scale)},
+            "sdm_levels_mm": {level: round(d, 2) for level, d in distances.items()}}
 
 
 def output_names(organ_names: Iterable[str], levels: Iterable[float], fmt: str = "nifti") -> list[str]:
@@ -196,6 +209,7 @@ def write_result(
             "provider": getattr(result, "provider", ""),
             "coordinate_system": "LPS",
             "sdm_levels": list(levels),
+            **_levels_in_mm(getattr(result, "sdm_normalization", {}), levels),
             "organs": {
                 organ.name: {"label": organ.label, "color": list(organ.color), "volume_ml": round(volume, 4)}
                 for organ, volume in zip(result.organs, result.organ_volumes_ml().values())

@@ -121,6 +121,17 @@ def normalized_sdm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 SDM_NORMALIZATIONS = ("paper", "clip", "tanh")
 
 
+def level_distance_mm(level: float, normalization: str, scale_mm: float) -> float | None:
+    """The signed distance in mm from the surface at which a symmetric normalised SDM equals ``level``
+    (``clip``: ``level * scale_mm``; ``tanh``: ``scale_mm * atanh(level)``), or None for the paper's
+    normalisation, whose levels are fractions of each organ's own largest distance."""
+    if normalization == "clip":
+        return float(level) * scale_mm
+    if normalization == "tanh":
+        return float(scale_mm * np.arctanh(np.clip(level, -0.999999, 0.999999)))
+    return None
+
+
 def scaled_sdm(mask: np.ndarray, spacing: Sequence[float], scale_mm: float, method: str = "clip") -> np.ndarray:
     """Symmetric normalised SDM: ``clip(d / scale_mm, -1, 1)`` or ``tanh(d / scale_mm)``, float32 ``(z, y, x)``.
 

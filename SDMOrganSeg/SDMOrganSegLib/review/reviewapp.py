@@ -271,7 +271,15 @@ class ReviewApp:
         for view in self.slicer.view_manager.get_slice_views():
             view.set_foreground_volume_id(node.GetID() if node is not None else None)
             view.set_foreground_opacity(SDM_OVERLAY_OPACITY if node is not None else 0.0)
-        if node is not None:
+        levels_mm = self.shown.data.case.summary.get("sdm_levels_mm") if node is not None else None
+        if node is not None and levels_mm:
+            # A clip or tanh model: each level is a fixed distance from the surface (summary.json says which).
+            shown = {level: mm for level, mm in levels_mm.items() if float(level) > 0}
+            self.server.state.sdm_scale = (
+                f"SDM of {sdm_organ}: blue inside, white on the surface, red outside; the contours "
+                f"{' / '.join(shown)} lie {' / '.join(f'{mm:.1f}' for mm in shown.values())} mm outside the surface"
+            )
+        elif node is not None:
             inside, outside = sdm_range_mm(self.shown, sdm_organ)
             self.server.state.sdm_scale = (
                 f"normalised SDM of {sdm_organ}: blue inside (-1 at its deepest point, {-inside:.1f} mm from the surface), "
