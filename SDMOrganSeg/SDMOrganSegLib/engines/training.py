@@ -43,7 +43,7 @@ from ..common.files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device, tta_axes
 from ..method.architecture import heads_for, split_heads
 from ..method.augmentation import AUGMENTATIONS, augment_batch
-from ..method.losses import CE_BALANCES, DICE_REDUCTIONS, MODES, SDMSegmentationLoss, output_activation_for
+from ..method.losses import CE_BALANCES, DICE_REDUCTIONS, MODES, SDM_BALANCES, SDMSegmentationLoss, output_activation_for
 from ..formats.modelfiles import ModelCard, Organ, organs_from_labels, read_card, save_model, shipped_models
 from ..method.network import UNet3D, preset
 from ..method.preprocessing import DEFAULT_INTENSITY
@@ -74,6 +74,7 @@ class TrainingConfig:
     output_bias: str = "zero"  #: initial bias of the output layer: "zero" (PyTorch's default init) or "prior"; see prior_output_bias
     ce_weight: float = 0.0  #: weight of a binary cross-entropy term on the organ probability (0: the paper's losses)
     ce_balance: str = "voxel"  #: "voxel" (all voxels alike) or "organ" (an organ's voxels weigh half, whatever its size)
+    sdm_balance: str = "voxel"  #: "voxel" (all voxels alike) or "band" (each organ's near band weighs half; losses.near_band)
     dice_reduction: str = "case"  #: "case" (Eq. 1 per patch, the paper's) or "batch" (one Dice per organ over the batch)
     sdm_normalization: str = "paper"  #: ground-truth SDM normalisation, one of sdm.SDM_NORMALIZATIONS
     sdm_scale_mm: float = 5.0  #: distance that maps to 1 for the "clip" and "tanh" normalisations
@@ -508,6 +509,8 @@ class Trainer:
             raise SDMOrganSegError(f"unknown output bias {config.output_bias!r}; choose one of {', '.join(OUTPUT_BIASES)}")
         if not config.ce_weight >= 0:
             raise SDMOrganSegError("the cross-entropy weight must be 0 or positive")
+        if config.sdm_balance not in SDM_BALANCES:
+            raise SDMOrganSegError(f"unknown SDM balance {config.sdm_balance!r}; choose one of {', '.join(SDM_BALANCES)}")
         if config.ce_balance not in CE_BALANCES:
             raise SDMOrganSegError(f"unknown cross-entropy balance {config.ce_balance!r}; choose one of {', '.join(CE_BALANCES)}")
         if config.dice_reduction not in DICE_REDUCTIONS:
@@ -819,7 +822,9 @@ class Trainer:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda done: max(1 - done / self.planned_epochs, 0.0) ** 0.9)
         else:
             self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_decay)
-        loss_function = SDMSegmentationLoss(config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction, config.ce_weight, config.ce_balance)
+        loss_function = SDMSegmentationLoss(
+            config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction, config.ce_weight, config.ce_balance, config.sdm_balance
+        )
         loss_function.float_parts = ranks.distributed  # the all-reduce takes numbers; otherwise parts stay tensors
         self.precision = resolve_precision(config.precision, device)
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)

@@ -81,21 +81,54 @@ def soft_dice_loss(
     return torch.where(present, 1 - dice, torch.zeros_like(dice)).sum()
 
 
-def product_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, epsilon: float = 1e-6, annotated: torch.Tensor | None = None) -> torch.Tensor:
+def product_loss(
+    pred_sdm: torch.Tensor, target_sdm: torch.Tensor, epsilon: float = 1e-6, annotated: torch.Tensor | None = None, near: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 4: ``-sum_t y p / (y p + p^2 + y^2)``, per voxel, averaged over voxels and batch, summed over organs.
 
     Per voxel the term lies in [-1, 1/3]: it rewards a prediction with the target's sign and penalises
     the wrong sign most near the boundary. ``y p + p^2 + y^2 >= 0`` with equality only at ``y = p = 0``,
-    which ``epsilon`` covers.
+    which ``epsilon`` covers. With ``near`` (:func:`near_band`) the band and the far field count half each.
     """
     product = pred_sdm * target_sdm
     ratio = product / (product + pred_sdm.square() + target_sdm.square() + epsilon)
-    return _batch_organ_mean(-ratio.mean(dim=_SPATIAL), annotated)
+    return _batch_organ_mean(_voxel_mean(-ratio, near), annotated)
 
 
-def l1_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+def l1_loss(pred_sdm: torch.Tensor, target_sdm: torch.Tensor, annotated: torch.Tensor | None = None, near: torch.Tensor | None = None) -> torch.Tensor:
     """Mean absolute SDM error, averaged over voxels and batch, summed over organs like Eq. 4."""
-    return _batch_organ_mean((pred_sdm - target_sdm).abs().mean(dim=_SPATIAL), annotated)
+    return _batch_organ_mean(_voxel_mean((pred_sdm - target_sdm).abs(), near), annotated)
+
+
+#: How the SDM terms average a patch's voxels (``--sdm-balance``): all alike, or the band near each organ and
+#: the rest half each (see near_band).
+SDM_BALANCES = ("voxel", "band")
+#: The band's edge as a normalised SDM value: tanh(1), one ``scale_mm`` from the surface for ``tanh``.
+NEAR_BAND_LEVEL = 0.7616
+
+
+def near_band(target_sdm: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """The voxels of each organ and those within the band ``|target SDM| < NEAR_BAND_LEVEL`` around it.
+
+    On CT an organ and its surroundings are 0.1-2 % of a patch; averaged over all voxels, the SDM terms are
+    those of the far field (target near +1), and a head whose features cannot yet place the surface fits them
+    best with a constant near +1: the head-and-neck campaign's SDM head went there twice (docs/headneck.md).
+    Averaging the band and the far field apart and taking half of each, like ``cross_entropy_loss``'s
+    ``balance="organ"``, gives the surface half the weight whatever the organ's size."""
+    return (target_sdm.abs() < NEAR_BAND_LEVEL) | (target_mask > 0)
+
+
+def _voxel_mean(per_voxel: torch.Tensor, near: torch.Tensor | None) -> torch.Tensor:
+    """``(batch, organs)`` mean over voxels; with ``near``, the near and the other voxels half each (all far
+    voxels where an organ has no near voxel in the patch)."""
+    if near is None:
+        return per_voxel.mean(dim=_SPATIAL)
+    near = near.to(per_voxel.dtype)
+    near_count = near.sum(_SPATIAL)
+    far_count = near[0, 0].numel() - near_count
+    near_mean = (per_voxel * near).sum(_SPATIAL) / near_count.clamp(min=1)
+    far_mean = (per_voxel * (1 - near)).sum(_SPATIAL) / far_count.clamp(min=1)
+    return torch.where(near_count > 0, torch.where(far_count > 0, 0.5 * (near_mean + far_mean), near_mean), far_mean)
 
 
 #: How the cross-entropy weighs voxels: all alike, or an organ's voxels and the others half each (see cross_entropy_loss).
@@ -142,7 +175,7 @@ class SDMSegmentationLoss(nn.Module):
 
     def __init__(
         self, mode: str = "sdm+dice", sdm_weight: float = 10.0, k: float = HEAVISIDE_K, dice_reduction: str = "case", ce_weight: float = 0.0,
-        ce_balance: str = "voxel",
+        ce_balance: str = "voxel", sdm_balance: str = "voxel",
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -152,7 +185,9 @@ class SDMSegmentationLoss(nn.Module):
         if ce_balance not in CE_BALANCES:
             raise ValueError(f"unknown cross-entropy balance {ce_balance!r}; choose one of {', '.join(CE_BALANCES)}")
         self.mode, self.sdm_weight, self.k, self.dice_reduction, self.ce_weight = mode, sdm_weight, k, dice_reduction, ce_weight
-        self.ce_balance = ce_balance
+        if sdm_balance not in SDM_BALANCES:
+            raise ValueError(f"unknown SDM balance {sdm_balance!r}; choose one of {', '.join(SDM_BALANCES)}")
+        self.ce_balance, self.sdm_balance = ce_balance, sdm_balance
         #: Parts as Python floats (a wait for the device per part) or as detached tensors (the trainer sums them on the device).
         self.float_parts = True
 
@@ -161,11 +196,12 @@ class SDMSegmentationLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         pred = pred.float()  # losses in float32 under autocast
         parts: dict[str, torch.Tensor] = {}
+        near = near_band(target_sdm, target_mask) if self.sdm_balance == "band" and self.mode != "dice" else None
         if self.mode == "dual":
             organs = target_mask.shape[1]
             sdm, logit = pred[:, :organs], pred[:, organs:]
-            parts["l1"] = l1_loss(sdm, target_sdm, annotated)
-            parts["product"] = product_loss(sdm, target_sdm, annotated=annotated)
+            parts["l1"] = l1_loss(sdm, target_sdm, annotated, near)
+            parts["product"] = product_loss(sdm, target_sdm, annotated=annotated, near=near)
             parts["dice"] = soft_dice_loss(torch.sigmoid(-logit), target_mask, annotated=annotated, reduction=self.dice_reduction)
             total = parts["dice"] + self.sdm_weight * (parts["l1"] + parts["product"])
             organ_logit = -logit
@@ -174,10 +210,10 @@ class SDMSegmentationLoss(nn.Module):
             total = parts["dice"]
             organ_logit = -pred
         else:
-            parts["l1"] = l1_loss(pred, target_sdm, annotated)
+            parts["l1"] = l1_loss(pred, target_sdm, annotated, near)
             sdm_term = parts["l1"]
             if self.mode in ("sdm", "sdm+dice"):
-                parts["product"] = product_loss(pred, target_sdm, annotated=annotated)
+                parts["product"] = product_loss(pred, target_sdm, annotated=annotated, near=near)
                 sdm_term = sdm_term + parts["product"]
             if self.mode == "sdm":
                 total = sdm_term
