@@ -432,24 +432,32 @@ def test_reset_sdm_head_relearns_a_saturated_head_that_fine_tuning_alone_leaves_
 
 
 def test_band_balanced_sdm_terms_weigh_a_small_organs_surface_half_whatever_its_size():
-    from SDMOrganSegLib.method.losses import l1_loss, near_band, product_loss
+    from SDMOrganSegLib.method.losses import l1_loss, product_loss, sdm_regions
     from SDMOrganSegLib.method.sdm import scaled_sdm
 
     mask = np.zeros((24, 24, 24), bool)
     mask[11:13, 11:13, 11:13] = True  # 8 voxels of 13,824
     target = torch.from_numpy(scaled_sdm(mask, (4.0, 4.0, 4.0), 20.0, "tanh"))[None, None]
     target_mask = torch.from_numpy(mask.astype(np.float32))[None, None]
-    near = near_band(target, target_mask)
+    near = sdm_regions(target, target_mask, "band").bool()
     assert near[0, 0][torch.from_numpy(mask)].all() and 0 < near.float().mean() < 0.1  # the organ and a thin band
     # The constant the campaign's heads fell to: cheap when every voxel counts alike, not with the band.
     collapsed = torch.full_like(target, 0.93)
-    voxel, band = l1_loss(collapsed, target), l1_loss(collapsed, target, near=near)
+    voxel, band = l1_loss(collapsed, target), l1_loss(collapsed, target, regions=near)
     assert band > 2 * voxel
-    assert float(l1_loss(target, target, near=near)) == 0.0
-    assert product_loss(target, target, near=near) < product_loss(collapsed, target, near=near)
+    assert float(l1_loss(target, target, regions=near)) == 0.0
+    assert product_loss(target, target, regions=near) < product_loss(collapsed, target, regions=near)
     # The gradient: the near voxels together get half the weight, each near voxel 1 / (2 * near voxels).
     prediction = collapsed.clone().requires_grad_(True)
-    l1_loss(prediction, target, near=near).backward()
+    l1_loss(prediction, target, regions=near).backward()
     weights = prediction.grad.abs()[0, 0]
     assert float(weights[near[0, 0]].sum()) == pytest.approx(0.5, rel=1e-5)
     assert float(weights[~near[0, 0]].sum()) == pytest.approx(0.5, rel=1e-5)
+
+    # sides: the organ, the band outside it and the far field a third each.
+    regions = sdm_regions(target, target_mask, "sides")
+    assert set(torch.unique(regions).tolist()) == {0, 1, 2} and bool((regions[0, 0] == 2).eq(torch.from_numpy(mask)).all())
+    prediction = collapsed.clone().requires_grad_(True)
+    l1_loss(prediction, target, regions=regions).backward()
+    for region in range(3):
+        assert float(prediction.grad.abs()[regions == region].sum()) == pytest.approx(1 / 3, rel=1e-5)
