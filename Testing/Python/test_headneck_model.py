@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import assert_corrupted_copy_refused, DATA, REPO
+from conftest import assert_corrupted_copy_refused, assert_sdm_is_a_distance, DATA, REPO
 
 pytest.importorskip("torch")
 
@@ -81,6 +81,25 @@ def test_full_resolution_planning_ct_keeps_its_geometry(model):
         a, b = back == organ.label, coarse_array == organ.label
         if a.sum() + b.sum() > 200:  # organs with a few hundred voxels on the coarse grid
             assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.8, organ.name
+
+
+def test_sdm_outputs_are_distances_around_the_segmentation(model):
+    """The iso-contours at 0.1-0.3 mean millimetres: a dual model's SDM head, on a validation CT, is negative
+    inside each organ the segmentation head finds, positive outside, and rises with the distance from its
+    surface (organs the segmentation finds with fewer than 30 voxels are too small to judge)."""
+    if model.card.architecture.heads != "dual":
+        pytest.xfail("the shipped preview is Dice-only: its 'SDM' outputs are logits, not distances (issue 20 replaces it)")
+    image = sitk.ReadImage(str(CASES / "imagesTr" / "hn_235.nii.gz"))
+    result = segment_image(image, model, "cpu")
+    labels = sitk.GetArrayFromImage(result.labels)
+    judged = []
+    for organ in model.card.organs:
+        mask = labels == organ.label
+        if mask.sum() >= 30:
+            sdm = sitk.GetArrayFromImage(result.sdms[organ.name])
+            assert_sdm_is_a_distance(sdm, mask, image.GetSpacing(), model.card.training["sdm"]["scale_mm"])
+            judged.append(organ.name)
+    assert len(judged) >= 5, judged
 
 
 def test_corrupted_copy_is_refused(tmp_path):
