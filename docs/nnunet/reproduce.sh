@@ -1,7 +1,7 @@
 #!/bin/bash
 # The nnU-Net comparison of docs/headneck.md ("nnU-Net on the same CPU budget"), step by step.
 # Run from the repository root. NN holds nnU-Net's data, checkpoints and predictions: keep it outside the
-# repository. DATA is the read-only openkbp-hn folder. Takes about 2.5 hours on one core.
+# repository. DATA is the read-only openkbp-hn folder. Takes about 4 hours on one core.
 set -euo pipefail
 NN=${NN:-/work/nnunet_data}
 DATA=${DATA:-../shared/data/openkbp-hn}
@@ -18,9 +18,10 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 BLOSC_NTHREADS
 python3 docs/nnunet/export_openkbp.py --data "$DATA" --out "$nnUNet_raw"
 "$VENV/bin/nnUNetv2_plan_and_preprocess" -d 501 -c 3d_fullres -np 2 -npfp 2 --verify_dataset_integrity
 
-# 3. Training: one thread, data augmentation in the training process (nnUNet_n_proc_DA=0), 100 min of wall time.
-NNUNET_TORCH_THREADS=1 nnUNet_n_proc_DA=0 nnUNet_budget_minutes=100 nnUNet_snapshot_minutes=80 \
-    "$VENV/bin/python" docs/nnunet/run_nnunet.py train 501 3d_fullres all -tr nnUNetTrainerBudget -device cpu
+# 3. Training: one thread, data augmentation in the training process (nnUNet_n_proc_DA=0), BUDGET minutes of
+#    wall time (180: the cap; the first run had 100). A session that ends first resumes with CONTINUE=--c.
+NNUNET_TORCH_THREADS=1 nnUNet_n_proc_DA=0 nnUNet_budget_minutes=${BUDGET:-180} nnUNet_snapshot_minutes=${SNAPSHOT:-180} \
+    "$VENV/bin/python" docs/nnunet/run_nnunet.py train 501 3d_fullres all -tr nnUNetTrainerBudget -device cpu ${CONTINUE:-}
 
 # 4. The 32 validation cases: nnU-Net (no mirroring TTA, see docs/headneck.md) and our shipped model.
 CHECKPOINT=${CHECKPOINT:-checkpoint_final.pth}
