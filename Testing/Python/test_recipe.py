@@ -461,3 +461,26 @@ def test_band_balanced_sdm_terms_weigh_a_small_organs_surface_half_whatever_its_
     l1_loss(prediction, target, regions=regions).backward()
     for region in range(3):
         assert float(prediction.grad.abs()[regions == region].sum()) == pytest.approx(1 / 3, rel=1e-5)
+
+
+def test_widening_doubles_the_channels_and_keeps_the_outputs():
+    from SDMOrganSegLib.method.widening import widen
+
+    torch.manual_seed(0)
+    narrow = UNet3D(preset("cpu", 1, 3, output_activation="tanh", heads="dual")).eval()
+    with torch.no_grad():  # trained-looking group norms, not the identity they start as
+        for module in narrow.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    wide = widen(narrow).eval()
+    assert wide.config.base_channels == 2 * narrow.config.base_channels and wide.config.max_channels == 2 * narrow.config.max_channels
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in narrow.parameters())
+    image = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        expected, got = narrow(image), wide(image)
+    # float32 sums of about 10^3 terms reordered by the split: a few 1e-6 relative, far below any organ decision.
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), float((got - expected).abs().max())
+    # The two copies of a channel read their inputs through different splits: training can tell them apart.
+    first = wide.encoders[1][0][0].weight
+    assert not torch.equal(first[:, 0::2], first[:, 1::2])
