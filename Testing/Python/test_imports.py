@@ -20,7 +20,7 @@ from conftest import REPO
 LIBRARY = REPO / "SDMOrganSeg" / "SDMOrganSegLib"
 #: Modules that import PyTorch at the top. Every other module must import without it: the Slicer module,
 #: the model cards and the metrics are used before PyTorch is installed.
-NEEDS_TORCH = {"method.augmentation", "method.losses", "method.network", "engines.training"}
+NEEDS_TORCH = {"method.augmentation", "method.losses", "method.network", "method.widening", "engines.training"}
 #: Modules that need Slicer or slicer-core (no slicer-core wheel exists for Python 3.9).
 NEEDS_SLICER = {"mrml.headless"}
 #: Modules that need the review extra (trame-slicer, and with it slicer-core) at the top.
