@@ -3,6 +3,7 @@ the time budget, the soft output prior, and data packs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -484,3 +485,27 @@ def test_widening_doubles_the_channels_and_keeps_the_outputs():
     # The two copies of a channel read their inputs through different splits: training can tell them apart.
     first = wide.encoders[1][0][0].weight
     assert not torch.equal(first[:, 0::2], first[:, 1::2])
+
+
+def test_train_widen_starts_from_the_base_widened_with_its_validation_dice_and_resumes(tmp_path):
+    data = _tiny_data(tmp_path / "data")
+    common = dict(mode="dual", batch_size=2, patch_size=(16, 16, 16), device="cpu", threads=1, validation_fraction=0.5,
+                  sdm_weight=1.0, ce_weight=1.0, dice_reduction="batch", flip=False, learning_rate=5e-3, spacing=(1.0, 1.0, 1.0),
+                  sdm_normalization="tanh", sdm_scale_mm=3.0)
+    Trainer(TrainingConfig(str(data), str(tmp_path / "narrow"), epochs=3, validate_every=3, **common), progress=lambda text: None).run()
+    base = json.loads((tmp_path / "narrow" / "best" / "model.json").read_text())
+    config = TrainingConfig(str(data), str(tmp_path / "wide"), epochs=2, validate_every=1, init_model=str(tmp_path / "narrow" / "best"),
+                            widen=True, **common)
+    trainer = Trainer(config, progress=lambda text: None)
+    trainer.run()
+    # Epoch 0 validates the widened base: the same Dice as the base's own validation.
+    assert trainer.log_rows[0]["val_mean_dice"] == pytest.approx(base["metrics"]["validation_mean_dice"], abs=1e-4)
+    card = json.loads((tmp_path / "wide" / "last" / "model.json").read_text())
+    assert card["architecture"]["base_channels"] == 2 * base["architecture"]["base_channels"]
+    assert card["architecture"]["max_channels"] == 2 * base["architecture"]["max_channels"]
+    # A resume rebuilds the wide network for the checkpoint.
+    said = []
+    Trainer(dataclasses.replace(config, epochs=3), progress=said.append).run()
+    assert any("resuming after epoch 2" in text for text in said)
+    with pytest.raises(SDMOrganSegError, match="--widen"):
+        Trainer(TrainingConfig(str(data), str(tmp_path / "refused"), epochs=1, widen=True, **common))

@@ -103,6 +103,9 @@ class TrainingConfig:
     #: With ``init_model`` of a dual model: start its SDM head afresh (the segmentation head and the network
     #: are kept), so that the SDM normalisation may change; for a head whose tanh saturated (docs/headneck.md).
     reset_sdm_head: bool = False
+    #: With ``init_model``: start from the base widened to twice its channels, computing the same outputs
+    #: (method/widening.py), so that training adds capacity without losing what the base learnt.
+    widen: bool = False
 
 
 #: Initial biases of the output layer (``--output-bias``).
@@ -525,6 +528,8 @@ class Trainer:
                 raise SDMOrganSegError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
         if config.time_budget_min is not None and not config.time_budget_min > 0:
             raise SDMOrganSegError("the time budget must be a positive number of minutes")
+        if config.widen and not config.init_model:
+            raise SDMOrganSegError("--widen doubles the channels of the model it starts from: give --init MODEL")
         if config.reset_sdm_head and (not config.init_model or config.mode != "dual"):
             raise SDMOrganSegError("--reset-sdm-head starts a dual model's SDM head afresh: give --init MODEL (a dual model) and --mode dual")
         self.config = config
@@ -795,6 +800,9 @@ class Trainer:
         )
         torch.manual_seed(config.seed)
         overrides = {k: getattr(config, k) for k in ("depth", "base_channels", "max_channels") if getattr(config, k) is not None}
+        if config.widen and state is not None:  # a resumed widened run: the checkpoint holds the wide weights
+            narrow = preset(config.preset, 1, len(self.organs), **overrides)
+            overrides.update(base_channels=2 * narrow.base_channels, max_channels=2 * narrow.max_channels)
         self.network = UNet3D(
             preset(config.preset, 1, len(self.organs), output_activation=output_activation_for(config.mode), heads=heads_for(config.mode), **overrides)
         ).to(device)
@@ -803,10 +811,16 @@ class Trainer:
                 for layer, bias in initial_output_biases(self.train_cases, config.mode, config.output_bias).items():
                     getattr(self.network, layer).bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
         if self.base is not None:
-            if self.network.config != self.base.card.architecture:  # refuse_contradictions has said why already
+            if self.network.config != self.base.card.architecture and not (config.widen and state is not None):
+                # refuse_contradictions has said why already
                 raise SDMOrganSegError(f"the network of this run differs from that of model {self.base.card.name}; it cannot be fine-tuned")
             if state is None:
                 self.network.load_state_dict(self.base.network.state_dict())
+                if config.widen:
+                    from ..method.widening import widen
+
+                    self.network = widen(self.network, config.seed).to(device)
+                    self.say(f"widened {self.base.card.name} to {self.network.config.base_channels}-{self.network.config.max_channels} channels, the same outputs")
                 if config.reset_sdm_head:
                     with torch.no_grad():  # PyTorch's initial weights, and a zero bias: every SDM starts at 0
                         self.network.head.reset_parameters()
