@@ -74,7 +74,7 @@ class TrainingConfig:
     output_bias: str = "zero"  #: initial bias of the output layer: "zero" (PyTorch's default init) or "prior"; see prior_output_bias
     ce_weight: float = 0.0  #: weight of a binary cross-entropy term on the organ probability (0: the paper's losses)
     ce_balance: str = "voxel"  #: "voxel" (all voxels alike) or "organ" (an organ's voxels weigh half, whatever its size)
-    sdm_balance: str = "voxel"  #: "voxel" (all voxels alike) or "band" (each organ's near band weighs half; losses.near_band)
+    sdm_balance: str = "voxel"  #: how the SDM terms average a patch: "voxel", "band" or "sides" (losses.sdm_regions)
     dice_reduction: str = "case"  #: "case" (Eq. 1 per patch, the paper's) or "batch" (one Dice per organ over the batch)
     sdm_normalization: str = "paper"  #: ground-truth SDM normalisation, one of sdm.SDM_NORMALIZATIONS
     sdm_scale_mm: float = 5.0  #: distance that maps to 1 for the "clip" and "tanh" normalisations
@@ -340,7 +340,8 @@ def evaluate_cases(
                 total = pred.sum() + ref.sum()
                 values = {"dice": float(2 * (pred & ref).sum() / total) if total else 1.0}
             if sdm_zero_level is not None:
-                inside, total = sdm_zero_level == organ.label, pred.sum() + (sdm_zero_level == organ.label).sum()
+                inside = sdm_zero_level == organ.label
+                total = pred.sum() + inside.sum()
                 values["sdm_agreement"] = float(2 * (pred & inside).sum() / total) if total else 1.0
             for metric, value in values.items():
                 results[organ.name].setdefault(metric, []).append(float(value))
