@@ -353,6 +353,35 @@ def test_two_models_on_one_volume_coexist(session, models):
     assert scene.GetNumberOfNodes() == before - 2 * len(second.nodes())  # each with its display node
 
 
+def test_sdm_volume_added_later_is_as_create_nodes_makes_it_and_goes_with_its_run(session, hippocampus_run):
+    """The review page builds a case's nodes without its SDMs and adds an organ's SDM volume when it is
+    shown: the node must be the one create_nodes would have made (same voxels, geometry, display, folder)."""
+    import dataclasses
+
+    volume, full = hippocampus_run
+    scene = session.scene
+    logic = mrmllogic.SDMSegmentationLogic(scene)
+    before = _counts(scene)
+    lazy = logic.create_nodes(volume, dataclasses.replace(full.computed, sdms={}))
+    assert lazy.sdm_volumes == {} and len(lazy.nodes()) == len(full.nodes()) - len(full.sdm_volumes)
+    organ = full.computed.organs[1].name
+    added = logic.add_sdm_volume(lazy, organ, full.computed.sdms[organ])
+    assert logic.add_sdm_volume(lazy, organ, full.computed.sdms[organ]) is added, "a second call must not add another node"
+    reference = full.sdm_volumes[organ]
+    np.testing.assert_array_equal(_array(added), _array(reference))
+    np.testing.assert_allclose(_matrix(added), _matrix(reference), atol=0)
+    assert added.GetAttribute("SDMOrganSeg.Organ") == organ
+    assert added.GetDisplayNode().GetColorNodeID() == reference.GetDisplayNode().GetColorNodeID()
+    assert added.GetDisplayNode().GetWindow() == reference.GetDisplayNode().GetWindow()
+    sh = scene.GetSubjectHierarchyNode()
+    assert sh.GetItemParent(sh.GetItemByDataNode(added)) == lazy.folder_item
+    assert added.GetName().startswith(sh.GetItemName(lazy.folder_item))
+    with pytest.raises(SDMOrganSegError, match="disagree in size"):
+        logic.add_sdm_volume(lazy, full.computed.organs[0].name, full.computed.sdms[organ][1:, :, :])
+    logic.remove_outputs(lazy)
+    assert _counts(scene) == before and not scene.IsNodePresent(added)
+
+
 # --- metrics --------------------------------------------------------------------------------------------------
 
 

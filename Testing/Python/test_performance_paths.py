@@ -276,6 +276,17 @@ def test_written_vtp_reads_back(tmp_path):
     assert back.GetFieldData().GetAbstractArray("SPACE").GetValue(0) == "LPS"
 
 
+def test_lps_to_ras_negates_x_and_y_and_leaves_the_input_alone():
+    lps = contours.iso_surface(_sdm_image(), 0.0)
+    before = numpy_support.vtk_to_numpy(lps.GetPoints().GetData()).copy()
+    ras = contours.lps_to_ras(lps)
+    after = numpy_support.vtk_to_numpy(ras.GetPoints().GetData())
+    assert after.dtype == before.dtype and np.array_equal(after, before * np.array([-1, -1, 1], before.dtype))
+    assert np.array_equal(numpy_support.vtk_to_numpy(lps.GetPoints().GetData()), before), "the LPS surface was changed"
+    assert ras.GetNumberOfPolys() == lps.GetNumberOfPolys() > 0
+    assert np.array_equal(numpy_support.vtk_to_numpy(ras.GetPolys().GetConnectivityArray()), numpy_support.vtk_to_numpy(lps.GetPolys().GetConnectivityArray()))
+
+
 def test_network_still_trains_after_prediction():
     """predict_array runs between training epochs: the layout round trip must leave trainable parameters."""
     torch.manual_seed(2)

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from conftest import REPO
 
 from SDMOrganSegLib.common.errors import SDMOrganSegError
-from SDMOrganSegLib.review.reviewcases import compare_dice, find_cases, largest_area_slice, load_case
+from SDMOrganSegLib.review.reviewcases import compare_dice, find_cases, largest_area_slice, load_case, read_sdm
 
 ORGANS = {"liver": (1, (0.8, 0.2, 0.2)), "spleen": (2, (0.2, 0.2, 0.8))}
 
@@ -97,6 +97,25 @@ def test_one_case_folder_relative_input_and_compare_dice(tmp_path, monkeypatch):
     scores = compare_dice(load_case(case), load_case(find_cases(second)[0]))
     # liver: 5 x 6 x 6 boxes shifted by one voxel along x overlap in 5 x 6 x 5: Dice = 2 * 150 / 360
     assert scores["liver"] == pytest.approx(2 * 150 / 360) and scores["spleen"] == 1.0
+
+
+def test_sdms_are_read_only_where_contours_are_missing_and_on_demand(tmp_path):
+    from SDMOrganSegLib.images.contours import iso_surfaces, level_tag, write_polydata
+
+    folder = _case(tmp_path / "case")
+    (folder / "contours").mkdir()
+    liver = sitk.ReadImage(str(folder / "sdm_liver.nii.gz"))
+    for level, surface in iso_surfaces(liver, (0.0, 0.1)).items():
+        write_polydata(surface, str(folder / "contours" / f"liver_{level_tag(level)}.vtp"))
+    [case] = find_cases(folder)
+    data = load_case(case)
+    assert set(data.computed.sdms) == {"spleen"}, "the liver's contours are on disk: its SDM is read when shown"
+    assert data.computed.surfaces["liver"][0.1].GetNumberOfPoints() == iso_surfaces(liver, (0.1,))[0.1].GetNumberOfPoints()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_sdm(case, "liver")), sitk.GetArrayViewFromImage(liver).astype(np.float32))
+    (folder / "sdm_liver.nii.gz").write_bytes(b"not a volume")
+    with pytest.raises(SDMOrganSegError, match="^case case: the SDM of liver cannot be read") as error:
+        read_sdm(case, "liver")
+    assert "\n" not in str(error.value)
 
 
 def test_largest_area_slice():

@@ -52,7 +52,8 @@ class OrganSpec:
 class ComputedOutputs:
     """Everything one run computed, on the input's grid, before any node exists.
 
-    ``sdms`` maps organ name to its SDM image; ``surfaces`` maps organ name and level to the iso-surface
+    ``sdms`` maps organ name to its SDM image (an organ left out gets its SDM volume node later, from
+    :meth:`SDMSegmentationLogic.add_sdm_volume`); ``surfaces`` maps organ name and level to the iso-surface
     in LPS millimetres (possibly empty when the SDM never reaches that level).
     """
 
@@ -294,11 +295,9 @@ class SDMSegmentationLogic:
             for index, organ in enumerate(computed.organs):
                 check_cancel(cancel)
                 report(0.92 + 0.08 * index / len(computed.organs), f"creating the nodes of {organ.name}")
-                volume = self._sdm_node(computed.sdms[organ.name], ijk_to_ras, f"{base} SDM {organ.name}", color_table)
-                volume.SetAttribute("SDMOrganSeg.Organ", organ.name)
-                put_in_folder(scene, volume, folder)
-                sdm_volumes[organ.name] = volume
-                nodes.append(volume)
+                if organ.name in computed.sdms:  # the review page reads an SDM only when it is shown
+                    sdm_volumes[organ.name] = self._sdm_volume(computed.sdms[organ.name], ijk_to_ras, base, organ.name, color_table, folder)
+                    nodes.append(sdm_volumes[organ.name])
                 organ_folder = sh.CreateFolderItem(folder, f"{organ.name} contours")
                 items.append(organ_folder)
                 contours[organ.name] = {}
@@ -357,6 +356,28 @@ class SDMSegmentationLogic:
         display.SetOpacity2DFill(0.25)
         display.SetVisibility3D(False)
         return node
+
+    def add_sdm_volume(self, outputs: OutputNodes, organ: str, sdm: sitk.Image) -> Any:
+        """The SDM volume of ``organ`` for outputs created without it (``create_nodes`` of a
+        :class:`ComputedOutputs` whose ``sdms`` lack the organ); the existing node when there is one."""
+        if organ in outputs.sdm_volumes:
+            return outputs.sdm_volumes[organ]
+        labels = outputs.computed.labels
+        if sdm.GetSize() != labels.GetSize():
+            raise SDMOrganSegError(f"the SDM of {organ} and the label map disagree in size ({sdm.GetSize()} vs {labels.GetSize()})")
+        base = self.scene.GetSubjectHierarchyNode().GetItemName(outputs.folder_item)
+        volume = self._sdm_volume(sdm, sitk_ijk_to_ras(labels), base, organ, outputs.color_table, outputs.folder_item)
+        transform_id = outputs.segmentation.GetTransformNodeID()
+        if transform_id:
+            volume.SetAndObserveTransformNodeID(transform_id)
+        outputs.sdm_volumes[organ] = volume
+        return volume
+
+    def _sdm_volume(self, sdm: sitk.Image, ijk_to_ras: np.ndarray, base: str, organ: str, color_table: Any, folder: int) -> Any:
+        volume = self._sdm_node(sdm, ijk_to_ras, f"{base} SDM {organ}", color_table)
+        volume.SetAttribute("SDMOrganSeg.Organ", organ)
+        put_in_folder(self.scene, volume, folder)
+        return volume
 
     def _sdm_node(self, sdm: sitk.Image, ijk_to_ras: np.ndarray, name: str, color_table: Any) -> Any:
         slicer = slicer_module()

@@ -141,14 +141,14 @@ class ReviewApp:
                         html.Span(classes="mr-2", style=("{background: l.color, width: '14px', height: '4px', display: 'inline-block'}",))
                         v.VCheckbox(v_model="visible_levels", value=("l.tag",), label=("'level ' + l.tag",), density="compact", hide_details=True,
                                     id=("'level-' + l.tag",), classes="level-toggle")
-                    v.VSelect(label="SDM overlay", items=("sdm_choices",), v_model="sdm_organ", clearable=True, density="compact", hide_details=True, classes="mt-2")
-                    html.Div("{{ sdm_scale }}", classes="text-caption", v_show="sdm_scale")
+                    v.VSelect(label="SDM overlay", items=("sdm_choices",), v_model="sdm_organ", clearable=True, density="compact", hide_details=True, classes="mt-2", id="sdm-overlay")
+                    html.Div("{{ sdm_scale }}", id="sdm-scale", classes="text-caption", v_show="sdm_scale")
                     html.Div("{{ compare_dice }}", id="compare-dice", classes="text-body-2 mt-2", v_show="compare_dice")
                     with html.Div(v_show="can_segment", classes="mt-2"):
                         v.VBtn("Segment this volume", click=self.segment_volume, disabled=("segment_running || selected_case < 0",), size="small", id="segment-button")
                         v.VBtn("Cancel", click=self.cancel_segment, v_show="segment_running", size="small", classes="ml-2")
                         v.VProgressLinear(model_value=("segment_progress",), v_show="segment_running", classes="mt-1")
-                        html.Div("{{ segment_message }}", classes="text-caption")
+                        html.Div("{{ segment_message }}", id="segment-message", classes="text-caption")
             with layout.content:
                 with html.Div(style="height: calc(100vh - 92px); display: flex;"):  # minus the toolbar and the footer
                     self.layout_manager.initialize_layout_grid(layout)
@@ -262,31 +262,48 @@ class ReviewApp:
         set_visibility(self.shown, set(visible_organs or []), set(visible_levels or []))
         self._render()
 
-    def _on_sdm_organ(self, sdm_organ: str | None, **_: Any) -> None:
+    async def _on_sdm_organ(self, sdm_organ: str | None, **_: Any) -> None:
+        from ..mrml.mrmlsegmentation import SDMSegmentationLogic
+        from .reviewcases import read_sdm
         from .reviewscene import SDM_OVERLAY_OPACITY, sdm_range_mm
 
-        if self.shown is None:
+        shown = self.shown
+        if shown is None:
             return
-        node = self.shown.outputs.sdm_volumes.get(sdm_organ) if sdm_organ else None
+        node = shown.outputs.sdm_volumes.get(sdm_organ) if sdm_organ else None
+        if sdm_organ and node is None:  # read when first shown, off the page's loop (a CT organ's: ~1 s)
+            with self.server.state as state:
+                state.sdm_scale = f"reading the SDM of {sdm_organ}..."
+            try:
+                sdm = await asyncio.to_thread(read_sdm, shown.data.case, sdm_organ)
+            except SDMOrganSegError as error:
+                with self.server.state as state:
+                    state.sdm_scale = str(error)
+                return
+            if self.shown is not shown or self.server.state.sdm_organ != sdm_organ:
+                return  # another case or organ was chosen meanwhile
+            node = SDMSegmentationLogic(self.slicer.scene).add_sdm_volume(shown.outputs, sdm_organ, sdm)
         for view in self.slicer.view_manager.get_slice_views():
             view.set_foreground_volume_id(node.GetID() if node is not None else None)
             view.set_foreground_opacity(SDM_OVERLAY_OPACITY if node is not None else 0.0)
-        levels_mm = self.shown.data.case.summary.get("sdm_levels_mm") if node is not None else None
+        levels_mm = shown.data.case.summary.get("sdm_levels_mm") if node is not None else None
         if node is not None and levels_mm:
             # A clip or tanh model: each level is a fixed distance from the surface (summary.json says which).
-            shown = {level: mm for level, mm in levels_mm.items() if float(level) > 0}
-            self.server.state.sdm_scale = (
+            outer = {level: mm for level, mm in levels_mm.items() if float(level) > 0}
+            scale = (
                 f"SDM of {sdm_organ}: blue inside, white on the surface, red outside; the contours "
-                f"{' / '.join(shown)} lie {' / '.join(f'{mm:.1f}' for mm in shown.values())} mm outside the surface"
+                f"{' / '.join(outer)} lie {' / '.join(f'{mm:.1f}' for mm in outer.values())} mm outside the surface"
             )
         elif node is not None:
-            inside, outside = sdm_range_mm(self.shown, sdm_organ)
-            self.server.state.sdm_scale = (
+            inside, outside = sdm_range_mm(shown, sdm_organ)
+            scale = (
                 f"normalised SDM of {sdm_organ}: blue inside (-1 at its deepest point, {-inside:.1f} mm from the surface), "
                 f"white on the surface, red outside (+1 at the farthest voxel, {outside:.1f} mm away)"
             )
         else:
-            self.server.state.sdm_scale = ""
+            scale = ""
+        with self.server.state as state:  # after an await the change must be flushed to the page
+            state.sdm_scale = scale
         self._render()
 
     # --- segment this volume (with --model) -----------------------------------------------------------

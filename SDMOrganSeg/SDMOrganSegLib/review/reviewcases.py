@@ -1,5 +1,5 @@
 """Reading ``segment`` output folders back for review: which cases a path holds, their metrics, and
-everything one case needs to be shown (image, label map, SDMs, contours) as :class:`ComputedOutputs`,
+everything one case needs to be shown (image, label map, contours; an SDM when it is chosen) as :class:`ComputedOutputs`,
 the object the Slicer panel builds its nodes from, so the review page and ``snapshot`` show a case
 through the same code as the panel (:meth:`SDMSegmentationLogic.create_nodes`).
 
@@ -236,36 +236,48 @@ def organ_specs(summary: dict) -> list:
 
 
 def load_case(case: ReviewCase) -> CaseData:
-    """Read a listed case's image, label map, SDMs and contours (contours missing on disk are computed
-    from the SDM in memory, nothing is written). Raises :class:`SDMOrganSegError` with the reason."""
+    """Read a listed case's image, label map and contours; raises :class:`SDMOrganSegError` with the reason.
+
+    SDMs are read only where an organ's contour files are missing (its contours are then computed in
+    memory; nothing is written): the page shows an SDM when it is chosen (:func:`read_sdm`), and a 9-organ
+    CT's SDMs are 1.9 GB of float32 that take longer to inflate than everything else together.
+    """
     from ..images.imageio import read_image
     from ..mrml.mrmlsegmentation import ComputedOutputs
 
     if case.error:
         raise SDMOrganSegError(f"case {case.name}: {case.error}")
     folder = case.folder
+    organs = organ_specs(case.summary)
+    levels = tuple(float(v) for v in case.summary.get("sdm_levels", (0.0, 0.1, 0.2, 0.3)))
     try:
         image = read_image(case.image_path, "input image")
         labels = sitk.ReadImage(str(_volume(folder, "labels")[0]))
-        organs = organ_specs(case.summary)
-        sdms = {o.name: sitk.ReadImage(str(_volume(folder, f"sdm_{safe_name(o.name)}")[0]), sitk.sitkFloat32) for o in organs}
+        surfaces, sdms = {}, {}
+        for organ in organs:
+            files = {level: folder / "contours" / f"{safe_name(organ.name)}_{level_tag(level)}.vtp" for level in levels}
+            if all(path.is_file() for path in files.values()):
+                surfaces[organ.name] = {level: read_polydata(path) for level, path in files.items()}
+            else:
+                sdms[organ.name] = read_sdm(case, organ.name)
+                surfaces[organ.name] = iso_surfaces(sdms[organ.name], levels)
     except (RuntimeError, IndexError) as error:
         raise SDMOrganSegError(f"case {case.name}: its files cannot be read ({str(error).strip().splitlines()[-1][:160]})") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise SDMOrganSegError(f"case {case.name}: the input image is not a scalar 3D volume")
-    levels = tuple(float(v) for v in case.summary.get("sdm_levels", (0.0, 0.1, 0.2, 0.3)))
-    surfaces = {}
-    for organ in organs:
-        files = {level: folder / "contours" / f"{safe_name(organ.name)}_{level_tag(level)}.vtp" for level in levels}
-        if all(path.is_file() for path in files.values()):
-            surfaces[organ.name] = {level: read_polydata(path) for level, path in files.items()}
-        else:
-            surfaces[organ.name] = iso_surfaces(sdms[organ.name], levels)
     computed = ComputedOutputs(
         model_name=str(case.summary.get("model", "model")), device=str(case.summary.get("device", "")), organs=organs,
         labels=labels, sdms=sdms, surfaces=surfaces, levels=levels,
     )
     return CaseData(case, image, computed)
+
+
+def read_sdm(case: ReviewCase, organ: str) -> sitk.Image:
+    """One organ's SDM of a listed case, as float32 (its grid was checked when the case was listed)."""
+    try:
+        return sitk.ReadImage(str(_volume(case.folder, f"sdm_{safe_name(organ)}")[0]), sitk.sitkFloat32)
+    except (RuntimeError, IndexError) as error:
+        raise SDMOrganSegError(f"case {case.name}: the SDM of {organ} cannot be read ({str(error).strip().splitlines()[-1][:160]})") from None
 
 
 def compare_dice(first: CaseData, second: CaseData) -> dict[str, float]:

@@ -173,8 +173,8 @@ def show_case(scene: Any, data: CaseData, compare: CaseData | None = None, slice
 
 
 def _drop_copies(data: CaseData) -> None:
-    """The nodes hold their own copies of the SDMs and contours: let the read ones go (a 9-organ CT's SDMs
-    are 1.9 GB). A case chosen again is read again."""
+    """The nodes hold their own copies of the SDMs and contours: let the read ones go. A case chosen again
+    is read again."""
     data.computed.sdms = {}
     data.computed.surfaces = {}
 
