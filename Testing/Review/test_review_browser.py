@@ -2,7 +2,7 @@
 
 One server (a subprocess, as a user starts it) serves three segmented hippocampus cases plus a broken copy
 (its label map cropped: its files disagree in grid), with ``--compare`` a second run of the same cases
-without test-time augmentation. Outside CI the tests skip when Chromium or the review extra is missing;
+without test-time augmentation and ``--model`` the shipped hippocampus model. Outside CI the tests skip when Chromium or the review extra is missing;
 under ``CI=true`` they fail.
 """
 
@@ -62,7 +62,8 @@ def server(review_root, segmented_without_tta):
     log_path = review_root.parent / "review-server.log"
     log = open(log_path, "wb")  # a file, not a pipe nobody reads (it would fill and block the server)
     process = subprocess.Popen(
-        [sys.executable, "-m", "SDMOrganSegLib.cli", "review", str(review_root), "--compare", str(segmented_without_tta), "--port", str(port)],
+        [sys.executable, "-m", "SDMOrganSegLib.cli", "review", str(review_root), "--compare", str(segmented_without_tta), "--model", "hippocampus",
+         "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env={**_env(), "PYTHONFAULTHANDLER": "1"},
     )
     _SERVER.update(process=process, log=log_path)
@@ -257,6 +258,56 @@ def test_a_broken_case_shows_its_reason_and_others_still_open(browser):
     broken[0].click()
     _wait(browser, lambda d: "cannot be opened" in _status(d) and "disagree in grid" in _status(d), "the broken case's reason")
     _open(browser, "hippocampus_003")
+
+
+def _text(driver, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.ID, element_id)
+    return found[0].text if found else ""
+
+
+def test_the_sdm_overlay_is_read_when_chosen_and_shown_with_its_scale(browser, review_root):
+    """The case's SDMs are not read when it opens (its contours are on disk); choosing an organ in "SDM
+    overlay" reads that one, lays it over the slice views in the diverging colours and names its scale."""
+    from selenium.webdriver.common.by import By
+
+    _open(browser, "hippocampus_003")
+    before = _settled_axial(browser)
+    organ = next(iter(json.loads((review_root / "hippocampus_003" / "summary.json").read_text())["organs"]))
+    # A real click on the field (Vuetify opens the menu on the pointer's mousedown, not on a scripted click).
+    field = _wait(browser, lambda d: d.find_elements(By.XPATH, "//input[@id='sdm-overlay']/ancestor::div[contains(@class, 'v-field')][1]"), "the SDM overlay menu")
+    field[0].click()
+    choice = _wait(browser, lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".v-overlay-container .v-list-item") if e.text == organ], f"{organ} in the menu")
+    choice[0].click()
+    # The shipped model's SDM is clipped at 5 mm: levels 0.1 / 0.2 / 0.3 lie 0.5 / 1.0 / 1.5 mm outside.
+    scale = _wait(browser, lambda d: (lambda t: t if t.startswith(f"SDM of {organ}") else None)(_text(d, "sdm-scale")), "the overlay's scale")
+    assert "0.5 / 1.0 / 1.5 mm outside the surface" in scale, scale
+
+    def red_tinted(pixels):  # the outside, tinted by the overlay's red half (a clipped SDM is +1 beyond 5 mm)
+        return int(np.count_nonzero((pixels[..., 0] > pixels[..., 2] + 40) & (pixels[..., 0] > pixels[..., 1] + 20)))
+
+    # Without the overlay only the contour lines pass (the organs' fills are paler); with it, most of the slice.
+    assert red_tinted(before) < 0.05 * before.shape[0] * before.shape[1]
+    _wait(browser, lambda d: red_tinted(_settled_axial(d)) > 0.3 * before.shape[0] * before.shape[1], "the SDM overlay in the axial view")
+
+
+def test_segment_this_volume_runs_in_a_worker_and_shows_the_new_run(browser):
+    """With --model, "Segment this volume" segments the opened image in a worker while the page answers, and
+    shows the new run over the reviewed one with the Dice between them. Last: it replaces the compared run."""
+    from selenium.webdriver.common.by import By
+
+    _open(browser, "hippocampus_001")
+    button = _wait(browser, lambda d: d.find_elements(By.ID, "segment-button"), "the segment button")
+    button[0].click()
+    message = _wait(browser, lambda d: (lambda t: t if t.startswith("segmented with") else None)(_text(d, "segment-message")), "the finished run")
+    assert "shown in blue over the reviewed run" in message
+    text = _wait(browser, lambda d: (lambda t: t if "new run of hippocampus" in t else None)(_text(d, "compare-dice")), "the new run's Dice")
+    scores = [float(v) for v in re.findall(r"hippocampus (\d\.\d+)", text.split(":", 1)[1])]
+    # The same model on the same image as the reviewed run (which used test-time augmentation as this one
+    # does): the same segmentation up to floating-point order, so Dice 1 or very nearly.
+    assert len(scores) == 2 and all(s > 0.98 for s in scores), text
+    assert "cannot" not in _status(browser)
 
 
 def test_bad_input_is_refused_in_one_line(tmp_path):

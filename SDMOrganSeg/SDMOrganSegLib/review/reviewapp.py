@@ -16,6 +16,7 @@ import asyncio
 import math
 import socket
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ class ReviewApp:
         self.shown = None
         self.worker = None
         self.compare_problem = ""
+        self.new_run = ""  # the name of a "Segment this volume" run while it is shown
         server.enable_module(trame_slicer_module)
         register_rca_factories(self.slicer.view_manager, server, interactive_quality=PAGE_IMAGE_QUALITY)
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, server)
@@ -176,6 +178,7 @@ class ReviewApp:
             with state:
                 state.status = f"{case.name} cannot be opened: {case.error}" if case.error else state.status
             return
+        self.new_run = ""
         with state:
             state.loading = True
             state.status = f"opening {case.name}..."
@@ -232,9 +235,9 @@ class ReviewApp:
         self._render()
 
     def _compare_text(self, data: CaseData, compared: CaseData | None) -> str:
-        if not self.compare:
+        if not self.compare and not self.new_run:
             return ""
-        name = self.server.state.compare_name or "the compared run"
+        name = self.new_run or self.server.state.compare_name or "the compared run"
         if self.compare_problem:
             problem, self.compare_problem = self.compare_problem, ""
             return f"{name}: not shown ({problem})"
@@ -314,8 +317,8 @@ class ReviewApp:
         state = self.server.state
         if self.shown is None or self.worker is not None or not self.model:
             return
-        image = self.shown.data.image
-        self.worker = BackgroundRun(image, self.model)
+        case, index = self.shown.data.case, state.selected_case
+        self.worker = BackgroundRun(self.shown.data.image, self.model)
         with state:
             state.segment_running, state.segment_progress, state.segment_message = True, 0, "starting the worker"
         try:
@@ -330,12 +333,17 @@ class ReviewApp:
                 await asyncio.sleep(0.25)
             if status == "done":
                 computed = await asyncio.to_thread(self.worker.result)
-                self._show_new_run(computed)
+                # Read again: the shown case's nodes took its contours (reviewscene._drop_copies).
+                reviewed = await asyncio.to_thread(load_case, case)
+                self._show_new_run(index, reviewed, computed)
                 message = f"segmented with {computed.model_name}: shown in blue over the reviewed run"
             else:
                 message = self.worker.message or status
         except SDMOrganSegError as error:
             message = str(error)
+        except Exception as error:  # the page must not keep "running" forever; the server log has the traceback
+            traceback.print_exc()
+            message = f"the new run could not be shown ({type(error).__name__}: {error})"
         finally:
             self.worker.cleanup()  # its temporary folder; nothing was written next to the reviewed case
             self.worker = None
@@ -347,16 +355,11 @@ class ReviewApp:
         if self.worker is not None:
             self.worker.cancel()
 
-    def _show_new_run(self, computed: Any) -> None:
-        from .reviewcases import ReviewCase
-
-        if self.shown is None:
-            return
-        data = self.shown.data
+    def _show_new_run(self, index: int, data: CaseData, computed: Any) -> None:
+        """The new run over the reviewed one, like a --compare run, until another case is chosen."""
         fresh = CaseData(ReviewCase(name=data.case.name, folder=data.case.folder), data.image, computed)
-        self.compare = {data.case.name: fresh.case}
-        self.server.state.compare_name = f"new run of {computed.model_name}"
-        self._show(self.server.state.selected_case, data, fresh)
+        self.new_run = f"new run of {computed.model_name}"
+        self._show(index, data, fresh)
 
 
 def serve(path: str | Path, compare: str | Path | None = None, model: str | None = None, port: int = 8080, host: str = "127.0.0.1",
