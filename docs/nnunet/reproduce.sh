@@ -28,12 +28,18 @@ CHECKPOINT=${CHECKPOINT:-checkpoint_final.pth}
 NNUNET_TORCH_THREADS=1 nnUNet_n_proc_DA=0 "$VENV/bin/python" docs/nnunet/run_nnunet.py predict \
     -i "$nnUNet_raw/Dataset501_OpenKBP/imagesVal" -o "$NN/pred" -d 501 -c 3d_fullres -f all \
     -tr nnUNetTrainerBudget -chk "$CHECKPOINT" -device cpu --disable_tta -step_size 1 -npp 1 -nps 1
-for case in $(python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['validation']))" "$DATA/splits.json"); do
-    [ -f "$NN/ours/$case/labels.nii.gz" ] || PYTHONPATH=$PWD/SDMOrganSeg python -m SDMOrganSegLib.cli segment \
-        "$DATA/imagesTr/$case.nii.gz" --model headneck-oar --out "$NN/ours/$case" --device cpu --quiet
+# Ours: the campaign's dual model (docs/campaign/hn-dual/model) and the shipped Dice-only preview, the card's
+# defaults, one thread.
+for spec in "dual-phase7=docs/campaign/hn-dual/model" "headneck-oar=headneck-oar"; do
+    for case in $(python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['validation']))" "$DATA/splits.json"); do
+        [ -f "$NN/ours-${spec%%=*}/$case/labels.nii.gz" ] || OMP_NUM_THREADS=1 PYTHONPATH=$PWD/SDMOrganSeg python -m SDMOrganSegLib.cli segment \
+            "$DATA/imagesTr/$case.nii.gz" --model "${spec#*=}" --out "$NN/ours-${spec%%=*}/$case" --device cpu --quiet
+    done
 done
 
-# 5. Scores with `sdmorganseg evaluate --ignore-unannotated` and paired Wilcoxon tests.
+# 5. Scores with `sdmorganseg evaluate --ignore-unannotated` and paired Wilcoxon tests (against the first --pred).
 PYTHONPATH=$PWD/SDMOrganSeg python docs/nnunet/score_validation.py --data "$DATA" \
-    --pred "headneck-oar=$NN/ours/{case}/labels.nii.gz" --pred "nnU-Net=$NN/pred/{case}.nii.gz" \
+    --pred "dual (phase 7)=$NN/ours-dual-phase7/{case}/labels.nii.gz" \
+    --pred "headneck-oar (Dice-only preview)=$NN/ours-headneck-oar/{case}/labels.nii.gz" \
+    --pred "nnU-Net 3d_fullres=$NN/pred/{case}.nii.gz" \
     --work "$NN/scores" --csv docs/nnunet/validation_per_case.csv --markdown docs/nnunet/validation_table.md
