@@ -191,6 +191,7 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     train.add_argument("--ce-weight", type=float, default=0.0, help="add this weight times a binary cross-entropy on the organ probability (the Heaviside's for SDM modes): a gradient at every voxel, as nnU-Net's Dice + CE (default %(default)s: the paper's losses)")
     train.add_argument("--ce-balance", default="voxel", choices=["voxel", "organ"], help="cross-entropy weighting: voxel = all voxels alike; organ = an organ's voxels and the rest of the patch weigh half each, so small organs (CT esophagus, larynx) pull as hard as large ones (default %(default)s)")
     train.add_argument("--sdm-balance", default="voxel", choices=["voxel", "band", "sides"], help="SDM terms' weighting: voxel = all voxels alike; band = each organ with the band within one scale of its surface and the rest of the patch weigh half each, so the far field's +1 does not outweigh the surface (CT); sides = the organ, that band outside it and the rest a third each (default %(default)s)")
+    train.add_argument("--eikonal-weight", type=float, default=0.0, help="weight of the Eikonal term (|grad d| - 1)^2 on the SDM head within one scale of each organ, which makes its output a distance to its own zero level rather than a per-voxel fit (tanh or clip normalisation; default 0: none)")
     train.add_argument("--output-bias", default="zero", choices=["zero", "prior", "soft-prior"], help="initial output-layer bias: zero, or prior = each organ's average target (its voxel fraction; the mean SDM), so an untrained network starts at 'background' where organs are tiny, e.g. CT; soft-prior = the same with the fraction floored at 5 %% so the smallest organs keep a usable gradient (default %(default)s)")
     train.add_argument("--depth", type=int, default=None, help="number of downsamplings (default: the preset's)")
     train.add_argument("--base-channels", type=int, default=None, help="channels at full resolution (default: the preset's)")
@@ -449,7 +450,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         split_file=args.split, spacing=args.spacing, flip=not args.no_flip, device=args.device,
         max_cases=args.max_cases, model_name=args.name or Path(args.data).resolve().name, threads=args.threads,
         command="sdmorganseg " + shlex.join(argv), sdm_normalization=args.sdm_normalization, sdm_scale_mm=args.sdm_scale,
-        heaviside_k=args.heaviside_k, dice_reduction=args.dice_reduction, ce_weight=args.ce_weight, ce_balance=args.ce_balance, sdm_balance=args.sdm_balance, output_bias=args.output_bias, depth=args.depth, base_channels=args.base_channels, max_channels=args.max_channels,
+        heaviside_k=args.heaviside_k, dice_reduction=args.dice_reduction, ce_weight=args.ce_weight, ce_balance=args.ce_balance, sdm_balance=args.sdm_balance, eikonal_weight=args.eikonal_weight, output_bias=args.output_bias, depth=args.depth, base_channels=args.base_channels, max_channels=args.max_channels,
         foreground_fraction=args.foreground_fraction, sliding_window=args.sliding_window,
         modality=args.modality, field_of_view=args.field_of_view, reset_sdm_head=args.reset_sdm_head, widen=args.widen,
         **({"intensity": args.intensity} if args.intensity else {}),

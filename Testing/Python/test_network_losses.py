@@ -91,3 +91,49 @@ def test_combined_loss_is_dice_plus_lambda_sdm():
     mask = (target < 0).float()
     total, parts = SDMSegmentationLoss("sdm+dice", sdm_weight=10)(pred, target, mask)
     assert total.item() == pytest.approx(parts["dice"] + 10 * (parts["product"] + parts["l1"]), rel=1e-5)
+
+
+def _distance_field(shape, spacing, centre, radius):
+    """An exact signed distance (mm) to a sphere, ``(z, y, x)`` arrays on a grid of ``spacing`` (x, y, z)."""
+    z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) * s for n, s in zip(shape, reversed(spacing))), indexing="ij")
+    return torch.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) - radius
+
+
+def test_eikonal_term_is_near_zero_for_a_distance_and_grows_with_a_scattered_one():
+    from SDMOrganSegLib.method.losses import eikonal_loss
+
+    spacing, scale = (3.9, 3.9, 2.5), 20.0
+    d = _distance_field((40, 24, 24), spacing, (46.0, 47.0, 50.0), 15.0)[None, None]
+    exact = torch.tanh(d / scale)
+    # Forward differences of a smooth distance: |grad d| = 1 + O(h / R); the first-order error at h = 3.9 mm,
+    # R >= 15 mm stays below 0.2, so its square below 0.04.
+    assert float(eikonal_loss(exact, exact, spacing, scale)) < 0.04
+    assert float(eikonal_loss(torch.clamp(d / scale, -1, 1), exact, spacing, scale, "clip")) < 0.04
+    # A field that rises twice as fast is off by |grad d| - 1 = 1 everywhere in the band.
+    assert float(eikonal_loss(torch.tanh(2 * d / scale), exact, spacing, scale)) == pytest.approx(1.0, abs=0.3)
+    noisy = torch.tanh((d + 4.0 * torch.randn(d.shape, generator=torch.Generator().manual_seed(0), dtype=d.dtype)) / scale)
+    assert float(eikonal_loss(noisy, exact, spacing, scale)) > 1.0  # +-4 mm noise between 2.5-3.9 mm neighbours
+    # Only the band near the organ counts: changing the prediction far away changes nothing.
+    far = exact.clone()
+    far[exact.abs() >= 0.9] = 0.0  # band voxels (|target| < 0.76) have neighbours up to about 0.85
+    assert float(eikonal_loss(far, exact, spacing, scale)) == pytest.approx(float(eikonal_loss(exact, exact, spacing, scale)), abs=0.02)
+
+
+def test_eikonal_term_in_the_loss_only_where_asked_and_with_a_gradient():
+    spacing, scale = (3.9, 3.9, 2.5), 20.0
+    d = _distance_field((16, 16, 16), spacing, (30.0, 30.0, 20.0), 12.0).float()[None, None]
+    target_sdm, target_mask = torch.tanh(d / scale), (d < 0).float()
+    pred = torch.tanh(1.5 * d / scale).requires_grad_(True)
+    plain = SDMSegmentationLoss("sdm+dice", dice_reduction="batch")
+    total, parts = plain(pred, target_sdm, target_mask)
+    assert "eikonal" not in parts
+    with_eikonal = SDMSegmentationLoss("sdm+dice", dice_reduction="batch", eikonal_weight=2.0, spacing_mm=spacing, scale_mm=scale)
+    total_e, parts_e = with_eikonal(pred, target_sdm, target_mask)
+    assert parts_e["eikonal"] > 0.1  # a 1.5x too steep field
+    assert float(total_e.detach()) == pytest.approx(float(total) + 2.0 * parts_e["eikonal"], rel=1e-5)
+    total_e.backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="Eikonal"):
+        SDMSegmentationLoss("dice", eikonal_weight=1.0)
+    with pytest.raises(ValueError, match="Eikonal"):
+        SDMSegmentationLoss("dual", eikonal_weight=1.0, normalization="paper")

@@ -38,7 +38,7 @@ from . import distributed
 from ..formats.dataset import PreparedCase, check_case_headers, find_cases, load_cases, make_split, read_annotations, read_label_names, read_split
 from ..formats.datapack import is_pack, read_pack, read_split_record
 from ..common.errors import SDMOrganSegError
-from ..formats.finetuning import base_model_record, organs_for_data, refuse_contradictions
+from ..formats.finetuning import base_model_record, kept_settings, organs_for_data, refuse_contradictions, sdm_head_rescalable, sdm_head_rescale
 from ..common.files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device, tta_axes
 from ..method.architecture import heads_for, split_heads
@@ -75,6 +75,8 @@ class TrainingConfig:
     ce_weight: float = 0.0  #: weight of a binary cross-entropy term on the organ probability (0: the paper's losses)
     ce_balance: str = "voxel"  #: "voxel" (all voxels alike) or "organ" (an organ's voxels weigh half, whatever its size)
     sdm_balance: str = "voxel"  #: how the SDM terms average a patch: "voxel", "band" or "sides" (losses.sdm_regions)
+    #: Weight of the Eikonal term (|grad d| - 1)^2 on the SDM head near each organ (losses.eikonal_loss); 0: none.
+    eikonal_weight: float = 0.0
     dice_reduction: str = "case"  #: "case" (Eq. 1 per patch, the paper's) or "batch" (one Dice per organ over the batch)
     sdm_normalization: str = "paper"  #: ground-truth SDM normalisation, one of sdm.SDM_NORMALIZATIONS
     sdm_scale_mm: float = 5.0  #: distance that maps to 1 for the "clip" and "tanh" normalisations
@@ -513,6 +515,10 @@ class Trainer:
             raise SDMOrganSegError(f"unknown output bias {config.output_bias!r}; choose one of {', '.join(OUTPUT_BIASES)}")
         if not config.ce_weight >= 0:
             raise SDMOrganSegError("the cross-entropy weight must be 0 or positive")
+        if config.eikonal_weight and (config.mode not in ("sdm", "sdm+dice", "dual") or config.sdm_normalization not in ("tanh", "clip")):
+            raise SDMOrganSegError("--eikonal-weight needs an SDM head (--mode sdm, sdm+dice or dual) and --sdm-normalization tanh or clip")
+        if not config.eikonal_weight >= 0:
+            raise SDMOrganSegError("the Eikonal weight must be 0 or positive")
         if config.sdm_balance not in SDM_BALANCES:
             raise SDMOrganSegError(f"unknown SDM balance {config.sdm_balance!r}; choose one of {', '.join(SDM_BALANCES)}")
         if config.ce_balance not in CE_BALANCES:
@@ -826,6 +832,13 @@ class Trainer:
                     with torch.no_grad():  # PyTorch's initial weights, and a zero bias: every SDM starts at 0
                         self.network.head.reset_parameters()
                         self.network.head.bias.zero_()
+                elif sdm_head_rescalable(self.base.card, self._config_record()):
+                    factor = sdm_head_rescale(self.base.card, config.sdm_scale_mm)
+                    if factor != 1.0:
+                        with torch.no_grad():  # tanh(a) = tanh(d / s) becomes tanh(a s / s') = tanh(d / s')
+                            self.network.head.weight.mul_(factor)
+                            self.network.head.bias.mul_(factor)
+                        self.say(f"SDM head of {self.base.card.name} rescaled from {kept_settings(self.base.card)['sdm_scale_mm']:g} mm to {config.sdm_scale_mm:g} mm (x{factor:g})")
         self.patch_size = tuple(config.patch_size) if config.patch_size else whole_volume_patch(self.train_cases, self.network.size_multiple)
         if config.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.network.parameters(), lr=config.learning_rate, momentum=0.99, nesterov=True, weight_decay=3e-5)
@@ -838,7 +851,8 @@ class Trainer:
         else:
             self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_decay)
         loss_function = SDMSegmentationLoss(
-            config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction, config.ce_weight, config.ce_balance, config.sdm_balance
+            config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction, config.ce_weight, config.ce_balance, config.sdm_balance,
+            config.eikonal_weight, tuple(float(v) for v in self.model_spacing), config.sdm_scale_mm, config.sdm_normalization,
         )
         loss_function.float_parts = ranks.distributed  # the all-reduce takes numbers; otherwise parts stay tensors
         self.precision = resolve_precision(config.precision, device)

@@ -116,6 +116,23 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def sdm_head_rescalable(card: ModelCard, settings: Mapping[str, Any]) -> bool:
+    """Whether a fine-tuning run may give ``card``'s model another ``--sdm-scale``: its SDM head ends in a tanh
+    and learnt ``tanh(d / s)``, so dividing the head's last layer by ``s' / s`` makes it compute
+    ``tanh(d / s')`` from the same features (:func:`sdm_head_rescale`), and training goes on from there."""
+    kept = kept_settings(card)
+    return (
+        card.architecture.output_activation == "tanh" and kept["sdm_normalization"] == "tanh"
+        and settings.get("sdm_normalization", "tanh") == "tanh" and "sdm_scale_mm" in settings
+    )
+
+
+def sdm_head_rescale(card: ModelCard, scale_mm: float) -> float:
+    """The factor for the SDM head's last layer (weights and bias) of ``card``'s tanh model that moves its
+    normalisation from ``tanh(d / s)`` to ``tanh(d / scale_mm)``: ``s / scale_mm``, exact in ``d``."""
+    return float(kept_settings(card)["sdm_scale_mm"]) / float(scale_mm)
+
+
 def contradictions(card: ModelCard, settings: Mapping[str, Any]) -> list[str]:
     """What in ``settings`` (TrainingConfig fields; missing ones are not checked) a fine-tuned model of
     ``card`` could not keep, as ``what: given (the model's: ...)``."""
@@ -141,6 +158,8 @@ def contradictions(card: ModelCard, settings: Mapping[str, Any]) -> list[str]:
             problems.append(f"--reset-sdm-head: the model has {arch.heads} output head(s), not a dual model's separate SDM head")
         else:
             checked = tuple(key for key in checked if not key.startswith("sdm_"))  # the new head learns the new normalisation
+    elif sdm_head_rescalable(card, settings):
+        checked = tuple(key for key in checked if key != "sdm_scale_mm")  # the head is rescaled exactly (sdm_head_rescale)
     for key in checked:
         if key in settings and key in kept and not _same(settings[key], kept[key]):
             if key == "modality" and settings[key] is None:
