@@ -18,5 +18,7 @@ server. This package's own namespace holds only the version numbers below.
 
 __version__ = "0.1.0"
 
-#: Version of the model-card format written by this package; cards with a newer one are refused.
-MODEL_CARD_FORMAT = 1
+#: Newest model-card format this package reads; cards with a newer one are refused. A card is written with the
+#: oldest format that holds it (``ModelCard.needed_format``): 2 only where ``inference.labels_from`` is ``"sdm"``,
+#: which a reader of format 1 would silently ignore, giving another label map than the card's metrics.
+MODEL_CARD_FORMAT = 2

@@ -335,6 +335,38 @@ def test_a_saved_dual_model_reproduces_its_card_through_segment(tmp_path):
             assert dice == pytest.approx(metrics["per_case"][organ.name]["dice"][index], abs=0.01)
             # The SDM outputs are the SDM head's: tanh values, not the segmentation logits.
             assert np.abs(sitk.GetArrayFromImage(result.sdms[organ.name])).max() <= 1.0
+    # A card with inference.labels_from = "sdm": the label map is the SDM head's zero level, the same SDMs.
+    from SDMOrganSegLib.method.sdm import sdms_to_label_map
+
+    model.card.inference["labels_from"] = "sdm"
+    from_sdm = segment_image(image, model, "cpu")
+    assert any("SDM head's zero level" in note for note in from_sdm.notes)
+    sdms = [sitk.GetArrayFromImage(from_sdm.sdms[organ.name]) for organ in model.card.organs]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(from_sdm.labels), sdms_to_label_map(sdms, model.card.label_values))
+    for organ, sdm in zip(model.card.organs, sdms):
+        np.testing.assert_array_equal(sdm, sitk.GetArrayFromImage(result.sdms[organ.name]))
+    assert not np.array_equal(sitk.GetArrayFromImage(from_sdm.labels), prediction)  # two heads, two label maps
+
+
+def test_a_card_takes_its_labels_from_the_sdm_head_only_for_a_dual_model():
+    from SDMOrganSegLib.formats.modelfiles import ModelCard
+    from SDMOrganSegLib.method.architecture import split_heads
+
+    organs = [{"name": "a", "label": 1}]
+    for heads, labels_from, accepted in (("dual", "sdm", True), ("single", "sdm", False), ("dual", "logits", False), ("single", "segmentation", True)):
+        values = {"name": "m", "architecture": preset("cpu", 1, 1, heads=heads).to_dict(), "organs": organs, "inference": {"labels_from": labels_from}}
+        if accepted:
+            card = ModelCard.from_dict(values)
+            # Format 2 where a format-1 reader would ignore labels_from and take the segmentation head.
+            assert card.inference["labels_from"] == labels_from and card.to_dict()["format"] == (2 if labels_from == "sdm" else 1)
+        else:
+            with pytest.raises(SDMOrganSegError, match="labels_from"):
+                ModelCard.from_dict(values)
+    output = np.arange(4.0)[:, None]
+    sdm, labels = split_heads(output, preset("cpu", 1, 2, heads="dual"), "sdm")
+    assert labels is not None and np.array_equal(labels, output[:2]) and np.array_equal(sdm, output[:2])
+    with pytest.raises(ValueError, match="label source"):
+        split_heads(output, preset("cpu", 1, 2, heads="dual"), "logits")
 
 
 # --- organ-balanced cross-entropy (issue 20: organs that stay at "absent") -------------------------------

@@ -527,7 +527,10 @@ def segment_image(
             "this model was trained with Dice only: its 'SDM' outputs are logits (negative inside, 0 on the boundary), "
             "not normalised distances, so only the 0 iso-contour is meaningful"
         )
-    if card.architecture.heads == "dual":
+    labels_from = card.inference.get("labels_from", "segmentation")
+    if card.architecture.heads == "dual" and labels_from == "sdm":
+        notes.append("dual-head model: the label map is its SDM head's zero level (the paper's Heaviside), so the 0 iso-contour is its boundary")
+    elif card.architecture.heads == "dual":
         notes.append("dual-head model: the label map comes from its segmentation head, the SDMs and their iso-contours from its SDM head")
     smallest_side = minimum_window(network)
     if window is not None and min(window) < smallest_side:
@@ -599,10 +602,10 @@ def segment_image(
 
     # Organs side by side: ITK's resampling and the copies release the GIL (2.7 s instead of 3.0 s for 9 CT
     # organs on 2 cores, benchmarks/bench_segment.py).
-    sdm_output, label_output = split_heads(output, card.architecture)
+    sdm_output, label_output = split_heads(output, card.architecture, labels_from)
     with ThreadPoolExecutor(worker_threads()) as pool:
         sdm_images = dict(zip((organ.name for organ in card.organs), pool.map(to_input_grid, sdm_output)))
-        # A dual-head model's label map comes from its segmentation head, resampled the same way.
+        # A dual-head model's label map comes from its segmentation head (unless its card says the SDM head), resampled the same way.
         label_images = sdm_images.values() if label_output is sdm_output else list(pool.map(to_input_grid, label_output))
     sdm_arrays = [sitk.GetArrayViewFromImage(sdm) for sdm in label_images]
     # The per-organ arrays as they are: stacking them would copy every SDM once more (1.9 GB for 9 CT organs).

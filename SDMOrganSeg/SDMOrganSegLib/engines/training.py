@@ -307,12 +307,13 @@ def whole_volume_patch(cases: Sequence[PreparedCase], multiple: int) -> tuple[in
 def evaluate_cases(
     network: torch.nn.Module, cases: Sequence[PreparedCase], organs: Sequence[Organ], device: torch.device, surface: bool = True,
     window_zyx: Sequence[int] | None = None, mirror_axes: Sequence[int] = (), largest_component: bool = False,
-    head_agreement: bool = False,
+    head_agreement: bool = False, labels_from: str = "segmentation",
 ) -> dict[str, dict[str, list[float]]]:
     """Per organ, lists over cases of Dice (and HD, HD95, ASD with ``surface``) on whole volumes; with
     ``largest_component``, after keeping each organ's largest connected component (``segment
     --largest-component``). With ``head_agreement``, a dual model's lists also hold ``sdm_agreement``: the
     Dice between the SDM head's zero level and the segmentation head's organ (1 where both are empty).
+    ``labels_from``: a dual model's label map from its ``"segmentation"`` head or its ``"sdm"`` head's zero level.
 
     Organs not annotated in a case (partial labels) are skipped for that case: the lists hold only the
     cases where the organ was contoured, in case order (``case_names`` of :func:`annotated_case_names`).
@@ -324,7 +325,7 @@ def evaluate_cases(
         # segment's default overlap, so that validation and card metrics are what users get.
         output = predict_array(network, case.image, device, window=window_zyx, overlap=0.25, mirror_axes=mirror_axes)
         sdm_head, segmentation_head = split_heads(output, network.config)
-        prediction = sdms_to_label_map(segmentation_head, label_values)
+        prediction = sdms_to_label_map(sdm_head if labels_from == "sdm" else segmentation_head, label_values)
         sdm_zero_level = sdms_to_label_map(sdm_head, label_values) if head_agreement and network.config.heads == "dual" else None
         if largest_component:
             from ..method.postprocessing import keep_largest_component
@@ -1056,7 +1057,8 @@ def evaluate_model_on_split(
     mirror = tta_axes(card) if tta else ()
     window = tuple(reversed(card.window)) if card.window else None
     results = evaluate_cases(
-        model.network, prepared, card.organs, resolve_device(device), window_zyx=window, mirror_axes=mirror, largest_component=largest_component
+        model.network, prepared, card.organs, resolve_device(device), window_zyx=window, mirror_axes=mirror, largest_component=largest_component,
+        labels_from=card.inference.get("labels_from", "segmentation"),
     )
     return results, prepared
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import MODEL_CARD_FORMAT, __version__
 from ..common.errors import SDMOrganSegError
-from ..method.architecture import UNetConfig
+from ..method.architecture import LABEL_SOURCES, UNetConfig
 from ..common.files import atomic_path, check_writable, read_json_object, sha256_of, write_text_atomic
 from ..method.preprocessing import DEFAULT_INTENSITY
 from ..method.sdm import HEAVISIDE_K
@@ -97,9 +97,13 @@ class ModelCard:
     software_version: str = __version__
     format: int = MODEL_CARD_FORMAT
 
+    def needed_format(self) -> int:
+        """The oldest card format whose readers segment with this card as its metrics were measured."""
+        return 2 if self.inference.get("labels_from") == "sdm" else 1
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": self.format,
+            "format": self.needed_format(),
             "name": self.name,
             "description": self.description,
             "software_version": self.software_version,
@@ -180,6 +184,11 @@ class ModelCard:
             raise SDMOrganSegError(f"{source} has spacing {self.spacing}; it must be three positive numbers (mm) or null")
         if self.window is not None and (len(self.window) != 3 or min(self.window) < 1):
             raise SDMOrganSegError(f"{source} has window {self.window}; it must be three positive voxel counts or null")
+        labels_from = self.inference.get("labels_from", "segmentation")
+        if labels_from not in LABEL_SOURCES or (labels_from == "sdm" and self.architecture.heads != "dual"):
+            raise SDMOrganSegError(
+                f"{source} has inference.labels_from {labels_from!r}; it must be 'segmentation', or 'sdm' for a dual-head model"
+            )
 
     @property
     def label_values(self) -> list[int]:

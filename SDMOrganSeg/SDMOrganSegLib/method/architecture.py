@@ -79,11 +79,20 @@ def heads_for(mode: str) -> str:
     return "dual" if mode == "dual" else "single"
 
 
-def split_heads(output: Any, architecture: UNetConfig) -> tuple[Any, Any]:
+#: Where a dual model's label map comes from (its card's ``inference["labels_from"]``): the segmentation head
+#: (the default), or the SDM head's zero level, the paper's Heaviside, so that the red 0 iso-contour is the
+#: label map's boundary by construction.
+LABEL_SOURCES = ("segmentation", "sdm")
+
+
+def split_heads(output: Any, architecture: UNetConfig, labels_from: str = "segmentation") -> tuple[Any, Any]:
     """The SDM channels and the channels the label map is made from, of a network output ``(channels, ...)``
     (numpy or torch): the same channels for single-head models; for dual heads, the SDM head's and the
-    segmentation head's (both negative inside, see :func:`SDMOrganSegLib.method.sdm.sdms_to_label_map`)."""
+    segmentation head's (both negative inside, see :func:`SDMOrganSegLib.method.sdm.sdms_to_label_map`), or
+    the SDM head's twice with ``labels_from="sdm"`` (:data:`LABEL_SOURCES`)."""
+    if labels_from not in LABEL_SOURCES:
+        raise ValueError(f"unknown label source {labels_from!r}; choose one of {', '.join(LABEL_SOURCES)}")
     organs = architecture.out_channels
     if architecture.heads == "dual":
-        return output[:organs], output[organs:]
+        return output[:organs], output[:organs] if labels_from == "sdm" else output[organs:]
     return output, output
