@@ -4,7 +4,8 @@
                               [--tta-default] [--note TEXT] [--goal TEXT]
 
 ``--tta-default`` makes mirroring test-time augmentation the model's default inference (the card's
-``inference.tta``; callers can still say ``--no-tta``). The card's ``metrics`` are those of the default
+``inference.tta``; callers can still say ``--no-tta``). ``--labels-from sdm`` makes a dual model's label map
+its SDM head's zero level (the card's ``inference.labels_from``; ``compare_label_sources.py`` measures both). The card's ``metrics`` are those of the default
 inference (with or without TTA as the card says, no post-processing), which is what ``segment``, the batch
 script and the panel give unless asked otherwise, so that ``Testing/Python/test_shipped_model.py`` and
 ``test_headneck_model.py`` can reproduce them per case. Where the model was trained with flips,
@@ -39,7 +40,7 @@ def metrics_table(per_organ: dict, cases_per_organ: dict[str, int] | None = None
 
 def ship(
     run: Path, data: Path, target: Path, commands: list[str], note: str, goal: str, tta_default: bool = False,
-    modality: str | None = None, field_of_view: str = "", description: str = "",
+    modality: str | None = None, field_of_view: str = "", description: str = "", labels_from: str = "segmentation",
 ) -> None:
     from SDMOrganSegLib.engines.inference import tta_axes
     from SDMOrganSegLib.formats.modelfiles import load_model, save_model
@@ -54,6 +55,8 @@ def ship(
     mirrored = bool(tta_axes(card))  # trained with flips: TTA has something to mirror
     tta = tta_default and mirrored
     card.inference = {"tta": True} if tta else {}
+    if labels_from != "segmentation":
+        card.inference["labels_from"] = labels_from
     results, prepared = evaluate_model_on_split(model, data, run / "cache", "cpu", tta=tta)
     epoch = card.metrics.get("epoch") or card.training.get("epochs_trained")
     card.metrics = split_metrics_record(
@@ -103,9 +106,10 @@ def main() -> None:
     parser.add_argument("--modality", choices=["CT", "MR"], help="set the card's modality (when the run did not)")
     parser.add_argument("--field-of-view", default="", help="set the card's field of view, in words (when the run did not)")
     parser.add_argument("--description", default="", help="replace the card's one-line description (what the model is, its limits)")
+    parser.add_argument("--labels-from", default="segmentation", choices=["segmentation", "sdm"], help="a dual model's label map: its segmentation head or its SDM head's zero level")
     parser.add_argument("--goal", default="", help="the goal the metrics are measured against, and whether it was met")
     args = parser.parse_args()
-    ship(args.run, args.data, args.to, args.command, args.note, args.goal, args.tta_default, args.modality, args.field_of_view, args.description)
+    ship(args.run, args.data, args.to, args.command, args.note, args.goal, args.tta_default, args.modality, args.field_of_view, args.description, args.labels_from)
 
 
 if __name__ == "__main__":
