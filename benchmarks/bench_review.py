@@ -1,7 +1,7 @@
 """Speed and memory of the review page's server side (``sdmorganseg review``), run in the review extra's
 virtual environment (README, "Review in a browser")::
 
-    .venv-review/bin/python benchmarks/bench_review.py [--quick] [--ct-size 512,512,200] [--json FILE]
+    .venv-review/bin/python benchmarks/bench_review.py [--quick] [--ct-size 512,512,200] [--model-spacing 3.906,3.906,2.5] [--json FILE]
 
 What the page does when a case is chosen, timed in a fresh process per volume, with the four views of the
 page (axial, coronal, sagittal, 3D; 600 x 600 pixels each) rendered offscreen by the same code. Views render
@@ -19,7 +19,10 @@ page encodes its images (trame-rca's encoder at ``PAGE_IMAGE_QUALITY``).
 
 Volumes: a hippocampus MRI segmented by the shipped model (``segment``), and a CT-like volume with nine
 ellipsoid organs whose outputs (exact SDMs, contours) are written as ``segment`` writes them, without a
-network (512 x 512 x 200 by default; ``--ct-size`` for a smaller one on a machine short of memory).
+network (512 x 512 x 200 by default; ``--ct-size`` for a smaller one on a machine short of memory): the SDMs
+on the CT's grid, the contours from the SDMs on the grid of a model of ``--model-spacing`` (default the
+head-and-neck model's 3.906 x 3.906 x 2.5 mm; ``none``: the CT's own grid, as ``segment`` did before
+2026-12-05).
 The browser's part (image encoding, transfer, drawing) is not included.
 """
 
@@ -116,13 +119,16 @@ def hippocampus_case(scratch: Path) -> Path:
     return out
 
 
-def ct_case(scratch: Path, size_xyz: tuple[int, int, int]) -> Path:
-    """A CT-like case folder as ``segment`` writes it: image, label map, nine exact SDMs, contours, summary."""
+def ct_case(scratch: Path, size_xyz: tuple[int, int, int], model_spacing: tuple[float, float, float] | None) -> Path:
+    """A CT-like case folder as ``segment`` writes it: image, label map, nine exact SDMs, contours, summary.
+    With ``model_spacing``, the contours come from each SDM resampled (linearly) to that grid, as a model's
+    run on it contours its own output (``SegmentationResult.contour_sdm``)."""
     import SimpleITK as sitk
 
     from SDMOrganSegLib.images.contours import DEFAULT_LEVELS, iso_surfaces, level_tag, write_polydata
     from SDMOrganSegLib.images.imageio import image_from_array
     from SDMOrganSegLib.images.imagewriting import write_image
+    from SDMOrganSegLib.method.preprocessing import resample_to_spacing
     from SDMOrganSegLib.method.sdm import normalized_sdm
 
     folder = scratch / "ct"
@@ -138,7 +144,8 @@ def ct_case(scratch: Path, size_xyz: tuple[int, int, int]) -> Path:
         name = f"organ {value}"
         sdm = image_from_array(normalized_sdm(labels == value, spacing), image)
         write_image(sdm, folder / f"sdm_organ_{value}.nii.gz")
-        for level, surface in iso_surfaces(sdm, DEFAULT_LEVELS).items():
+        contoured = resample_to_spacing(sdm, model_spacing) if model_spacing else sdm
+        for level, surface in iso_surfaces(contoured, DEFAULT_LEVELS).items():
             write_polydata(surface, str(folder / "contours" / f"organ_{value}_{level_tag(level)}.vtp"))
         color = [float(c) for c in np.random.default_rng(value).uniform(0.2, 1.0, 3)]
         organs[name] = {"label": value, "color": color, "volume_ml": float(np.count_nonzero(labels == value) * np.prod(spacing) / 1000)}
@@ -151,6 +158,7 @@ def ct_case(scratch: Path, size_xyz: tuple[int, int, int]) -> Path:
 def main() -> int:
     parser = _common.argument_parser(__doc__, "the hippocampus case only")
     parser.add_argument("--ct-size", default="512,512,200", help="x,y,z voxels of the CT-like volume (default 512,512,200)")
+    parser.add_argument("--model-spacing", default="3.906,3.906,2.5", help="x,y,z mm of the model grid the CT's contours come from, or none (default 3.906,3.906,2.5)")
     parser.add_argument("--case", help="a hippocampus 'segment' output folder to use instead of segmenting hippocampus_003 here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +173,9 @@ def main() -> int:
         print(json.dumps(report["hippocampus"]))
         if not args.quick:
             size = tuple(int(v) for v in args.ct_size.split(","))
-            report["ct"] = _common.run_child(HERE, ["--child", str(ct_case(scratch, size))], timeout=7200)
+            spacing = None if args.model_spacing == "none" else tuple(float(v) for v in args.model_spacing.split(","))
+            report["ct"] = _common.run_child(HERE, ["--child", str(ct_case(scratch, size, spacing))], timeout=7200)
+            report["ct"]["model_spacing"] = spacing
             print(json.dumps(report["ct"]))
     _common.save_json(args.json, report)
     return 0

@@ -197,3 +197,39 @@ def test_progress_in_a_log_file_is_plain_lines(tiny_model_dir, tmp_path):
     assert progress[0].startswith("[  0%]") and progress[-1].startswith("[100%] done")
     # Every tile would be a line otherwise: at most one per stage change or 10 %.
     assert 3 <= len(progress) <= 20, progress
+
+
+def test_a_run_on_a_finer_grid_than_the_model_contours_on_the_model_grid(model_dir, tmp_path):
+    """The input-grid SDMs of a resampled run are linear interpolations of the model's: their surfaces add
+    triangles (here about 4x for a grid twice as fine), not detail. The contours come from the model's grid,
+    and still lie on the output label map's boundary."""
+    from scipy.ndimage import distance_transform_edt
+
+    from SDMOrganSegLib.engines.inference import segment_image
+    from SDMOrganSegLib.engines.outputs import write_result
+    from SDMOrganSegLib.images.contours import iso_surfaces, read_polydata
+
+    source = sitk.ReadImage(str(HIPPOCAMPUS / "imagesTr" / "hippocampus_003.nii.gz"), sitk.sitkFloat32)
+    model = load_model(model_dir)
+    fine_spacing = tuple(s / 2 for s in model.card.spacing)
+    size = [int(round(n * s / f)) for n, s, f in zip(source.GetSize(), source.GetSpacing(), fine_spacing)]
+    image = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, source.GetOrigin(), fine_spacing, source.GetDirection())
+    result = segment_image(image, model, "cpu")
+    assert set(result.model_grid_sdms) == set(model.card.organ_names)
+    labels = sitk.GetArrayFromImage(result.labels)
+    write_result(result, tmp_path / "out")
+    for organ in model.card.organs:
+        coarse = result.model_grid_sdms[organ.name]
+        assert coarse.GetSpacing() == pytest.approx(model.card.spacing)
+        surface = read_polydata(tmp_path / "out" / "contours" / f"{safe_name(organ.name)}_0.vtp")
+        fine_triangles = iso_surfaces(result.sdms[organ.name], [0.0])[0.0].GetNumberOfCells()
+        assert surface.GetNumberOfCells() == iso_surfaces(coarse, [0.0])[0.0].GetNumberOfCells() > 100
+        assert surface.GetNumberOfCells() < fine_triangles / 3
+        # Each vertex lies on the model grid's trilinear zero level, of which the output's SDM is a sampling,
+        # so within a fine cell of a voxel on the label map's boundary: at most sqrt(3) fine voxels from one.
+        inside = labels == organ.label
+        boundary = inside & ~(np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1) & np.roll(inside, 1, 2) & np.roll(inside, -1, 2))
+        distance = distance_transform_edt(~boundary, sampling=fine_spacing[::-1])
+        points = numpy_support.vtk_to_numpy(surface.GetPoints().GetData())
+        index = np.rint([result.labels.TransformPhysicalPointToContinuousIndex([float(c) for c in p]) for p in points]).astype(int)[:, ::-1]
+        assert distance[tuple(index.T)].max() <= np.sqrt(3) * max(fine_spacing) + 1e-6

@@ -176,7 +176,7 @@ def write_result(
 
     def write_contours(organ: Organ) -> None:
         stem = safe_name(organ.name)
-        computed = surfaces[organ.name] if surfaces is not None else iso_surfaces(result.sdms[organ.name], levels)
+        computed = surfaces[organ.name] if surfaces is not None else iso_surfaces(result.contour_sdm(organ.name), levels)
         for level, surface in computed.items():
             name = f"contours/{stem}_{level_tag(level)}.vtp"
             _named(name, lambda: write_polydata(surface, str(check(name))))

@@ -126,7 +126,7 @@ def compute_outputs(
     for index, organ in enumerate(result.organs):
         check_cancel(cancel)
         report(low + (high - low) * (0.88 + 0.12 * index / len(result.organs)), f"contours of {organ.name}")
-        surfaces[organ.name] = iso_surfaces(result.sdms[organ.name], levels)
+        surfaces[organ.name] = iso_surfaces(result.contour_sdm(organ.name), levels)
     timings = dict(result.timings, contours_s=time.perf_counter() - tick, compute_s=time.perf_counter() - started)
     report(high, "computed")
     return ComputedOutputs(
