@@ -1023,7 +1023,7 @@ class Trainer:
         if ranks.main:
             save_model(self.network, self._card({}, self.planned_epochs), self.out_dir / "last", overwrite=True)
             if self.base is not None and read_card(self.out_dir / "best").metrics.get("epoch") == 0:
-                self.say(f"no fine-tuned epoch validated better than the base model: best/ holds its weights, last/ those of epoch {config.epochs}")
+                self.say(f"no fine-tuned epoch validated better than the base model: best/ holds its weights, last/ those of epoch {self.planned_epochs}")
         return self.out_dir / "best"
 
 
