@@ -536,8 +536,7 @@ def segment_image(
             "this model was trained with Dice only: its 'SDM' outputs are logits (negative inside, 0 on the boundary), "
             "not normalised distances, so only the 0 iso-contour is meaningful"
         )
-    labels_from = card.inference.get("labels_from", "segmentation")
-    if card.architecture.heads == "dual" and labels_from == "sdm":
+    if card.architecture.heads == "dual" and card.labels_from == "sdm":
         notes.append("dual-head model: the label map is its SDM head's zero level (the paper's Heaviside), so the 0 iso-contour is its boundary")
     elif card.architecture.heads == "dual":
         notes.append("dual-head model: the label map comes from its segmentation head, the SDMs and their iso-contours from its SDM head")
@@ -603,19 +602,21 @@ def segment_image(
     tick = time.perf_counter()
     report(0.9, "mapping the SDMs back to the input grid")
 
-    def to_input_grid(channel: np.ndarray) -> sitk.Image:
+    def to_input_grid(channel: np.ndarray | sitk.Image) -> sitk.Image:
         check_cancel(cancel)
-        sdm = image_from_array(channel, working)
+        sdm = channel if isinstance(channel, sitk.Image) else image_from_array(channel, working)
         # Outside the model grid's extent the organ is absent: +1, the farthest outside value.
         return resample_like(sdm, image, sitk.sitkLinear, default=1.0) if resampled else sdm
 
     # Organs side by side: ITK's resampling and the copies release the GIL (2.7 s instead of 3.0 s for 9 CT
     # organs on 2 cores, benchmarks/bench_segment.py).
-    sdm_output, label_output = split_heads(output, card.architecture, labels_from)
+    sdm_output, label_output = split_heads(output, card.architecture, card.labels_from)
     coarser = resampled and np.prod(volume.shape) < np.prod(image.GetSize())
+    # Kept where the model's grid is the coarser one (the contours' source), and resampled from, not rebuilt.
     model_grid_sdms = {organ.name: image_from_array(channel, working) for organ, channel in zip(card.organs, sdm_output)} if coarser else {}
     with ThreadPoolExecutor(worker_threads()) as pool:
-        sdm_images = dict(zip((organ.name for organ in card.organs), pool.map(to_input_grid, sdm_output)))
+        sources = list(model_grid_sdms.values()) if coarser else sdm_output
+        sdm_images = dict(zip((organ.name for organ in card.organs), pool.map(to_input_grid, sources)))
         # A dual-head model's label map comes from its segmentation head (unless its card says the SDM head), resampled the same way.
         label_images = sdm_images.values() if label_output is sdm_output else list(pool.map(to_input_grid, label_output))
     sdm_arrays = [sitk.GetArrayViewFromImage(sdm) for sdm in label_images]

@@ -43,11 +43,11 @@ from ..common.files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device, tta_axes
 from ..method.architecture import heads_for, split_heads
 from ..method.augmentation import AUGMENTATIONS, augment_batch
-from ..method.losses import CE_BALANCES, DICE_REDUCTIONS, MODES, SDM_BALANCES, SDMSegmentationLoss, output_activation_for
+from ..method.losses import CE_BALANCES, DICE_REDUCTIONS, EIKONAL_MODES, MODES, SDM_BALANCES, SDMSegmentationLoss, output_activation_for
 from ..formats.modelfiles import ModelCard, Organ, organs_from_labels, read_card, save_model, shipped_models
 from ..method.network import UNet3D, preset
 from ..method.preprocessing import DEFAULT_INTENSITY
-from ..method.sdm import HEAVISIDE_K, SDM_NORMALIZATIONS, sdms_to_label_map
+from ..method.sdm import HEAVISIDE_K, SCALED_NORMALIZATIONS, SDM_NORMALIZATIONS, sdms_to_label_map
 
 
 @dataclass
@@ -324,8 +324,8 @@ def evaluate_cases(
     for case in cases:
         # segment's default overlap, so that validation and card metrics are what users get.
         output = predict_array(network, case.image, device, window=window_zyx, overlap=0.25, mirror_axes=mirror_axes)
-        sdm_head, segmentation_head = split_heads(output, network.config)
-        prediction = sdms_to_label_map(sdm_head if labels_from == "sdm" else segmentation_head, label_values)
+        sdm_head, label_head = split_heads(output, network.config, labels_from)
+        prediction = sdms_to_label_map(label_head, label_values)
         sdm_zero_level = sdms_to_label_map(sdm_head, label_values) if head_agreement and network.config.heads == "dual" else None
         if largest_component:
             from ..method.postprocessing import keep_largest_component
@@ -516,7 +516,7 @@ class Trainer:
             raise SDMOrganSegError(f"unknown output bias {config.output_bias!r}; choose one of {', '.join(OUTPUT_BIASES)}")
         if not config.ce_weight >= 0:
             raise SDMOrganSegError("the cross-entropy weight must be 0 or positive")
-        if config.eikonal_weight and (config.mode not in ("sdm", "sdm+dice", "dual") or config.sdm_normalization not in ("tanh", "clip")):
+        if config.eikonal_weight and (config.mode not in EIKONAL_MODES or config.sdm_normalization not in SCALED_NORMALIZATIONS):
             raise SDMOrganSegError("--eikonal-weight needs an SDM head (--mode sdm, sdm+dice or dual) and --sdm-normalization tanh or clip")
         if not config.eikonal_weight >= 0:
             raise SDMOrganSegError("the Eikonal weight must be 0 or positive")
@@ -1058,7 +1058,7 @@ def evaluate_model_on_split(
     window = tuple(reversed(card.window)) if card.window else None
     results = evaluate_cases(
         model.network, prepared, card.organs, resolve_device(device), window_zyx=window, mirror_axes=mirror, largest_component=largest_component,
-        labels_from=card.inference.get("labels_from", "segmentation"),
+        labels_from=card.labels_from,
     )
     return results, prepared
 

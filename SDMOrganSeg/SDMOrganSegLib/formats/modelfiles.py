@@ -97,9 +97,14 @@ class ModelCard:
     software_version: str = __version__
     format: int = MODEL_CARD_FORMAT
 
+    @property
+    def labels_from(self) -> str:
+        """Where a dual model's label map comes from: ``inference.labels_from``, one of ``LABEL_SOURCES``."""
+        return self.inference.get("labels_from", "segmentation")
+
     def needed_format(self) -> int:
         """The oldest card format whose readers segment with this card as its metrics were measured."""
-        return 2 if self.inference.get("labels_from") == "sdm" else 1
+        return 2 if self.labels_from == "sdm" else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -184,10 +189,9 @@ class ModelCard:
             raise SDMOrganSegError(f"{source} has spacing {self.spacing}; it must be three positive numbers (mm) or null")
         if self.window is not None and (len(self.window) != 3 or min(self.window) < 1):
             raise SDMOrganSegError(f"{source} has window {self.window}; it must be three positive voxel counts or null")
-        labels_from = self.inference.get("labels_from", "segmentation")
-        if labels_from not in LABEL_SOURCES or (labels_from == "sdm" and self.architecture.heads != "dual"):
+        if self.labels_from not in LABEL_SOURCES or (self.labels_from == "sdm" and self.architecture.heads != "dual"):
             raise SDMOrganSegError(
-                f"{source} has inference.labels_from {labels_from!r}; it must be 'segmentation', or 'sdm' for a dual-head model"
+                f"{source} has inference.labels_from {self.labels_from!r}; it must be 'segmentation', or 'sdm' for a dual-head model"
             )
 
     @property

@@ -94,5 +94,6 @@ def split_heads(output: Any, architecture: UNetConfig, labels_from: str = "segme
         raise ValueError(f"unknown label source {labels_from!r}; choose one of {', '.join(LABEL_SOURCES)}")
     organs = architecture.out_channels
     if architecture.heads == "dual":
-        return output[:organs], output[:organs] if labels_from == "sdm" else output[organs:]
+        sdm = output[:organs]  # one object for both roles, so callers see that the label map needs no second resampling
+        return sdm, sdm if labels_from == "sdm" else output[organs:]
     return output, output

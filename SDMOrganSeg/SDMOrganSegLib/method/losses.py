@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .architecture import output_activation_for  # noqa: F401  (the activation a mode trains; re-exported)
-from .sdm import HEAVISIDE_K
+from .sdm import HEAVISIDE_K, SCALED_NORMALIZATIONS
 
 MODES = ("dice", "sdm", "l1+dice", "sdm+dice", "dual")
 #: How the Dice term pools a batch: per case (Eq. 1 per patch, the paper) or over the batch; see soft_dice_loss.
@@ -129,6 +129,8 @@ def sdm_regions(target_sdm: torch.Tensor, target_mask: torch.Tensor, balance: st
 #: Normalised SDM values beyond which the Eikonal term looks away: the tanh's slope there (1 - p^2 < 0.19)
 #: would turn a small error of ``p`` into a large one of the distance.
 EIKONAL_LEVEL = 0.9
+#: Modes with an SDM output the Eikonal term reads as a distance (with one of ``SCALED_NORMALIZATIONS``).
+EIKONAL_MODES = ("sdm", "sdm+dice", "dual")
 
 
 def eikonal_loss(
@@ -146,7 +148,7 @@ def eikonal_loss(
     so ``|grad d| = scale_mm |grad p| / (1 - p^2)`` or ``scale_mm |grad p|``; forward differences over
     ``spacing_mm`` (x, y, z), on voxels where both the target and the prediction are below
     :data:`EIKONAL_LEVEL` in magnitude."""
-    if normalization not in ("tanh", "clip"):
+    if normalization not in SCALED_NORMALIZATIONS:
         raise ValueError(f"the Eikonal term needs a distance-proportional normalisation (tanh or clip), not {normalization!r}")
     sx, sy, sz = (float(v) for v in spacing_mm)
     core = pred_sdm[..., :-1, :-1, :-1]
@@ -236,7 +238,7 @@ class SDMSegmentationLoss(nn.Module):
         if sdm_balance not in SDM_BALANCES:
             raise ValueError(f"unknown SDM balance {sdm_balance!r}; choose one of {', '.join(SDM_BALANCES)}")
         self.ce_balance, self.sdm_balance = ce_balance, sdm_balance
-        if eikonal_weight and (mode not in ("sdm", "sdm+dice", "dual") or normalization not in ("tanh", "clip")):
+        if eikonal_weight and (mode not in EIKONAL_MODES or normalization not in SCALED_NORMALIZATIONS):
             raise ValueError("the Eikonal term needs an SDM head (modes sdm, sdm+dice, dual) and the tanh or clip normalisation")
         self.eikonal_weight, self.spacing_mm, self.scale_mm, self.normalization = eikonal_weight, tuple(spacing_mm), scale_mm, normalization
         #: Parts as Python floats (a wait for the device per part) or as detached tensors (the trainer sums them on the device).

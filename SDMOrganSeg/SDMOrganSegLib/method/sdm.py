@@ -119,6 +119,8 @@ def normalized_sdm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 #:   both sides of the surface, in every case (:func:`scaled_sdm`).
 #: * ``tanh``: ``tanh(distance / scale_mm)``: the same near the surface, smooth instead of clipped far away.
 SDM_NORMALIZATIONS = ("paper", "clip", "tanh")
+#: The normalisations that are a function of the distance in mm alone (``scale_mm``), the same on both sides.
+SCALED_NORMALIZATIONS = ("clip", "tanh")
 
 
 def level_distance_mm(level: float, normalization: str, scale_mm: float) -> float | None:
@@ -138,7 +140,7 @@ def scaled_sdm(mask: np.ndarray, spacing: Sequence[float], scale_mm: float, meth
     ``d`` is :func:`signed_distance_mm` (negative inside). Absent organ: +1 everywhere; organ filling the
     image: -1 everywhere, as for :func:`normalized_sdm`.
     """
-    if method not in ("clip", "tanh"):
+    if method not in SCALED_NORMALIZATIONS:
         raise ValueError(f"unknown symmetric SDM normalisation {method!r}; use 'clip' or 'tanh'")
     if not scale_mm > 0:
         raise ValueError(f"the SDM scale must be a positive distance in mm, got {scale_mm}")
