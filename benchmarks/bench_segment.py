@@ -100,15 +100,19 @@ def hippocampus(repeat: int, scratch: Path) -> dict:
 
 
 def realistic_sdms(result, image) -> None:
-    """Replace ``result``'s SDMs and label map by exact ones of nine ellipsoid organs on ``image``'s grid."""
+    """Replace ``result``'s SDMs and label map by exact ones of nine ellipsoid organs on ``image``'s grid, and
+    the model-grid SDMs the contours come from (``SegmentationResult.contour_sdm``) by those resampled."""
     import SimpleITK as sitk
 
     from SDMOrganSegLib.images.imageio import image_from_array
+    from SDMOrganSegLib.method.preprocessing import resample_like
     from SDMOrganSegLib.method.sdm import normalized_sdm
 
     labels = _common.organ_masks(sitk.GetArrayViewFromImage(image).shape, len(result.organs))
     for organ in result.organs:
         result.sdms[organ.name] = image_from_array(normalized_sdm(labels == organ.label, image.GetSpacing()), image)
+        if organ.name in result.model_grid_sdms:
+            result.model_grid_sdms[organ.name] = resample_like(result.sdms[organ.name], result.model_grid_sdms[organ.name], sitk.sitkLinear, default=1.0)
     result.labels = image_from_array(labels, image)
 
 
@@ -179,7 +183,7 @@ def ct_child(args: argparse.Namespace) -> None:
         for f in folder.glob(f"*{suffix}"):
             f.unlink()
     tick = time.perf_counter()
-    surfaces = {organ: contours.iso_surfaces(sdm) for organ, sdm in result.sdms.items()}
+    surfaces = {organ: contours.iso_surfaces(result.contour_sdm(organ)) for organ in result.sdms}
     breakdown["contours (iso_surfaces)"] = time.perf_counter() - tick
     tick = time.perf_counter()
     for organ, by_level in surfaces.items():
