@@ -19,6 +19,7 @@ server. This package's own namespace holds only the version numbers below.
 __version__ = "0.1.0"
 
 #: Newest model-card format this package reads; cards with a newer one are refused. A card is written with the
-#: oldest format that holds it (``ModelCard.needed_format``): 2 only where ``inference.labels_from`` is ``"sdm"``,
-#: which a reader of format 1 would silently ignore, giving another label map than the card's metrics.
-MODEL_CARD_FORMAT = 2
+#: oldest format that holds it (``ModelCard.needed_format``): 2 where ``inference.labels_from`` is ``"sdm"``,
+#: which a reader of format 1 would silently ignore, giving another label map than the card's metrics; 3 where
+#: the architecture has an SDM branch (``UNetConfig.sdm_branch``), which a reader of format 2 cannot build.
+MODEL_CARD_FORMAT = 3

@@ -179,3 +179,30 @@ def test_export_writes_a_checked_onnx_that_save_model_retires_with_its_weights(t
     save_model(model.network, model.card, folder, overwrite=True)
     assert not (folder / ONNX_FILE).exists() and "onnx" not in json.loads((folder / CARD_FILE).read_text())
     assert load_model(folder).runtime == "torch"
+
+
+@pytest.mark.slow
+def test_a_model_with_an_sdm_branch_exports_to_onnx_with_the_same_outputs(tmp_path):
+    import torch
+
+    from SDMOrganSegLib.engines.inference import network_runner, predict_array
+    from SDMOrganSegLib.engines.onnxmodel import export_model
+    from SDMOrganSegLib.formats.modelfiles import ModelCard, save_model
+    from SDMOrganSegLib.method.architecture import preset
+    from SDMOrganSegLib.method.network import UNet3D
+
+    torch.manual_seed(3)
+    config = preset("cpu", 1, 2, heads="dual", sdm_branch=4)
+    network = UNet3D(config).eval()
+    with torch.no_grad():
+        network.sdm_branch[-1].weight.normal_(0, 0.3)  # a trained-looking branch, not the zero it starts as
+    card = ModelCard.from_dict({"name": "b", "architecture": config.to_dict(), "organs": [{"name": "a", "label": 1}, {"name": "c", "label": 2}], "spacing": [1.0, 1.0, 1.0]})
+    save_model(network, card, tmp_path / "b")
+    export_model(tmp_path / "b")
+    model = load_model(tmp_path / "b")
+    assert model.runtime == "onnxruntime" and model.card.onnx["output_channels"] == 4
+    volume = np.random.default_rng(2).standard_normal((20, 33, 17)).astype(np.float32)
+    got = predict_array(network_runner(model, "cpu"), volume)
+    expected = predict_array(network, volume, torch.device("cpu"))
+    # tanh SDMs and logits of a few units: float32 reorderings stay far below 1e-4 (the tiny model's test).
+    assert np.abs(got - expected).max() <= 1e-4

@@ -590,3 +590,88 @@ def test_the_eikonal_term_is_logged_and_refused_without_a_distance_head(tmp_path
     for mode, normalization in (("dice", "tanh"), ("dual", "paper")):
         with pytest.raises(SDMOrganSegError, match="--eikonal-weight needs"):
             Trainer(TrainingConfig(str(data), str(tmp_path / mode), mode=mode, epochs=1, sdm_normalization=normalization, eikonal_weight=1.0, **common))
+
+
+# --- an SDM branch of its own (issue 20: the SDM head away from the surface) -----------------------------
+
+
+def test_an_sdm_branch_adds_to_the_sdm_head_only_and_starts_at_zero():
+    from SDMOrganSegLib.method.widening import widen
+
+    torch.manual_seed(0)
+    plain = UNet3D(preset("cpu", 1, 2, heads="dual")).eval()
+    branched = UNet3D(preset("cpu", 1, 2, heads="dual", sdm_branch=4)).eval()
+    missing, unexpected = branched.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("sdm_branch.") for key in missing)
+    image = torch.randn(1, 1, 16, 32, 16)
+    with torch.no_grad():
+        assert torch.equal(branched(image), plain(image))  # a new branch adds exactly 0
+        branched.sdm_branch[-1].weight.normal_()
+        out, before = branched(image), plain(image)
+    assert not torch.allclose(out[:, :2], before[:, :2], atol=1e-3)  # the SDMs change...
+    assert torch.equal(out[:, 2:], before[:, 2:])  # ...the segmentation logits cannot
+    assert [layer.out_channels for layer in branched.sdm_output_layers()] == [2, 2]
+    # Widening doubles the UNet's channels and keeps the branch's, with the same outputs.
+    wide = widen(branched).eval()
+    assert wide.sdm_branch[0][0].weight.shape == (4, 16, 3, 3, 3)
+    with torch.no_grad():
+        assert torch.allclose(wide(image), out, rtol=1e-4, atol=1e-4)
+
+
+def test_a_card_with_an_sdm_branch_is_format_3_and_one_without_keeps_its_fields(tmp_path):
+    from SDMOrganSegLib import MODEL_CARD_FORMAT
+    from SDMOrganSegLib.formats.modelfiles import ModelCard, load_model, save_model
+
+    organs = [{"name": "a", "label": 1}]
+    plain = ModelCard.from_dict({"name": "m", "architecture": preset("cpu", 1, 1, heads="dual").to_dict(), "organs": organs})
+    # Cards without a branch read as before by versions that predate the field (they refuse unknown fields).
+    assert "sdm_branch" not in plain.to_dict()["architecture"] and plain.to_dict()["format"] == 1
+    config = preset("cpu", 1, 1, heads="dual", sdm_branch=4)
+    card = ModelCard.from_dict({"name": "m", "architecture": config.to_dict(), "organs": organs, "spacing": [1.0, 1.0, 1.0]})
+    assert card.to_dict()["format"] == 3 == MODEL_CARD_FORMAT and card.architecture.sdm_branch == 4
+    network = UNet3D(config).eval()
+    with torch.no_grad():
+        network.sdm_branch[-1].weight.normal_()
+    save_model(network, card, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.network(image), network(image))
+    with pytest.raises(ValueError, match="SDM branch"):
+        preset("cpu", 1, 1, sdm_branch=-1)
+
+
+def test_fine_tuning_adds_an_sdm_branch_keeping_the_outputs_rescales_it_and_refuses_changing_it(tmp_path):
+    from SDMOrganSegLib.formats.modelfiles import load_model
+
+    data = _tiny_data(tmp_path / "data")
+    common = dict(mode="dual", batch_size=2, patch_size=(16, 16, 16), device="cpu", threads=1, validation_fraction=0.5, sdm_normalization="tanh",
+                  sdm_scale_mm=5.0, spacing=(1.0, 1.0, 1.0), sdm_weight=1.0, ce_weight=1.0, flip=False, learning_rate=5e-3)
+    Trainer(TrainingConfig(str(data), str(tmp_path / "base"), epochs=2, validate_every=2, **common), progress=lambda t: None).run()
+    base = load_model(tmp_path / "base" / "best")
+    said = []
+    config = TrainingConfig(str(data), str(tmp_path / "branch"), epochs=2, validate_every=1, sdm_branch=4, init_model=str(tmp_path / "base" / "best"), **common)
+    trainer = Trainer(config, progress=said.append)
+    trainer.run()
+    assert any("added an SDM branch of 4 channels" in line for line in said)
+    # Epoch 0 validates the base with its new branch: the base's own validation Dice.
+    assert trainer.log_rows[0]["val_mean_dice"] == pytest.approx(base.card.metrics["validation_mean_dice"], abs=1e-6)
+    tuned = load_model(tmp_path / "branch" / "last")
+    assert tuned.card.architecture.sdm_branch == 4 and float(tuned.network.sdm_branch[-1].weight.detach().abs().sum()) > 0
+    said.clear()
+    Trainer(dataclasses.replace(config, epochs=3), progress=said.append).run()  # a resume rebuilds the branch
+    assert any("resuming after epoch 2" in text for text in said)
+    # Another --sdm-scale rescales the head and the branch together: 5 atanh(p) = 10 atanh(q) for the same input.
+    rescaled = TrainingConfig(str(data), str(tmp_path / "rescaled"), epochs=1, init_model=str(tmp_path / "branch" / "last"), **{**common, "sdm_scale_mm": 10.0, "learning_rate": 1e-12})
+    Trainer(rescaled, progress=lambda t: None).run()
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the resumed run's last model is the one rescaled
+        p, q = load_model(tmp_path / "branch" / "last").network(x)[:, :1].double(), load_model(tmp_path / "rescaled" / "last").network(x)[:, :1].double()
+    inner = p.abs() < 0.99
+    np.testing.assert_allclose((10 * torch.atanh(q))[inner].numpy(), (5 * torch.atanh(p))[inner].numpy(), atol=1e-3)
+    # A branch may be added, not changed or removed; and a Dice-only model has no SDM head to branch.
+    for channels in (8, 0):
+        with pytest.raises(SDMOrganSegError, match="SDM branch: "):
+            Trainer(dataclasses.replace(config, out_dir=str(tmp_path / f"c{channels}"), sdm_branch=channels, init_model=str(tmp_path / "branch" / "last")), progress=lambda t: None).run()
+    with pytest.raises(SDMOrganSegError, match="--sdm-branch adds to the SDM head"):
+        Trainer(TrainingConfig(str(data), str(tmp_path / "dice"), mode="dice", epochs=1, sdm_branch=4))

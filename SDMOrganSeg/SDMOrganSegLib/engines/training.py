@@ -19,6 +19,7 @@ augmentation in ``method``, the cases in ``formats.dataset``, the processes in :
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -105,6 +106,9 @@ class TrainingConfig:
     #: With ``init_model`` of a dual model: start its SDM head afresh (the segmentation head and the network
     #: are kept), so that the SDM normalisation may change; for a head whose tanh saturated (docs/headneck.md).
     reset_sdm_head: bool = False
+    #: Channels of an SDM branch (``UNetConfig.sdm_branch``; 0: none). Fine-tuning: None keeps the model's, and
+    #: a model without one may be given one (zero at the start, so the model's outputs are kept).
+    sdm_branch: int | None = None
     #: With ``init_model``: start from the base widened to twice its channels, computing the same outputs
     #: (method/widening.py), so that training adds capacity without losing what the base learnt.
     widen: bool = False
@@ -536,6 +540,10 @@ class Trainer:
                 raise SDMOrganSegError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
         if config.time_budget_min is not None and not config.time_budget_min > 0:
             raise SDMOrganSegError("the time budget must be a positive number of minutes")
+        if config.sdm_branch is not None and not (isinstance(config.sdm_branch, int) and config.sdm_branch >= 0):
+            raise SDMOrganSegError("the SDM branch's channels must be a whole number, 0 or more")
+        if config.sdm_branch and config.mode == "dice":
+            raise SDMOrganSegError("--sdm-branch adds to the SDM head: give --mode sdm, sdm+dice or dual")
         if config.widen and not config.init_model:
             raise SDMOrganSegError("--widen doubles the channels of the model it starts from: give --init MODEL")
         if config.reset_sdm_head and (not config.init_model or config.mode != "dual"):
@@ -807,7 +815,9 @@ class Trainer:
             ranks, self.split, "training and validation cases", "give every machine the same data folder and --split, or a run folder they share"
         )
         torch.manual_seed(config.seed)
-        overrides = {k: getattr(config, k) for k in ("depth", "base_channels", "max_channels") if getattr(config, k) is not None}
+        overrides = {k: getattr(config, k) for k in ("depth", "base_channels", "max_channels", "sdm_branch") if getattr(config, k) is not None}
+        if config.sdm_branch is None and self.base is not None:  # fine-tuning keeps the model's branch unless told
+            overrides["sdm_branch"] = self.base.card.architecture.sdm_branch
         if config.widen and state is not None:  # a resumed widened run: the checkpoint holds the wide weights
             narrow = preset(config.preset, 1, len(self.organs), **overrides)
             overrides.update(base_channels=2 * narrow.base_channels, max_channels=2 * narrow.max_channels)
@@ -819,11 +829,18 @@ class Trainer:
                 for layer, bias in initial_output_biases(self.train_cases, config.mode, config.output_bias).items():
                     getattr(self.network, layer).bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
         if self.base is not None:
-            if self.network.config != self.base.card.architecture and not (config.widen and state is not None):
+            base_architecture = self.base.card.architecture
+            added_branch = self.network.config.sdm_branch if not base_architecture.sdm_branch else 0
+            if dataclasses.replace(self.network.config, sdm_branch=base_architecture.sdm_branch) != base_architecture and not (config.widen and state is not None):
                 # refuse_contradictions has said why already
                 raise SDMOrganSegError(f"the network of this run differs from that of model {self.base.card.name}; it cannot be fine-tuned")
             if state is None:
-                self.network.load_state_dict(self.base.network.state_dict())
+                # A branch added to the base starts at zero (UNet3D): the base's outputs, whatever the branch's other weights.
+                missing, unexpected = self.network.load_state_dict(self.base.network.state_dict(), strict=not added_branch)
+                if unexpected or any(not key.startswith("sdm_branch.") for key in missing):
+                    raise SDMOrganSegError(f"the weights of model {self.base.card.name} do not fit this run's network; it cannot be fine-tuned")
+                if added_branch:
+                    self.say(f"added an SDM branch of {added_branch} channels to {self.base.card.name} (zero at the start: the same outputs)")
                 if config.widen:
                     from ..method.widening import widen
 
@@ -833,12 +850,16 @@ class Trainer:
                     with torch.no_grad():  # PyTorch's initial weights, and a zero bias: every SDM starts at 0
                         self.network.head.reset_parameters()
                         self.network.head.bias.zero_()
+                        for layer in self.network.sdm_output_layers()[1:]:  # a branch starts at zero again
+                            layer.weight.zero_()
+                            layer.bias.zero_()
                 elif sdm_head_rescalable(self.base.card, self._config_record()):
                     factor = sdm_head_rescale(self.base.card, config.sdm_scale_mm)
                     if factor != 1.0:
                         with torch.no_grad():  # tanh(a) = tanh(d / s) becomes tanh(a s / s') = tanh(d / s')
-                            self.network.head.weight.mul_(factor)
-                            self.network.head.bias.mul_(factor)
+                            for layer in self.network.sdm_output_layers():  # a sums over them
+                                layer.weight.mul_(factor)
+                                layer.bias.mul_(factor)
                         self.say(f"SDM head of {self.base.card.name} rescaled from {kept_settings(self.base.card)['sdm_scale_mm']:g} mm to {config.sdm_scale_mm:g} mm (x{factor:g})")
         self.patch_size = tuple(config.patch_size) if config.patch_size else whole_volume_patch(self.train_cases, self.network.size_multiple)
         if config.optimizer == "sgd":

@@ -35,7 +35,8 @@ def _preset_of(card: ModelCard) -> str:
     arch = card.architecture
     recorded = card.training.get("config", {}).get("preset")
     for name in ([recorded] if recorded in PRESETS else []) + sorted(PRESETS):
-        if _network(name, arch.depth, arch.base_channels, arch.max_channels, arch.output_activation, arch.out_channels, arch.heads) == arch:
+        built = _network(name, arch.depth, arch.base_channels, arch.max_channels, arch.output_activation, arch.out_channels, arch.heads)
+        if dataclasses.replace(built, sdm_branch=arch.sdm_branch) == arch:
             return name
     raise SDMOrganSegError(
         f"the network of model {card.name} ({_describe_network(arch)}) is not one this trainer builds; it cannot be fine-tuned here"
@@ -71,6 +72,7 @@ def kept_settings(card: ModelCard) -> dict[str, Any]:
         "intensity": dict(card.intensity),
         "sdm_normalization": str(sdm.get("normalization", "paper")),
         "heaviside_k": float(card.heaviside_k),
+        "sdm_branch": arch.sdm_branch,
         "sliding_window": card.window is not None,
         "modality": card.modality,
     }
@@ -149,8 +151,15 @@ def contradictions(card: ModelCard, settings: Mapping[str, Any]) -> list[str]:
             problems.append(f"mode {mode}: output activation {built.output_activation} (the model's: {arch.output_activation})")
         elif built.heads != arch.heads:
             problems.append(f"mode {mode}: {built.heads} output head(s) (the model's: {arch.heads})")
-        if dataclasses.replace(built, output_activation=arch.output_activation, heads=arch.heads) != arch:
+        if dataclasses.replace(built, output_activation=arch.output_activation, heads=arch.heads, sdm_branch=arch.sdm_branch) != arch:
             problems.append(f"network: {_describe_network(built)} (the model's: {_describe_network(arch)})")
+    branch = settings.get("sdm_branch")
+    if branch is not None and branch != arch.sdm_branch and (arch.sdm_branch or arch.output_activation != "tanh"):
+        # A branch may be added (it starts at zero: the same outputs), not changed or removed, and only to an SDM head.
+        problems.append(
+            f"SDM branch: {branch} channels (the model's: {arch.sdm_branch or 'none'}"
+            + (", and a Dice-only model has no SDM head to add one to)" if arch.output_activation != "tanh" else ")")
+        )
     kept = kept_settings(card)
     checked = ("spacing", "intensity", "sdm_normalization", "sdm_scale_mm", "heaviside_k", "modality")
     if settings.get("reset_sdm_head"):

@@ -104,6 +104,8 @@ class ModelCard:
 
     def needed_format(self) -> int:
         """The oldest card format whose readers segment with this card as its metrics were measured."""
+        if self.architecture.sdm_branch:
+            return 3
         return 2 if self.labels_from == "sdm" else 1
 
     def to_dict(self) -> dict[str, Any]:

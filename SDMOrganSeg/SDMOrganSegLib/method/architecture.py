@@ -30,10 +30,16 @@ class UNetConfig:
     #: "single": one output per organ (an SDM, or a Dice-only logit); "dual": an SDM head (tanh) and a
     #: segmentation head (logits) on the same decoder, output as the organs' SDMs then the organs' logits.
     heads: str = "single"
+    #: Channels of the SDM branch (0: none): two 3x3x3 convolutions on the last decoder features and a 1x1x1
+    #: convolution whose output is added to the SDM head's, before the tanh. It gives the SDM features of its
+    #: own, apart from those the segmentation head reads; see :class:`SDMOrganSegLib.method.network.UNet3D`.
+    sdm_branch: int = 0
 
     def __post_init__(self) -> None:
         if self.heads not in HEADS:
             raise ValueError(f"unknown heads {self.heads!r}; choose one of {', '.join(HEADS)}")
+        if not (isinstance(self.sdm_branch, int) and self.sdm_branch >= 0):
+            raise ValueError(f"the SDM branch's channels must be a whole number >= 0, not {self.sdm_branch!r}")
 
     @property
     def output_channels(self) -> int:
@@ -44,7 +50,10 @@ class UNetConfig:
         return min(self.base_channels * 2**level, self.max_channels)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if not self.sdm_branch:  # cards without a branch stay readable by versions that predate it
+            del values["sdm_branch"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "UNetConfig":

@@ -5,7 +5,10 @@ same spatial size. Each output channel is one organ's normalised SDM, in [-1, 1]
 negative inside the organ; a Dice-only model (``output_activation="none"``) gives unbounded logits with the
 same sign convention. A dual-head model (``heads="dual"``) outputs ``2 * out_channels`` channels: the organs'
 tanh SDMs from ``head``, then the organs' segmentation logits (negative inside) from ``segmentation_head``,
-two 1x1x1 convolutions on the same last decoder features.
+two 1x1x1 convolutions on the same last decoder features. With ``sdm_branch`` channels, an SDM branch (two
+3x3x3 convolutions and a 1x1x1 one, zero at the start) adds its output to ``head``'s before the tanh: features
+of the SDM's own, so that the distance away from the surface need not share the segmentation head's eight
+channels, and a model fine-tuned with a new branch starts from the outputs it had.
 
 Paper preset: 6 downsamplings (7 resolution levels, 6 skip connections), 24 channels doubling up to 384,
 group normalisation, leaky ReLU, trilinear upsampling followed by a 3x3x3 convolution instead of a
@@ -101,6 +104,18 @@ class UNet3D(nn.Module):
         self.head = nn.Conv3d(c.channels(0), c.out_channels, kernel_size=1)
         if c.heads == "dual":
             self.segmentation_head = nn.Conv3d(c.channels(0), c.out_channels, kernel_size=1)
+        if c.sdm_branch:
+            self.sdm_branch = nn.Sequential(
+                ConvNormAct(c.channels(0), c.sdm_branch, g, s),
+                ConvNormAct(c.sdm_branch, c.sdm_branch, g, s),
+                nn.Conv3d(c.sdm_branch, c.out_channels, kernel_size=1),
+            )
+            nn.init.zeros_(self.sdm_branch[-1].weight)
+            nn.init.zeros_(self.sdm_branch[-1].bias)
+
+    def sdm_output_layers(self) -> list[nn.Conv3d]:
+        """The 1x1x1 convolutions whose outputs sum to the SDM's pre-activation (``head``, and the branch's last)."""
+        return [self.head] + ([self.sdm_branch[-1]] if self.config.sdm_branch else [])
 
     @property
     def size_multiple(self) -> int:
@@ -124,6 +139,8 @@ class UNet3D(nn.Module):
             x = decoder(x, skips.pop())
         features = x
         x = self.head(features)
+        if self.config.sdm_branch:
+            x = x + self.sdm_branch(features)
         if self.config.output_activation == "tanh":
             x = torch.tanh(x)
         if self.config.heads == "dual":

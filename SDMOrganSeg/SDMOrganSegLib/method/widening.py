@@ -35,8 +35,9 @@ def widen(network: UNet3D, seed: int = 0) -> UNet3D:
             elif isinstance(module, nn.GroupNorm):
                 if module.num_groups != old.num_groups:
                     raise ValueError(f"{name}: group norm would change from {old.num_groups} to {module.num_groups} groups")
-                module.weight.copy_(old.weight.repeat_interleave(2))
-                module.bias.copy_(old.bias.repeat_interleave(2))
+                wider = module.weight.shape != old.weight.shape  # the SDM branch keeps its channels
+                module.weight.copy_(old.weight.repeat_interleave(2) if wider else old.weight)
+                module.bias.copy_(old.bias.repeat_interleave(2) if wider else old.bias)
     return wide
 
 
