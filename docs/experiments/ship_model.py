@@ -1,7 +1,7 @@
 """Copy a finished run's best model into ``Resources/Models/NAME`` with its validation metrics measured as shipped.
 
     python docs/experiments/ship_model.py RUN --data DATA --to Resources/Models/NAME --command "..." [--command "..."]
-                              [--tta-default] [--note TEXT] [--goal TEXT]
+                              [--tta-default] [--note TEXT] [--goal TEXT] [--folder best|last]
 
 ``--tta-default`` makes mirroring test-time augmentation the model's default inference (the card's
 ``inference.tta``; callers can still say ``--no-tta``). ``--labels-from sdm`` makes a dual model's label map
@@ -41,13 +41,14 @@ def metrics_table(per_organ: dict, cases_per_organ: dict[str, int] | None = None
 def ship(
     run: Path, data: Path, target: Path, commands: list[str], note: str, goal: str, tta_default: bool = False,
     modality: str | None = None, field_of_view: str = "", description: str = "", labels_from: str = "segmentation",
+    folder: str = "best",
 ) -> None:
     from SDMOrganSegLib.engines.inference import tta_axes
     from SDMOrganSegLib.formats.modelfiles import load_model, save_model
     from SDMOrganSegLib.engines.onnxmodel import export_model
     from SDMOrganSegLib.engines.training import evaluate_model_on_split, split_metrics_record, summarize
 
-    model = load_model(run / "best", runtime="torch")
+    model = load_model(run / folder, runtime="torch")
     card = model.card
     card.modality = modality or card.modality
     card.field_of_view = field_of_view or card.field_of_view
@@ -88,7 +89,7 @@ def ship(
         (staging / "model").rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"shipped {run / 'best'} (epoch {epoch}) to {target}\n")
+    print(f"shipped {run / folder} (epoch {epoch}) to {target}\n")
     print(f"Default inference ({'with' if tta else 'no'} TTA):\n" + metrics_table(card.metrics["per_organ"]))
     print("\nWith --largest-component:\n" + metrics_table(card.metrics["largest_component_per_organ"]))
     if "other_tta_per_organ" in card.metrics:
@@ -108,8 +109,9 @@ def main() -> None:
     parser.add_argument("--description", default="", help="replace the card's one-line description (what the model is, its limits)")
     parser.add_argument("--labels-from", default="segmentation", choices=["segmentation", "sdm"], help="a dual model's label map: its segmentation head or its SDM head's zero level")
     parser.add_argument("--goal", default="", help="the goal the metrics are measured against, and whether it was met")
+    parser.add_argument("--folder", default="best", choices=["best", "last"], help="the run's model to ship: best/ (the best validation Dice) or last/ (the last epoch, where Dice is not what decides, e.g. an SDM head trained to a distance)")
     args = parser.parse_args()
-    ship(args.run, args.data, args.to, args.command, args.note, args.goal, args.tta_default, args.modality, args.field_of_view, args.description, args.labels_from)
+    ship(args.run, args.data, args.to, args.command, args.note, args.goal, args.tta_default, args.modality, args.field_of_view, args.description, args.labels_from, args.folder)
 
 
 if __name__ == "__main__":
