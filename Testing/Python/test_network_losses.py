@@ -119,6 +119,28 @@ def test_eikonal_term_is_near_zero_for_a_distance_and_grows_with_a_scattered_one
     assert float(eikonal_loss(far, exact, spacing, scale)) == pytest.approx(float(eikonal_loss(exact, exact, spacing, scale)), abs=0.02)
 
 
+def test_eikonal_term_holds_unannotated_organs_around_their_predicted_surface_only_when_asked():
+    from SDMOrganSegLib.method.losses import eikonal_loss
+
+    spacing, scale = (3.9, 3.9, 2.5), 20.0
+    d = _distance_field((40, 24, 24), spacing, (46.0, 47.0, 50.0), 15.0)[None, None]
+    exact = torch.tanh(d / scale)
+    steep = torch.tanh(2 * d / scale)  # off by |grad d| - 1 = 1 in the band
+    pred = torch.cat([exact, steep], 1)  # organ 0 contoured, organ 1 not
+    unknown_target = torch.ones_like(exact)  # what an uncontoured organ's target holds: no surface
+    target = torch.cat([exact, unknown_target], 1)
+    annotated = torch.tensor([[1.0, 0.0]])
+    contoured_only = float(eikonal_loss(pred, target, spacing, scale, annotated=annotated))
+    assert contoured_only < 0.04  # the uncontoured organ's steep field goes unseen
+    both = float(eikonal_loss(pred, target, spacing, scale, annotated=annotated, unannotated_too=True))
+    # Organ 1 is judged in the band of its own predicted surface, where its field rises twice too fast:
+    # (2 - 1)^2 = 1 up to the forward differences' O(h / R) (the first test's bound), summed with organ 0's.
+    assert both == pytest.approx(contoured_only + 1.0, abs=0.3)
+    # An uncontoured organ that is an exact distance to its predicted surface adds (almost) nothing.
+    exact_both = float(eikonal_loss(torch.cat([exact, exact], 1), target, spacing, scale, annotated=annotated, unannotated_too=True))
+    assert exact_both < 0.08
+
+
 def test_eikonal_term_in_the_loss_only_where_asked_and_with_a_gradient():
     spacing, scale = (3.9, 3.9, 2.5), 20.0
     d = _distance_field((16, 16, 16), spacing, (30.0, 30.0, 20.0), 12.0).float()[None, None]

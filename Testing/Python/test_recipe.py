@@ -590,6 +590,8 @@ def test_the_eikonal_term_is_logged_and_refused_without_a_distance_head(tmp_path
     for mode, normalization in (("dice", "tanh"), ("dual", "paper")):
         with pytest.raises(SDMOrganSegError, match="--eikonal-weight needs"):
             Trainer(TrainingConfig(str(data), str(tmp_path / mode), mode=mode, epochs=1, sdm_normalization=normalization, eikonal_weight=1.0, **common))
+    with pytest.raises(SDMOrganSegError, match="--eikonal-unannotated extends"):
+        Trainer(TrainingConfig(str(data), str(tmp_path / "u"), mode="dual", epochs=1, sdm_normalization="tanh", eikonal_unannotated=True, **common))
 
 
 # --- an SDM branch of its own (issue 20: the SDM head away from the surface) -----------------------------

@@ -106,6 +106,8 @@ class TrainingConfig:
     #: With ``init_model`` of a dual model: start its SDM head afresh (the segmentation head and the network
     #: are kept), so that the SDM normalisation may change; for a head whose tanh saturated (docs/headneck.md).
     reset_sdm_head: bool = False
+    #: The Eikonal term also for organs not contoured in a case, around their predicted surface (losses.eikonal_loss).
+    eikonal_unannotated: bool = False
     #: Channels of an SDM branch (``UNetConfig.sdm_branch``; 0: none). Fine-tuning: None keeps the model's, and
     #: a model without one may be given one (zero at the start, so the model's outputs are kept).
     sdm_branch: int | None = None
@@ -522,6 +524,8 @@ class Trainer:
             raise SDMOrganSegError("the cross-entropy weight must be 0 or positive")
         if config.eikonal_weight and (config.mode not in EIKONAL_MODES or config.sdm_normalization not in SCALED_NORMALIZATIONS):
             raise SDMOrganSegError("--eikonal-weight needs an SDM head (--mode sdm, sdm+dice or dual) and --sdm-normalization tanh or clip")
+        if config.eikonal_unannotated and not config.eikonal_weight:
+            raise SDMOrganSegError("--eikonal-unannotated extends the Eikonal term: give --eikonal-weight too")
         if not config.eikonal_weight >= 0:
             raise SDMOrganSegError("the Eikonal weight must be 0 or positive")
         if config.sdm_balance not in SDM_BALANCES:
@@ -875,6 +879,7 @@ class Trainer:
         loss_function = SDMSegmentationLoss(
             config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction, config.ce_weight, config.ce_balance, config.sdm_balance,
             config.eikonal_weight, tuple(float(v) for v in self.model_spacing), config.sdm_scale_mm, config.sdm_normalization,
+            config.eikonal_unannotated,
         )
         loss_function.float_parts = ranks.distributed  # the all-reduce takes numbers; otherwise parts stay tensors
         self.precision = resolve_precision(config.precision, device)

@@ -135,7 +135,7 @@ EIKONAL_MODES = ("sdm", "sdm+dice", "dual")
 
 def eikonal_loss(
     pred_sdm: torch.Tensor, target_sdm: torch.Tensor, spacing_mm: tuple[float, float, float], scale_mm: float, normalization: str = "tanh",
-    annotated: torch.Tensor | None = None,
+    annotated: torch.Tensor | None = None, unannotated_too: bool = False,
 ) -> torch.Tensor:
     """``(|grad d| - 1)^2`` of the predicted distance ``d`` in mm, averaged over the band within one scale of
     each organ's true surface, summed over organs like Eq. 4.
@@ -147,7 +147,11 @@ def eikonal_loss(
     each voxel to its neighbours. ``d`` is ``scale_mm * atanh(p)`` (``tanh``) or ``scale_mm * p`` (``clip``),
     so ``|grad d| = scale_mm |grad p| / (1 - p^2)`` or ``scale_mm |grad p|``; forward differences over
     ``spacing_mm`` (x, y, z), on voxels where both the target and the prediction are below
-    :data:`EIKONAL_LEVEL` in magnitude."""
+    :data:`EIKONAL_LEVEL` in magnitude.
+
+    The equation needs no label: with ``unannotated_too``, an organ not contoured in a case (``annotated`` 0)
+    is held to it too, in the band within one scale of its *predicted* surface, so that an organ contoured in
+    a third of the cases (OpenKBP's esophagus) gets the term in all of them."""
     if normalization not in SCALED_NORMALIZATIONS:
         raise ValueError(f"the Eikonal term needs a distance-proportional normalisation (tanh or clip), not {normalization!r}")
     sx, sy, sz = (float(v) for v in spacing_mm)
@@ -158,8 +162,12 @@ def eikonal_loss(
     norm = scale_mm * torch.sqrt(gx.square() + gy.square() + gz.square() + 1e-12)
     if normalization == "tanh":
         norm = norm / (1 - core.square()).clamp(min=1 - EIKONAL_LEVEL**2)
-    band = (target_sdm[..., :-1, :-1, :-1].abs() < NEAR_BAND_LEVEL) & (core.detach().abs() < EIKONAL_LEVEL)
-    band = band.to(norm.dtype)
+    near = target_sdm[..., :-1, :-1, :-1].abs() < NEAR_BAND_LEVEL
+    if unannotated_too and annotated is not None:
+        own_band = core.detach().abs() < NEAR_BAND_LEVEL
+        near = torch.where(annotated.bool()[:, :, None, None, None], near, own_band)
+        annotated = None
+    band = (near & (core.detach().abs() < EIKONAL_LEVEL)).to(norm.dtype)
     per_case_organ = ((norm - 1).square() * band).sum(_SPATIAL) / band.sum(_SPATIAL).clamp(min=1)  # 0 where no band
     return _batch_organ_mean(per_case_organ, annotated)
 
@@ -226,6 +234,7 @@ class SDMSegmentationLoss(nn.Module):
         self, mode: str = "sdm+dice", sdm_weight: float = 10.0, k: float = HEAVISIDE_K, dice_reduction: str = "case", ce_weight: float = 0.0,
         ce_balance: str = "voxel", sdm_balance: str = "voxel", eikonal_weight: float = 0.0,
         spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0), scale_mm: float = 5.0, normalization: str = "tanh",
+        eikonal_unannotated: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -241,6 +250,7 @@ class SDMSegmentationLoss(nn.Module):
         if eikonal_weight and (mode not in EIKONAL_MODES or normalization not in SCALED_NORMALIZATIONS):
             raise ValueError("the Eikonal term needs an SDM head (modes sdm, sdm+dice, dual) and the tanh or clip normalisation")
         self.eikonal_weight, self.spacing_mm, self.scale_mm, self.normalization = eikonal_weight, tuple(spacing_mm), scale_mm, normalization
+        self.eikonal_unannotated = eikonal_unannotated
         #: Parts as Python floats (a wait for the device per part) or as detached tensors (the trainer sums them on the device).
         self.float_parts = True
 
@@ -259,7 +269,7 @@ class SDMSegmentationLoss(nn.Module):
             total = parts["dice"] + self.sdm_weight * (parts["l1"] + parts["product"])
             organ_logit = -logit
             if self.eikonal_weight:
-                parts["eikonal"] = eikonal_loss(sdm, target_sdm, self.spacing_mm, self.scale_mm, self.normalization, annotated)
+                parts["eikonal"] = eikonal_loss(sdm, target_sdm, self.spacing_mm, self.scale_mm, self.normalization, annotated, self.eikonal_unannotated)
                 total = total + self.eikonal_weight * parts["eikonal"]
         elif self.mode == "dice":
             parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask, annotated=annotated, reduction=self.dice_reduction)
@@ -278,7 +288,7 @@ class SDMSegmentationLoss(nn.Module):
                 total = parts["dice"] + self.sdm_weight * sdm_term
             organ_logit = -self.k * pred  # the smooth Heaviside's logit
             if self.eikonal_weight:
-                parts["eikonal"] = eikonal_loss(pred, target_sdm, self.spacing_mm, self.scale_mm, self.normalization, annotated)
+                parts["eikonal"] = eikonal_loss(pred, target_sdm, self.spacing_mm, self.scale_mm, self.normalization, annotated, self.eikonal_unannotated)
                 total = total + self.eikonal_weight * parts["eikonal"]
         if self.ce_weight:
             parts["ce"] = cross_entropy_loss(organ_logit, target_mask, annotated, self.ce_balance)
