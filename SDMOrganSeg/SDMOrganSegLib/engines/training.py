@@ -595,7 +595,8 @@ class Trainer:
             for case in self.train_cases + self.validation_cases:
                 case.annotated = annotations[case.name]
             unannotated = sum(int((~c.annotated).sum()) for c in self.train_cases)
-            self.say(f"partial labels (annotations.json): {unannotated} organ channels of training cases are unknown and get no loss")
+            but = " but the Eikonal term (--eikonal-unannotated)" if self.config.eikonal_unannotated else ""
+            self.say(f"partial labels (annotations.json): {unannotated} organ channels of training cases are unknown and get no loss{but}")
         self.say(f"{len(self.train_cases)} training and {len(self.validation_cases)} validation cases ready in {time.perf_counter() - tick:.1f} s")
         self.model_spacing = config.spacing or self.train_cases[0].spacing
 
