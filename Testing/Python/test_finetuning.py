@@ -64,6 +64,19 @@ def test_contradicting_settings_are_refused_in_one_line(given, named):
     assert named in message and "\n" not in message and message.startswith("fine-tuning model hippocampus keeps")
 
 
+def test_an_sdm_branch_may_be_added_to_a_model_not_changed_or_given_to_a_dice_only_one():
+    import dataclasses
+
+    assert fine_tuning_settings(SHIPPED)["sdm_branch"] == 0  # the shipped model has none: kept unless given
+    assert fine_tuning_settings(SHIPPED, {"sdm_branch": 16})["sdm_branch"] == 16  # added: it starts at zero
+    branched = dataclasses.replace(SHIPPED, architecture=dataclasses.replace(SHIPPED.architecture, sdm_branch=16))
+    assert contradictions(branched, {"sdm_branch": 16}) == [] and fine_tuning_settings(branched)["sdm_branch"] == 16
+    assert contradictions(branched, {"sdm_branch": 8}) == ["SDM branch: 8 channels (the model's: 16)"]
+    assert contradictions(branched, {"sdm_branch": 0}) == ["SDM branch: 0 channels (the model's: 16)"]
+    dice_only = dataclasses.replace(SHIPPED, architecture=dataclasses.replace(SHIPPED.architecture, output_activation="none", heads="single"))
+    assert "Dice-only model has no SDM head" in contradictions(dice_only, {"sdm_branch": 16})[0]
+
+
 def test_every_contradiction_is_named_at_once():
     assert len(contradictions(SHIPPED, {"spacing": (2, 2, 2), "mode": "dice", "heaviside_k": 10.0})) == 3
 
