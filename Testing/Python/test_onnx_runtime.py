@@ -183,6 +183,7 @@ def test_export_writes_a_checked_onnx_that_save_model_retires_with_its_weights(t
 
 @pytest.mark.slow
 def test_a_model_with_an_sdm_branch_exports_to_onnx_with_the_same_outputs(tmp_path):
+    needs_torch()  # to build and export the network
     import torch
 
     from SDMOrganSegLib.engines.inference import network_runner, predict_array
