@@ -7,8 +7,8 @@ same sign convention. A dual-head model (``heads="dual"``) outputs ``2 * out_cha
 tanh SDMs from ``head``, then the organs' segmentation logits (negative inside) from ``segmentation_head``,
 two 1x1x1 convolutions on the same last decoder features. With ``sdm_branch`` channels, an SDM branch (two
 3x3x3 convolutions and a 1x1x1 one, zero at the start) adds its output to ``head``'s before the tanh: features
-of the SDM's own, so that the distance away from the surface need not share the segmentation head's eight
-channels, and a model fine-tuned with a new branch starts from the outputs it had.
+of the SDM's own, so that the distance away from the surface need not share the features the segmentation
+head reads (8 channels in the cpu preset), and a model fine-tuned with a new branch starts from the outputs it had.
 
 Paper preset: 6 downsamplings (7 resolution levels, 6 skip connections), 24 channels doubling up to 384,
 group normalisation, leaky ReLU, trilinear upsampling followed by a 3x3x3 convolution instead of a
