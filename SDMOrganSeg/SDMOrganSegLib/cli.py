@@ -214,6 +214,7 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     train.add_argument("--finalize", action="store_true", help="after training, evaluate best/ on the validation split with all metrics and store them in its card")
     train.add_argument("--init", metavar="MODEL", default=None, help="fine-tune: start from this model's weights (model folder or shipped name); its organs (matched by name in DATA's labels), network and preprocessing (spacing, intensity, SDM normalisation, k, window) are kept, and given options that contradict them are refused; the learning rate defaults to 5e-6, the loss mode, patch and flips to the model's")
     train.add_argument("--widen", action="store_true", help="with --init: start from the model widened to twice its channels, computing the same outputs (Net2WiderNet), to add capacity without losing its training")
+    train.add_argument("--eikonal-band", choices=["agreed", "target"], default="agreed", help="with --eikonal-weight: where the term looks; 'agreed' (default) where both the true and the predicted SDM are near the surface, 'target' the true surface's band whatever the prediction, so that a head cannot escape the term by calling an organ absent")
     train.add_argument("--eikonal-unannotated", action="store_true", help="with --eikonal-weight and partial labels: hold the organs not contoured in a case to the Eikonal term too, around their predicted surface (it needs no label)")
     train.add_argument("--sdm-branch", type=int, default=None, metavar="CHANNELS", help="give the SDM head a branch of its own: two 3x3x3 convolutions of CHANNELS channels on the last decoder features, added to the head's output (format-3 card); with --init of a model without one, the branch starts at zero, so the model's outputs are kept (default: none, or the --init model's)")
     train.add_argument("--reset-sdm-head", action="store_true", help="with --init of a dual model: start its SDM head afresh and keep the rest, so that --sdm-normalization and --sdm-scale may change (for an SDM head whose tanh saturated: the log's val_sdm_agreement stays low)")
@@ -454,7 +455,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         command="sdmorganseg " + shlex.join(argv), sdm_normalization=args.sdm_normalization, sdm_scale_mm=args.sdm_scale,
         heaviside_k=args.heaviside_k, dice_reduction=args.dice_reduction, ce_weight=args.ce_weight, ce_balance=args.ce_balance, sdm_balance=args.sdm_balance, eikonal_weight=args.eikonal_weight, output_bias=args.output_bias, depth=args.depth, base_channels=args.base_channels, max_channels=args.max_channels,
         foreground_fraction=args.foreground_fraction, sliding_window=args.sliding_window,
-        modality=args.modality, field_of_view=args.field_of_view, reset_sdm_head=args.reset_sdm_head, widen=args.widen, sdm_branch=args.sdm_branch, eikonal_unannotated=args.eikonal_unannotated,
+        modality=args.modality, field_of_view=args.field_of_view, reset_sdm_head=args.reset_sdm_head, widen=args.widen, sdm_branch=args.sdm_branch, eikonal_unannotated=args.eikonal_unannotated, eikonal_band=args.eikonal_band,
         **({"intensity": args.intensity} if args.intensity else {}),
     )
     if args.init:

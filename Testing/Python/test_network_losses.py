@@ -141,6 +141,30 @@ def test_eikonal_term_holds_unannotated_organs_around_their_predicted_surface_on
     assert exact_both < 0.08
 
 
+def test_eikonal_term_on_the_true_band_cannot_be_escaped_by_calling_the_organ_absent():
+    from SDMOrganSegLib.method.losses import eikonal_loss
+
+    spacing, scale = (3.9, 3.9, 2.5), 20.0
+    d = _distance_field((40, 24, 24), spacing, (46.0, 47.0, 50.0), 15.0)[None, None]
+    exact = torch.tanh(d / scale)
+    absent = torch.full_like(exact, 0.99)  # the head calls the organ absent: saturated and flat
+    # 'agreed' looks only where the prediction is below 0.9 too: nowhere here, so the term is 0, lower than
+    # for the exact distance, and a heavier term rewards giving the organ up.
+    assert float(eikonal_loss(absent, exact, spacing, scale)) == 0.0
+    # 'target' counts the true band: a flat field has |grad d| = 0 there, (0 - 1)^2 = 1 in every voxel, less
+    # the gradient's 1e-6 safety term: 20 * 1e-6 / (1 - 0.9^2) = 1.1e-4 mm/mm, so 1 - 2.1e-4.
+    assert float(eikonal_loss(absent, exact, spacing, scale, band_rule="target")) == pytest.approx(1.0, abs=5e-4)
+    # Where the prediction is a distance the two rules agree (its band voxels are below 0.9 already: up to
+    # tanh(1 + 3.9 / 20) = 0.83), so 'target' changes nothing for a head that learnt the organ.
+    assert float(eikonal_loss(exact, exact, spacing, scale, band_rule="target")) == pytest.approx(float(eikonal_loss(exact, exact, spacing, scale)), abs=1e-9)
+    half = exact.clone()
+    half[..., :12] = 0.99  # absent in half the band: only that half changes between the rules
+    agreed, target = (float(eikonal_loss(half, exact, spacing, scale, band_rule=rule)) for rule in ("agreed", "target"))
+    assert agreed < 0.1 < 0.3 < target
+    with pytest.raises(ValueError, match="Eikonal band"):
+        eikonal_loss(exact, exact, spacing, scale, band_rule="prediction")
+
+
 def test_eikonal_term_in_the_loss_only_where_asked_and_with_a_gradient():
     spacing, scale = (3.9, 3.9, 2.5), 20.0
     d = _distance_field((16, 16, 16), spacing, (30.0, 30.0, 20.0), 12.0).float()[None, None]

@@ -582,6 +582,8 @@ def test_fine_tuning_a_tanh_model_to_another_sdm_scale_rescales_its_head_exactly
 
 
 def test_the_eikonal_term_is_logged_and_refused_without_a_distance_head(tmp_path):
+    from SDMOrganSegLib.formats.modelfiles import load_model
+
     data = _tiny_data(tmp_path / "data")
     common = dict(batch_size=2, patch_size=(16, 16, 16), device="cpu", threads=1, validation_fraction=0.5)
     trainer = Trainer(TrainingConfig(str(data), str(tmp_path / "run"), mode="sdm+dice", epochs=1, sdm_normalization="tanh", eikonal_weight=1.0, **common), progress=lambda t: None)
@@ -592,6 +594,17 @@ def test_the_eikonal_term_is_logged_and_refused_without_a_distance_head(tmp_path
             Trainer(TrainingConfig(str(data), str(tmp_path / mode), mode=mode, epochs=1, sdm_normalization=normalization, eikonal_weight=1.0, **common))
     with pytest.raises(SDMOrganSegError, match="--eikonal-unannotated extends"):
         Trainer(TrainingConfig(str(data), str(tmp_path / "u"), mode="dual", epochs=1, sdm_normalization="tanh", eikonal_unannotated=True, **common))
+    with pytest.raises(SDMOrganSegError, match="--eikonal-band chooses"):
+        Trainer(TrainingConfig(str(data), str(tmp_path / "b"), mode="dual", epochs=1, sdm_normalization="tanh", eikonal_band="target", **common))
+    with pytest.raises(SDMOrganSegError, match="unknown Eikonal band"):
+        Trainer(TrainingConfig(str(data), str(tmp_path / "b"), mode="dual", epochs=1, sdm_normalization="tanh", eikonal_weight=1.0, eikonal_band="own", **common))
+    # The true band: logged like the other, recorded in the card, and a resume with the other rule is refused.
+    target = Trainer(TrainingConfig(str(data), str(tmp_path / "t"), mode="dual", epochs=1, sdm_normalization="tanh", eikonal_weight=1.0, eikonal_band="target", **common), progress=lambda t: None)
+    best = target.run()
+    assert float(target.log_rows[-1]["loss_eikonal"]) > 0
+    assert load_model(best).card.training["config"]["eikonal_band"] == "target"
+    with pytest.raises(SDMOrganSegError, match="eikonal_band: 'target' -> 'agreed'"):
+        Trainer(TrainingConfig(str(data), str(tmp_path / "t"), mode="dual", epochs=2, sdm_normalization="tanh", eikonal_weight=1.0, **common), progress=lambda t: None).run()
 
 
 # --- an SDM branch of its own (issue 20: the SDM head away from the surface) -----------------------------

@@ -44,7 +44,7 @@ from ..common.files import atomic_path, write_text_atomic
 from .inference import predict_array, resolve_device, tta_axes
 from ..method.architecture import heads_for, split_heads
 from ..method.augmentation import AUGMENTATIONS, augment_batch
-from ..method.losses import CE_BALANCES, DICE_REDUCTIONS, EIKONAL_MODES, MODES, SDM_BALANCES, SDMSegmentationLoss, output_activation_for
+from ..method.losses import CE_BALANCES, DICE_REDUCTIONS, EIKONAL_BANDS, EIKONAL_MODES, MODES, SDM_BALANCES, SDMSegmentationLoss, output_activation_for
 from ..formats.modelfiles import ModelCard, Organ, organs_from_labels, read_card, save_model, shipped_models
 from ..method.network import UNet3D, preset
 from ..method.preprocessing import DEFAULT_INTENSITY
@@ -108,6 +108,9 @@ class TrainingConfig:
     reset_sdm_head: bool = False
     #: The Eikonal term also for organs not contoured in a case, around their predicted surface (losses.eikonal_loss).
     eikonal_unannotated: bool = False
+    #: Where the Eikonal term looks (losses.EIKONAL_BANDS): ``agreed`` (target and prediction in their bands)
+    #: or ``target`` (the true band, so that a saturated prediction cannot escape it).
+    eikonal_band: str = "agreed"
     #: Channels of an SDM branch (``UNetConfig.sdm_branch``; 0: none). Fine-tuning: None keeps the model's, and
     #: a model without one may be given one (zero at the start, so the model's outputs are kept).
     sdm_branch: int | None = None
@@ -526,6 +529,10 @@ class Trainer:
             raise SDMOrganSegError("--eikonal-weight needs an SDM head (--mode sdm, sdm+dice or dual) and --sdm-normalization tanh or clip")
         if config.eikonal_unannotated and not config.eikonal_weight:
             raise SDMOrganSegError("--eikonal-unannotated extends the Eikonal term: give --eikonal-weight too")
+        if config.eikonal_band not in EIKONAL_BANDS:
+            raise SDMOrganSegError(f"unknown Eikonal band {config.eikonal_band!r}; choose one of {', '.join(EIKONAL_BANDS)}")
+        if config.eikonal_band != "agreed" and not config.eikonal_weight:
+            raise SDMOrganSegError("--eikonal-band chooses where the Eikonal term looks: give --eikonal-weight too")
         if not config.eikonal_weight >= 0:
             raise SDMOrganSegError("the Eikonal weight must be 0 or positive")
         if config.sdm_balance not in SDM_BALANCES:
@@ -880,7 +887,7 @@ class Trainer:
         loss_function = SDMSegmentationLoss(
             config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction, config.ce_weight, config.ce_balance, config.sdm_balance,
             config.eikonal_weight, tuple(float(v) for v in self.model_spacing), config.sdm_scale_mm, config.sdm_normalization,
-            config.eikonal_unannotated,
+            config.eikonal_unannotated, config.eikonal_band,
         )
         loss_function.float_parts = ranks.distributed  # the all-reduce takes numbers; otherwise parts stay tensors
         self.precision = resolve_precision(config.precision, device)
