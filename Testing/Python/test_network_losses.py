@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -165,6 +166,48 @@ def test_eikonal_term_on_the_true_band_cannot_be_escaped_by_calling_the_organ_ab
         eikonal_loss(exact, exact, spacing, scale, band_rule="prediction")
 
 
+def test_own_distance_term_is_zero_for_a_distance_to_its_own_surface_and_lifts_a_dip():
+    from SDMOrganSegLib.method.losses import own_distance_loss
+    from SDMOrganSegLib.method.sdm import signed_distance_mm
+
+    spacing, scale = (3.9, 3.9, 2.5), 20.0
+    shape = (40, 32, 32)
+    mask = (_distance_field(shape, spacing, (62.0, 62.0, 50.0), 15.0) < 0).numpy()
+    exact_np = np.tanh(signed_distance_mm(mask, spacing) / scale)
+    exact = torch.from_numpy(exact_np).float()[None, None]
+    # The target is that same distance (the crop to the organ's box grown by one scale changes no voxel of
+    # the band), so the term is 0 up to float32 rounding, in both normalisations.
+    assert float(own_distance_loss(exact, spacing, scale)) < 1e-6
+    clipped = torch.from_numpy(np.clip(signed_distance_mm(mask, spacing) / scale, -1, 1)).float()[None, None]
+    assert float(own_distance_loss(clipped, spacing, scale, "clip")) < 1e-6
+    # No surface in the patch (absent, or the organ everywhere): nothing to measure against.
+    assert float(own_distance_loss(torch.full_like(exact, 0.9), spacing, scale)) == 0.0
+    assert float(own_distance_loss(torch.full_like(exact, -0.9), spacing, scale)) == 0.0
+    # A dip: positive values 10 mm too low in a slab above the organ (what the esophagus does in the larynx).
+    # The zero level is unchanged, so the target is too: the term is the dip's mean error over the band,
+    # and its gradient raises the dip's values.
+    distance = signed_distance_mm(mask, spacing)
+    dip_np = exact_np.copy()
+    slab = np.zeros(shape, bool)
+    slab[30:36] = True  # 5-20 mm above the sphere's top (z = 50 + 15 mm = slice 26)
+    slab &= (distance > 10) & (distance < scale)
+    dip_np[slab] = np.tanh((distance[slab] - 10) / scale)
+    dip = torch.from_numpy(dip_np).float()[None, None].requires_grad_(True)
+    band = (np.abs(distance) >= 3.9) & (np.abs(distance) < scale)
+    expected = np.abs(dip_np - exact_np)[band].sum() / band.sum()
+    value = own_distance_loss(dip, spacing, scale)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-4) and float(value.detach()) > 0.01
+    value.backward()
+    assert (dip.grad[0, 0][torch.from_numpy(slab)] < 0).all()  # descending the gradient raises them
+    outside_band = torch.from_numpy(~band)
+    assert (dip.grad[0, 0][outside_band] == 0).all()
+    # Nearer the patch's edge than to the surface, the surface may go on beyond the edge: not judged.
+    cut = torch.from_numpy(exact_np[:, :, :18].copy()).float()[None, None]  # the sphere (x 12-19) cut by the x edge
+    assert float(own_distance_loss(cut, spacing, scale)) < 1e-6  # its own surface is the cut's zero level
+    with pytest.raises(ValueError, match="own-distance"):
+        own_distance_loss(exact, spacing, scale, "paper")
+
+
 def test_eikonal_term_in_the_loss_only_where_asked_and_with_a_gradient():
     spacing, scale = (3.9, 3.9, 2.5), 20.0
     d = _distance_field((16, 16, 16), spacing, (30.0, 30.0, 20.0), 12.0).float()[None, None]
@@ -179,6 +222,14 @@ def test_eikonal_term_in_the_loss_only_where_asked_and_with_a_gradient():
     assert float(total_e.detach()) == pytest.approx(float(total) + 2.0 * parts_e["eikonal"], rel=1e-5)
     total_e.backward()
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    own = SDMSegmentationLoss("dual", dice_reduction="batch", own_distance_weight=3.0, spacing_mm=spacing, scale_mm=scale)
+    dual_pred = torch.cat([pred.detach(), -pred.detach()], 1)
+    total_o, parts_o = own(dual_pred, target_sdm, target_mask)
+    assert parts_o["own_distance"] > 0.01  # a 1.5x too steep field is not the distance to its own surface
+    bare_total, _ = SDMSegmentationLoss("dual", dice_reduction="batch")(dual_pred, target_sdm, target_mask)
+    assert float(total_o) == pytest.approx(float(bare_total) + 3.0 * parts_o["own_distance"], rel=1e-5)
+    with pytest.raises(ValueError, match="own-distance"):
+        SDMSegmentationLoss("dice", own_distance_weight=1.0)
     with pytest.raises(ValueError, match="Eikonal"):
         SDMSegmentationLoss("dice", eikonal_weight=1.0)
     with pytest.raises(ValueError, match="Eikonal"):

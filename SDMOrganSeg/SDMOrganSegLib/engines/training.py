@@ -111,6 +111,8 @@ class TrainingConfig:
     #: Where the Eikonal term looks (losses.EIKONAL_BANDS): ``agreed`` (target and prediction in their bands)
     #: or ``target`` (the true band, so that a saturated prediction cannot escape it).
     eikonal_band: str = "agreed"
+    #: Weight of the L1 term between the SDM head and the distance to its own zero level (losses.own_distance_loss); 0: none.
+    own_distance_weight: float = 0.0
     #: Channels of an SDM branch (``UNetConfig.sdm_branch``; 0: none). Fine-tuning: None keeps the model's, and
     #: a model without one may be given one (zero at the start, so the model's outputs are kept).
     sdm_branch: int | None = None
@@ -533,6 +535,10 @@ class Trainer:
             raise SDMOrganSegError(f"unknown Eikonal band {config.eikonal_band!r}; choose one of {', '.join(EIKONAL_BANDS)}")
         if config.eikonal_band != "agreed" and not config.eikonal_weight:
             raise SDMOrganSegError("--eikonal-band chooses where the Eikonal term looks: give --eikonal-weight too")
+        if config.own_distance_weight and (config.mode not in EIKONAL_MODES or config.sdm_normalization not in SCALED_NORMALIZATIONS):
+            raise SDMOrganSegError("--own-distance-weight needs an SDM head (--mode sdm, sdm+dice or dual) and --sdm-normalization tanh or clip")
+        if not config.own_distance_weight >= 0:
+            raise SDMOrganSegError("the own-distance weight must be 0 or positive")
         if not config.eikonal_weight >= 0:
             raise SDMOrganSegError("the Eikonal weight must be 0 or positive")
         if config.sdm_balance not in SDM_BALANCES:
@@ -887,7 +893,7 @@ class Trainer:
         loss_function = SDMSegmentationLoss(
             config.mode, config.sdm_weight, config.heaviside_k, config.dice_reduction, config.ce_weight, config.ce_balance, config.sdm_balance,
             config.eikonal_weight, tuple(float(v) for v in self.model_spacing), config.sdm_scale_mm, config.sdm_normalization,
-            config.eikonal_unannotated, config.eikonal_band,
+            config.eikonal_unannotated, config.eikonal_band, config.own_distance_weight,
         )
         loss_function.float_parts = ranks.distributed  # the all-reduce takes numbers; otherwise parts stay tensors
         self.precision = resolve_precision(config.precision, device)
