@@ -594,6 +594,11 @@ def test_the_eikonal_term_is_logged_and_refused_without_a_distance_head(tmp_path
             Trainer(TrainingConfig(str(data), str(tmp_path / mode), mode=mode, epochs=1, sdm_normalization=normalization, eikonal_weight=1.0, **common))
     with pytest.raises(SDMOrganSegError, match="--eikonal-unannotated extends"):
         Trainer(TrainingConfig(str(data), str(tmp_path / "u"), mode="dual", epochs=1, sdm_normalization="tanh", eikonal_unannotated=True, **common))
+    with pytest.raises(SDMOrganSegError, match="--own-distance-weight needs"):
+        Trainer(TrainingConfig(str(data), str(tmp_path / "o"), mode="dice", epochs=1, sdm_normalization="tanh", own_distance_weight=1.0, **common))
+    own = Trainer(TrainingConfig(str(data), str(tmp_path / "own"), mode="dual", epochs=1, sdm_normalization="tanh", own_distance_weight=2.0, **common), progress=lambda t: None)
+    own.run()
+    assert "loss_own_distance" in own.log_rows[-1] and "loss_eikonal" not in own.log_rows[-1]
     with pytest.raises(SDMOrganSegError, match="--eikonal-band chooses"):
         Trainer(TrainingConfig(str(data), str(tmp_path / "b"), mode="dual", epochs=1, sdm_normalization="tanh", eikonal_band="target", **common))
     with pytest.raises(SDMOrganSegError, match="unknown Eikonal band"):
