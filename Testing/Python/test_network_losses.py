@@ -204,6 +204,15 @@ def test_own_distance_term_is_zero_for_a_distance_to_its_own_surface_and_lifts_a
     # Nearer the patch's edge than to the surface, the surface may go on beyond the edge: not judged.
     cut = torch.from_numpy(exact_np[:, :, :18].copy()).float()[None, None]  # the sphere (x 12-19) cut by the x edge
     assert float(own_distance_loss(cut, spacing, scale)) < 1e-6  # its own surface is the cut's zero level
+    # A head that draws no surface where the organ is cannot escape the term: with the target given it is
+    # judged against the target in the target's band (|target| < tanh(1)), unless the organ is not contoured.
+    absent = torch.full_like(exact, 0.9)
+    target_band = np.abs(exact_np) < 0.7616
+    expected_absent = np.abs(0.9 - exact_np)[target_band].mean()
+    assert float(own_distance_loss(absent, spacing, scale, target_sdm=exact)) == pytest.approx(expected_absent, rel=1e-5)
+    assert expected_absent > 0.3
+    assert float(own_distance_loss(absent, spacing, scale, target_sdm=exact, annotated=torch.tensor([[0.0]]))) == 0.0
+    assert float(own_distance_loss(exact, spacing, scale, target_sdm=torch.full_like(exact, 0.5))) < 1e-6  # a surface: its own
     with pytest.raises(ValueError, match="own-distance"):
         own_distance_loss(exact, spacing, scale, "paper")
 

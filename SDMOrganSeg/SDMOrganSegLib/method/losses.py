@@ -185,7 +185,10 @@ def eikonal_loss(
     return _batch_organ_mean(per_case_organ, annotated)
 
 
-def own_distance_loss(pred_sdm: torch.Tensor, spacing_mm: tuple[float, float, float], scale_mm: float, normalization: str = "tanh") -> torch.Tensor:
+def own_distance_loss(
+    pred_sdm: torch.Tensor, spacing_mm: tuple[float, float, float], scale_mm: float, normalization: str = "tanh",
+    target_sdm: torch.Tensor | None = None, annotated: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``|p - n(d_own)|`` of the SDM head ``p`` against the normalised distance ``d_own`` (mm) to its *own* zero
     level, computed from the prediction at each step, averaged over the band ``max(spacing) <= |d_own| <
     scale_mm`` of each organ, summed over organs like Eq. 4. ``n`` is the card's normalisation (``tanh(d /
@@ -197,6 +200,11 @@ def own_distance_loss(pred_sdm: torch.Tensor, spacing_mm: tuple[float, float, fl
     median is a low positive value, a dip 8-9 mm below the distance to the surface the head draws; the
     Eikonal term sees only the dip's floor, where ``|grad d|`` is 0. This term pulls every voxel of the band
     to the distance from the drawn surface, so it needs no label: every organ with a surface in the patch counts.
+
+    A head that draws no surface has no distance to be judged by, which a heavy term rewards (at weight 30 the
+    esophagus and larynx vanished from the SDM head within 5 epochs, docs/campaign/README.md). With
+    ``target_sdm``, a case-organ whose prediction has no surface but whose target has one (and that is
+    ``annotated``, where given) is judged against the target instead, in its band ``|target| < NEAR_BAND_LEVEL``.
 
     Voxels one voxel from the surface are left to the other terms (the distance between voxel centres
     overstates theirs by up to half a voxel), and so are those nearer the patch's edge than to the surface
@@ -210,6 +218,8 @@ def own_distance_loss(pred_sdm: torch.Tensor, spacing_mm: tuple[float, float, fl
     if normalization not in SCALED_NORMALIZATIONS:
         raise ValueError(f"the own-distance term needs a distance-proportional normalisation (tanh or clip), not {normalization!r}")
     values = pred_sdm.detach().float().cpu().numpy()
+    truth = target_sdm.detach().float().cpu().numpy() if target_sdm is not None else None
+    known = annotated.detach().cpu().numpy() > 0 if annotated is not None else np.ones(values.shape[:2], bool)
     shape = values.shape[2:]
     zyx_spacing = tuple(float(v) for v in reversed(tuple(spacing_mm)))
     edge_mm = np.full(shape, np.inf, np.float32)
@@ -225,6 +235,9 @@ def own_distance_loss(pred_sdm: torch.Tensor, spacing_mm: tuple[float, float, fl
             inside = values[b, c] < 0
             present = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
             if present[0].size == 0 or inside.all():
+                if truth is not None and known[b, c] and (truth[b, c] < 0).any() and not (truth[b, c] < 0).all():
+                    target[b, c] = truth[b, c]
+                    weight[b, c] = np.abs(truth[b, c]) < NEAR_BAND_LEVEL
                 continue
             # Beyond the organ's box grown by one scale every voxel is farther than the band reaches.
             box = tuple(slice(max(int(i[0]) - m, 0), min(int(i[-1]) + 1 + m, n)) for i, m, n in zip(present, margin, shape))
@@ -347,7 +360,7 @@ class SDMSegmentationLoss(nn.Module):
                 parts["eikonal"] = eikonal_loss(sdm, target_sdm, self.spacing_mm, self.scale_mm, self.normalization, annotated, self.eikonal_unannotated, self.eikonal_band)
                 total = total + self.eikonal_weight * parts["eikonal"]
             if self.own_distance_weight:
-                parts["own_distance"] = own_distance_loss(sdm, self.spacing_mm, self.scale_mm, self.normalization)
+                parts["own_distance"] = own_distance_loss(sdm, self.spacing_mm, self.scale_mm, self.normalization, target_sdm, annotated)
                 total = total + self.own_distance_weight * parts["own_distance"]
         elif self.mode == "dice":
             parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask, annotated=annotated, reduction=self.dice_reduction)
@@ -369,7 +382,7 @@ class SDMSegmentationLoss(nn.Module):
                 parts["eikonal"] = eikonal_loss(pred, target_sdm, self.spacing_mm, self.scale_mm, self.normalization, annotated, self.eikonal_unannotated, self.eikonal_band)
                 total = total + self.eikonal_weight * parts["eikonal"]
             if self.own_distance_weight:
-                parts["own_distance"] = own_distance_loss(pred, self.spacing_mm, self.scale_mm, self.normalization)
+                parts["own_distance"] = own_distance_loss(pred, self.spacing_mm, self.scale_mm, self.normalization, target_sdm, annotated)
                 total = total + self.own_distance_weight * parts["own_distance"]
         if self.ce_weight:
             parts["ce"] = cross_entropy_loss(organ_logit, target_mask, annotated, self.ce_balance)
