@@ -149,10 +149,17 @@ def test_onnx_runtime_and_pytorch_give_the_same_labels_and_sdms(both_runtimes, n
     for organ in torch.sdms:
         expected = sitk.GetArrayViewFromImage(torch.sdms[organ])
         difference = np.abs(sitk.GetArrayViewFromImage(onnx.sdms[organ]) - expected).max()
-        # Both are float32 runs of one network, summing in other orders: within K * eps * magnitude (conftest).
-        # Measured: hippocampus (tanh SDMs) 3.1e-5 to 4.1e-5; head and neck (logits up to 44) 1.7e-3 to 1.2e-2,
-        # ONNX Runtime being the side farther from a float64 run (3.6e-3 against PyTorch's 2.5e-5 on a window).
-        assert difference <= float32_tolerance(network, float(np.abs(expected).max())), (organ, difference)
+        # Both are float32 runs of one network, summing in other orders: within K * eps * magnitude (conftest),
+        # the magnitude being that of the last sum, the output's pre-activation: a logit as it is, a tanh SDM's
+        # atanh (tanh is 1-Lipschitz; float32 tanh stops at 1 - 6e-8, whose atanh is 8.7). Measured: hippocampus (tanh SDMs) 3.1e-5 to 4.1e-5; the Dice-only
+        # head-and-neck preview (logits up to 44) 1.7e-3 to 1.2e-2, ONNX Runtime being the side farther from a
+        # float64 run (3.6e-3 against PyTorch's 2.5e-5 on a window); the dual head-and-neck model, whose SDM
+        # adds a branch's readout to the head's, 2.2e-4 to 8.8e-4 (pre-activations 5.6 to 8.0).
+        if network.config.output_activation == "tanh":
+            magnitude = float(np.abs(np.arctanh(np.clip(expected, -1 + 6e-8, 1 - 6e-8))).max())
+        else:
+            magnitude = float(np.abs(expected).max())
+        assert difference <= float32_tolerance(network, magnitude), (organ, difference)
 
 
 @pytest.mark.slow

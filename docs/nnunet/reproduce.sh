@@ -28,9 +28,11 @@ CHECKPOINT=${CHECKPOINT:-checkpoint_final.pth}
 NNUNET_TORCH_THREADS=1 nnUNet_n_proc_DA=0 "$VENV/bin/python" docs/nnunet/run_nnunet.py predict \
     -i "$nnUNet_raw/Dataset501_OpenKBP/imagesVal" -o "$NN/pred" -d 501 -c 3d_fullres -f all \
     -tr nnUNetTrainerBudget -chk "$CHECKPOINT" -device cpu --disable_tta -step_size 1 -npp 1 -nps 1
-# Ours: the campaign's dual model (docs/campaign/hn-dual/model) and the shipped Dice-only preview, the card's
-# defaults, one thread.
-for spec in "dual-phase7=docs/campaign/hn-dual/model" "headneck-oar=headneck-oar"; do
+# Ours: the campaign's phase-7 dual model and the Dice-only preview, then shipped, both from the history (the
+# model shipped since replaced them), the card's defaults, one thread.
+mkdir -p "$NN/models"
+git archive dd44f6c docs/campaign/hn-dual/model Resources/Models/headneck-oar | tar -x -C "$NN/models"
+for spec in "dual-phase7=$NN/models/docs/campaign/hn-dual/model" "headneck-oar=$NN/models/Resources/Models/headneck-oar"; do
     for case in $(python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['validation']))" "$DATA/splits.json"); do
         [ -f "$NN/ours-${spec%%=*}/$case/labels.nii.gz" ] || OMP_NUM_THREADS=1 PYTHONPATH=$PWD/SDMOrganSeg python -m SDMOrganSegLib.cli segment \
             "$DATA/imagesTr/$case.nii.gz" --model "${spec#*=}" --out "$NN/ours-${spec%%=*}/$case" --device cpu --quiet

@@ -202,7 +202,7 @@ def own_distance_loss(
     to the distance from the drawn surface, so it needs no label: every organ with a surface in the patch counts.
 
     A head that draws no surface has no distance to be judged by, which a heavy term rewards (at weight 30 the
-    esophagus and larynx vanished from the SDM head within 5 epochs, docs/campaign/README.md). With
+    esophagus and larynx vanished from the SDM head within 5 epochs, docs/headneck.md). With
     ``target_sdm``, a case-organ whose prediction has no surface but whose target has one (and that is
     ``annotated``, where given) is judged against the target instead, in its band ``|target| < NEAR_BAND_LEVEL``.
 
