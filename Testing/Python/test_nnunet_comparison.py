@@ -103,6 +103,16 @@ def test_scoring_ignores_unannotated_organs_and_pairs_cases(data: Path, tmp_path
     table = markdown.read_text()
     assert "| spinal cord | 1 | A | 1.000 ± 0.000 |" in table
     assert "| B | 0.000 ± 0.000 | — (1 empty) |" in table
+    # A new method beside the earlier ones, whose predictions are gone: --scored takes their rows as they are,
+    # after the new reference (C: the shifted maps again, so B's rows pair with identical values).
+    again = tmp_path / "again.csv"
+    score.main(["--data", str(data), "--pred", f"C={shifted}/{{case}}.nii.gz", "--scored", str(out_csv),
+                "--work", str(tmp_path / "work"), "--csv", str(again), "--markdown", str(markdown)])
+    merged = list(csv.DictReader(again.open()))
+    assert sorted({r["method"] for r in merged}) == ["A", "B", "C"] and len(merged) == 9
+    table = markdown.read_text()
+    assert "(vs C)" in table and "| spinal cord | 1 | C | 0.000 ± 0.000 | — (1 empty) |" in table
+    assert "| B | 0.000 ± 0.000 | — (1 empty) | — | 1 / 1 |" in table  # the same maps as C: no difference
 
 
 def test_pred_argument_needs_a_case_placeholder() -> None:

@@ -7,6 +7,9 @@ budget").
         --pred nnU-Net=/work/nnunet_data/pred/{case}.nii.gz \
         --work /work/nnunet_data/scores --csv docs/nnunet/validation_per_case.csv --markdown docs/nnunet/validation_table.md
 
+``--scored CSV`` adds the rows of methods this script scored before (an earlier --csv), as they are, where
+their predictions are no longer at hand; they join the table after the --pred methods.
+
 Each --pred is NAME=PATTERN, {case} standing for the case name (hn_201, ...). Every prediction is scored on the
 reference's own grid (the data as distributed, not a model grid) by the evaluate command itself, which writes
 WORK/NAME/CASE.json; an organ not contoured in a case (annotations.json) is not scored. The CSV holds one row per
@@ -120,6 +123,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for the evaluate command's per-case JSON (kept, reused)")
     parser.add_argument("--csv", type=Path, required=True, help="per-case metrics, one row per method, case and organ")
     parser.add_argument("--markdown", type=Path, help="also write the comparison table here")
+    parser.add_argument("--scored", type=Path, help="an earlier --csv of this script: its methods' rows are added as they are")
     parser.add_argument("--partial", action="store_true", help="score only the validation cases that every method has predicted (and say how many), instead of refusing")
     args = parser.parse_args(argv)
 
@@ -135,12 +139,17 @@ def main(argv=None) -> None:
     all_rows = []
     for name, pattern in args.pred:
         all_rows += rows(name, score(args.data, cases, name, pattern, args.work))
+    methods = [name for name, _ in args.pred]
+    if args.scored:
+        earlier = [r for r in csv.DictReader(args.scored.open()) if r["method"] not in methods and r["case"] in cases]
+        all_rows += [{**r, **{m: as_number(r[m]) for m in METRICS}} for r in earlier]
+        methods += list(dict.fromkeys(r["method"] for r in earlier))
     with open(args.csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["method", "case", "organ", *METRICS])
         writer.writeheader()
         for row in all_rows:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()})
-    text = table(all_rows, [name for name, _ in args.pred], organs)
+    text = table(all_rows, methods, organs)
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
