@@ -32,7 +32,8 @@ NNUNET_TORCH_THREADS=1 nnUNet_n_proc_DA=0 "$VENV/bin/python" docs/nnunet/run_nnu
 # model shipped since replaced them), the card's defaults, one thread.
 mkdir -p "$NN/models"
 git archive dd44f6c docs/campaign/hn-dual/model Resources/Models/headneck-oar | tar -x -C "$NN/models"
-for spec in "dual-phase7=$NN/models/docs/campaign/hn-dual/model" "headneck-oar=$NN/models/Resources/Models/headneck-oar"; do
+# And the model shipped now (2026-12-05, phase 21), by name.
+for spec in "shipped=headneck-oar" "dual-phase7=$NN/models/docs/campaign/hn-dual/model" "headneck-oar=$NN/models/Resources/Models/headneck-oar"; do
     for case in $(python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['validation']))" "$DATA/splits.json"); do
         [ -f "$NN/ours-${spec%%=*}/$case/labels.nii.gz" ] || OMP_NUM_THREADS=1 PYTHONPATH=$PWD/SDMOrganSeg python -m SDMOrganSegLib.cli segment \
             "$DATA/imagesTr/$case.nii.gz" --model "${spec#*=}" --out "$NN/ours-${spec%%=*}/$case" --device cpu --quiet
@@ -40,7 +41,10 @@ for spec in "dual-phase7=$NN/models/docs/campaign/hn-dual/model" "headneck-oar=$
 done
 
 # 5. Scores with `sdmorganseg evaluate --ignore-unannotated` and paired Wilcoxon tests (against the first --pred).
+#    On 2026-12-05 the three older methods' predictions were gone; their rows came from the committed CSV with
+#    --pred "headneck-oar (shipped, phase 21)=..." --scored docs/nnunet/validation_per_case.csv.
 PYTHONPATH=$PWD/SDMOrganSeg python docs/nnunet/score_validation.py --data "$DATA" \
+    --pred "headneck-oar (shipped, phase 21)=$NN/ours-shipped/{case}/labels.nii.gz" \
     --pred "dual (phase 7)=$NN/ours-dual-phase7/{case}/labels.nii.gz" \
     --pred "headneck-oar (Dice-only preview)=$NN/ours-headneck-oar/{case}/labels.nii.gz" \
     --pred "nnU-Net 3d_fullres=$NN/pred/{case}.nii.gz" \
