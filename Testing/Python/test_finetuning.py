@@ -161,6 +161,28 @@ def test_cli_fine_tuning_starts_from_the_base_and_keeps_what_it_is(fine_tuned):
     assert best["epoch"] == max(validated, key=lambda epoch: (validated[epoch], -epoch))
 
 
+def test_a_base_taking_its_labels_from_the_sdm_head_is_validated_and_kept_so(tmp_path):
+    """Fine-tuning keeps the base card's inference; validation (and so best/) uses the same label map."""
+    from SDMOrganSegLib.formats.modelfiles import CARD_FILE, load_model
+    from SDMOrganSegLib.engines.training import evaluate_model_on_split
+
+    needs_torch()
+    base_dir = tmp_path / "base"
+    shutil.copytree(resolve_model("hippocampus"), base_dir)
+    card = json.loads((base_dir / CARD_FILE).read_text())
+    card["inference"] = {**card.get("inference", {}), "labels_from": "sdm"}
+    card["format"] = max(card["format"], 2)
+    (base_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    out = tmp_path / "run"
+    assert cli.main(["train", str(HIPPOCAMPUS), "--out", str(out), "--init", str(base_dir), "--epochs", "1", "--validate-every", "1", "--threads", "1", "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    base = load_model(base_dir)
+    base.card.training["split"] = json.loads((out / "split.json").read_text())
+    results, _cases = evaluate_model_on_split(base, HIPPOCAMPUS, None, "cpu")  # the card's label map: the SDM head's
+    assert float(rows[0]["val_mean_dice"]) == pytest.approx(np.mean([np.mean(m["dice"]) for m in results.values()]), abs=1e-5)
+    assert read_card(out / "last").labels_from == "sdm"
+
+
 def test_resuming_a_fine_tuning_run_continues_and_other_settings_are_refused(fine_tuned, capsys):
     before = (fine_tuned / "checkpoint.pt").read_bytes()
     line = _cli_error(capsys, str(HIPPOCAMPUS), "--out", str(fine_tuned), "--init", "hippocampus", "--epochs", "2", "--lr", "1e-3")

@@ -743,7 +743,12 @@ class Trainer:
 
     def _validation_dice(self, device: torch.device, window: Sequence[int] | None) -> tuple[float, dict[str, float]]:
         """Mean validation Dice on whole volumes, and the log's ``val_mean_dice`` and ``val_dice_<organ>``."""
-        results = evaluate_cases(self.network, self.validation_cases, self.organs, device, surface=False, window_zyx=window, head_agreement=True)
+        # A fine-tuned card keeps its base's inference, so the label map it is validated (and best/ chosen) by
+        # is the one segment will give: a base taking it from the SDM head (the shipped headneck-oar) included.
+        labels_from = self.base.card.labels_from if self.base is not None else "segmentation"
+        results = evaluate_cases(
+            self.network, self.validation_cases, self.organs, device, surface=False, window_zyx=window, head_agreement=True, labels_from=labels_from,
+        )
         self.network.to(device)
         mean_dice = _mean_dice(results)
         fields = {"val_mean_dice": round(mean_dice, 5)}
