@@ -163,10 +163,10 @@ def test_cli_fine_tuning_starts_from_the_base_and_keeps_what_it_is(fine_tuned):
 
 def test_a_base_taking_its_labels_from_the_sdm_head_is_validated_and_kept_so(tmp_path):
     """Fine-tuning keeps the base card's inference; validation (and so best/) uses the same label map."""
+    needs_torch()
     from SDMOrganSegLib.formats.modelfiles import CARD_FILE, load_model
     from SDMOrganSegLib.engines.training import evaluate_model_on_split
 
-    needs_torch()
     base_dir = tmp_path / "base"
     shutil.copytree(resolve_model("hippocampus"), base_dir)
     card = json.loads((base_dir / CARD_FILE).read_text())
