@@ -213,7 +213,7 @@ def own_distance_loss(
     batch of 2 add about 10 % to a 0.7 s step of the `cpu` preset."""
     import numpy as np
 
-    from .sdm import signed_distance_mm
+    from .sdm import _organ_bounding_box, signed_distance_mm
 
     if normalization not in SCALED_NORMALIZATIONS:
         raise ValueError(f"the own-distance term needs a distance-proportional normalisation (tanh or clip), not {normalization!r}")
@@ -233,14 +233,13 @@ def own_distance_loss(
     for b in range(values.shape[0]):
         for c in range(values.shape[1]):
             inside = values[b, c] < 0
-            present = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-            if present[0].size == 0 or inside.all():
+            # Beyond the organ's box grown by one scale every voxel is farther than the band reaches.
+            box = _organ_bounding_box(inside, margin)
+            if box is None or inside.all():
                 if truth is not None and known[b, c] and (truth[b, c] < 0).any() and not (truth[b, c] < 0).all():
                     target[b, c] = truth[b, c]
                     weight[b, c] = np.abs(truth[b, c]) < NEAR_BAND_LEVEL
                 continue
-            # Beyond the organ's box grown by one scale every voxel is farther than the band reaches.
-            box = tuple(slice(max(int(i[0]) - m, 0), min(int(i[-1]) + 1 + m, n)) for i, m, n in zip(present, margin, shape))
             local = inside[box]
             if local.all():
                 continue
@@ -355,13 +354,7 @@ class SDMSegmentationLoss(nn.Module):
             parts["product"] = product_loss(sdm, target_sdm, annotated=annotated, regions=regions)
             parts["dice"] = soft_dice_loss(torch.sigmoid(-logit), target_mask, annotated=annotated, reduction=self.dice_reduction)
             total = parts["dice"] + self.sdm_weight * (parts["l1"] + parts["product"])
-            organ_logit = -logit
-            if self.eikonal_weight:
-                parts["eikonal"] = eikonal_loss(sdm, target_sdm, self.spacing_mm, self.scale_mm, self.normalization, annotated, self.eikonal_unannotated, self.eikonal_band)
-                total = total + self.eikonal_weight * parts["eikonal"]
-            if self.own_distance_weight:
-                parts["own_distance"] = own_distance_loss(sdm, self.spacing_mm, self.scale_mm, self.normalization, target_sdm, annotated)
-                total = total + self.own_distance_weight * parts["own_distance"]
+            organ_logit, sdm_output = -logit, sdm
         elif self.mode == "dice":
             parts["dice"] = soft_dice_loss(torch.sigmoid(-pred), target_mask, annotated=annotated, reduction=self.dice_reduction)
             total = parts["dice"]
@@ -377,13 +370,14 @@ class SDMSegmentationLoss(nn.Module):
             else:
                 parts["dice"] = soft_dice_loss(smooth_heaviside(pred, self.k), target_mask, annotated=annotated, reduction=self.dice_reduction)
                 total = parts["dice"] + self.sdm_weight * sdm_term
-            organ_logit = -self.k * pred  # the smooth Heaviside's logit
-            if self.eikonal_weight:
-                parts["eikonal"] = eikonal_loss(pred, target_sdm, self.spacing_mm, self.scale_mm, self.normalization, annotated, self.eikonal_unannotated, self.eikonal_band)
-                total = total + self.eikonal_weight * parts["eikonal"]
-            if self.own_distance_weight:
-                parts["own_distance"] = own_distance_loss(pred, self.spacing_mm, self.scale_mm, self.normalization, target_sdm, annotated)
-                total = total + self.own_distance_weight * parts["own_distance"]
+            organ_logit, sdm_output = -self.k * pred, pred  # the smooth Heaviside's logit
+        # The distance terms of an SDM output (the constructor refused them for a mode without one).
+        if self.eikonal_weight:
+            parts["eikonal"] = eikonal_loss(sdm_output, target_sdm, self.spacing_mm, self.scale_mm, self.normalization, annotated, self.eikonal_unannotated, self.eikonal_band)
+            total = total + self.eikonal_weight * parts["eikonal"]
+        if self.own_distance_weight:
+            parts["own_distance"] = own_distance_loss(sdm_output, self.spacing_mm, self.scale_mm, self.normalization, target_sdm, annotated)
+            total = total + self.own_distance_weight * parts["own_distance"]
         if self.ce_weight:
             parts["ce"] = cross_entropy_loss(organ_logit, target_mask, annotated, self.ce_balance)
             total = total + self.ce_weight * parts["ce"]

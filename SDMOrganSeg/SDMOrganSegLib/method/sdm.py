@@ -45,15 +45,17 @@ _THREADS = 1
 _LABEL_CHUNK_VOXELS = 1 << 20
 
 
-def _organ_bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
-    """Slices of the smallest box holding every True voxel, grown by ``margin`` and clipped to the array."""
+def _organ_bounding_box(mask: np.ndarray, margin: int | Sequence[int]) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every True voxel, grown by ``margin`` (voxels, one for every axis or
+    one per axis) and clipped to the array."""
+    margins = [margin] * mask.ndim if isinstance(margin, int) else list(margin)
     box = []
     for axis in range(mask.ndim):
         other_axes = tuple(a for a in range(mask.ndim) if a != axis)
         present = np.flatnonzero(mask.any(axis=other_axes))
         if present.size == 0:
             return None
-        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, mask.shape[axis])))
+        box.append(slice(max(int(present[0]) - margins[axis], 0), min(int(present[-1]) + 1 + margins[axis], mask.shape[axis])))
     return tuple(box)
 
 
